@@ -1,0 +1,89 @@
+"""Public kernels, dispatched by device.
+
+CUDA tensors go to the Triton kernels, CPU tensors to the C++ operators when the extension is
+built, anything else to the torch reference. ``MIRROR_RT_BACKEND=ref|triton|cpp`` forces one
+(``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``). Every backend sees validated inputs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import checks, reference
+
+BACKENDS = ("ref", "triton", "cpp")
+
+
+def _cpp():
+    try:
+        from mirror_rt import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def _triton_ok():
+    try:
+        import triton  # noqa: F401
+        from mirror_rt import triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_backend(device: torch.device, cpp_op: str | None = None) -> str:
+    """Which backend runs an op on `device` (honours MIRROR_RT_BACKEND)."""
+    forced = os.environ.get("MIRROR_RT_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"MIRROR_RT_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        return forced
+    if device.type == "cuda" and _triton_ok():
+        return "triton"
+    if device.type == "cpu" and cpp_op is not None and hasattr(_cpp() or object(), cpp_op):
+        return "cpp"
+    return "ref"
+
+
+def tree_attention(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask, sm_scale=None):
+    """Tree attention over a committed prefix plus the nodes of a token tree.
+
+    q [B, Tq, Hq, D] (queries of the last Tq <= T tree nodes), k_cache/v_cache [B, S, Hkv, D]
+    (row b valid below cache_seqlens[b]), cache_seqlens [B] int32, k_tree/v_tree [B, T, Hkv, D],
+    tree_mask [B, Tq, T] bool. Returns [B, Tq, Hq, D] in q's dtype (fp32 accumulation).
+    Hq % Hkv == 0; sm_scale defaults to D ** -0.5; T <= 256.
+    """
+    checks.check_tree_attention(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask)
+    backend = pick_backend(q.device, "tree_attention")
+    if backend == "triton":
+        from mirror_rt.triton_kernels.tree_attention import tree_attention as run
+    elif backend == "cpp":
+        from mirror_rt.ops.cpu import tree_attention_cpu as run
+    else:
+        run = reference.tree_attention_ref
+    return run(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask, sm_scale)
+
+
+def verify_accept(tokens, parents, target_logits, mode="greedy", *, temperature=1.0, top_k=0,
+                  top_p=1.0, draft_probs=None, uniforms=None):
+    """Verify a token tree (a chain is parents[i] = i - 1) against the target's logits.
+
+    tokens [B, T] int64 (node 0 = the pending root), parents [B, T] int32, target_logits [B, T, V].
+    Returns (accept_len [B] int32, accepted [B, T] int32 node ids root-first, -1 padded,
+    next_token [B] int64). See reference.verify_accept_ref for each mode's exact rule.
+    """
+    checks.check_verify_accept(tokens, parents, target_logits, mode, temperature, top_k, top_p,
+                               draft_probs, uniforms)
+    if mode != "greedy" and uniforms is None:
+        uniforms = torch.rand(tokens.shape, device=target_logits.device)
+    backend = pick_backend(target_logits.device)
+    if backend == "triton":
+        from mirror_rt.triton_kernels.verify_accept import verify_accept as run
+    else:
+        run = reference.verify_accept_ref
+    return run(tokens, parents, target_logits, mode, temperature=temperature, top_k=top_k,
+               top_p=top_p, draft_probs=draft_probs, uniforms=uniforms)
+
+
+__all__ = ["tree_attention", "verify_accept", "pick_backend", "reference", "checks"]

@@ -1,0 +1,30 @@
+"""Test set-up: CPU by default; Triton kernels run under the interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+Tests marked ``gpu`` run the compiled kernels and are skipped without a CUDA device.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
