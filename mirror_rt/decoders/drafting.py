@@ -1,0 +1,49 @@
+"""The draft's side of a chain step: keep its cache in sync and roll out a window."""
+from __future__ import annotations
+
+import torch
+
+from mirror_rt.decoders.base import Sampler, check_finite
+
+
+class DraftState:
+    """A draft model, its KV cache, and which committed tokens the cache holds.
+
+    The cache's committed slots always hold a prefix of the committed token sequence; before a
+    rollout the missing tail (at least the pending token) is fed as one chain.
+    """
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        self.cache = model.new_cache(capacity)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: torch.Tensor):
+        from mirror_rt.decoders.base import prefill
+        prefill(self.model, self.cache, prompt)
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], n: int, sampler: Sampler, step: int):
+        """Roll out n tokens after the committed sequence `tokens` (its last entry pending).
+
+        Returns (window: list[int] of n ids, q: [n, V] float32 probabilities each window token was
+        drawn from, or None when greedy). The cache commits what it fed; ``sync`` trims it later.
+        """
+        model, cache = self.model, self.cache
+        feed = tokens[cache.length:]
+        window, qs = [], []
+        for _ in range(n):
+            logits = model(torch.tensor([feed], device=model.device), cache)[0, -1]
+            check_finite(logits, "draft", step)
+            cache.commit(len(feed))
+            tok, q = sampler.pick(logits)
+            window.append(tok)
+            if q is not None:
+                qs.append(q)
+            feed = [tok]
+        return window, (torch.stack(qs) if qs else None)
+
+    def sync(self, committed_prefix_len: int):
+        """Drop cached entries past the first `committed_prefix_len` tokens that are still valid."""
+        if self.cache.length > committed_prefix_len:
+            self.cache.rollback(committed_prefix_len)

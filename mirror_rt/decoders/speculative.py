@@ -1,0 +1,68 @@
+"""Vanilla chain speculative decoding: the draft proposes a window, the target verifies it.
+
+Greedy (temperature 0) accepts while the draft matches the target's argmax; otherwise rejection
+sampling (Leviathan et al.) keeps the output distribution exactly the target's.
+"""
+from __future__ import annotations
+
+import torch
+
+from mirror_rt import ops
+from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
+                                     check_finite, check_generation_args, check_pair, prefill)
+from mirror_rt.decoders.drafting import DraftState
+
+
+def chain_parents(n: int, device) -> torch.Tensor:
+    """[1, n] int32 parents of a chain: -1, 0, 1, ..., n-2."""
+    return (torch.arange(n, dtype=torch.int32, device=device) - 1)[None]
+
+
+class SpeculativeDecoder:
+    def __init__(self, target, draft, window: int = 7):
+        if not isinstance(window, int) or not 1 <= window <= 64:
+            raise ValueError(f"window must be an integer in [1, 64], got {window!r}")
+        check_pair(target, draft)
+        self.target, self.draft, self.window = target, draft, window
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
+                 top_k=0, top_p=1.0) -> GenerationOutput:
+        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n], stats)."""
+        check_generation_args(max_new_tokens, temperature, top_k, top_p)
+        target = self.target
+        prompt = as_prompt(input_ids, target.config.vocab_size, target.device)
+        capacity = check_context(target, prompt.numel(), max_new_tokens, self.window + 1)
+        check_context(self.draft, prompt.numel(), max_new_tokens, self.window + 1)
+        cache, draft = target.new_cache(capacity), DraftState(self.draft, capacity)
+        sampler = Sampler(temperature, top_k, top_p, seed, target.device)
+        mode = "greedy" if sampler.greedy else "rejection"
+        out, stats = Emitter(max_new_tokens, eos_token_id), Stats("sd")
+        with stats.phase("prefill"):
+            prefill(target, cache, prompt)
+            draft.prefill(prompt.to(self.draft.device))
+        tokens = prompt.tolist()
+        while not out.done:
+            n = min(self.window, max_new_tokens - len(out.tokens) - 1)
+            with stats.phase("draft"):
+                window, q = draft.propose(tokens, n, sampler, stats.steps)
+            with stats.phase("target"):
+                node_ids = torch.tensor([[tokens[-1]] + window], device=target.device)
+                logits = target(node_ids, cache)
+                check_finite(logits, "target", stats.steps)
+            with stats.phase("verify"):
+                draft_probs = None if sampler.greedy else torch.zeros_like(logits)
+                if q is not None:  # row j: the q that node j's child was drawn from
+                    draft_probs[0, :n] = q.to(logits.device)
+                accept_len, _, next_token = ops.verify_accept(
+                    node_ids, chain_parents(n + 1, target.device), logits, mode,
+                    temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p, draft_probs=draft_probs,
+                    uniforms=None if sampler.greedy else sampler.uniforms(1, n + 1).to(logits.device))
+            accepted = int(accept_len[0])
+            cache.commit(1 + accepted)
+            draft.sync(len(tokens) + accepted)
+            new = window[:accepted] + [int(next_token[0])]
+            tokens += new
+            out.emit(new)
+            stats.add_step(accepted)
+        return GenerationOutput(out.result(target.device), stats.finish(len(out.tokens), window=self.window))

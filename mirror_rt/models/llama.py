@@ -1,0 +1,173 @@
+"""Llama-family decoder in plain torch with a split forward and token-tree attention.
+
+The forward is cut into named pieces so that Mirror-SD can stop at the early-exit layer:
+
+    h = model.embed(ids)                                   # [B, T, H]
+    h = model.run_layers(h, 0, l_e, cache, positions)      # prefix, writes KV of layers [0, l_e)
+    exit_logits = model.head(h)                            # logit lens (or an adapter's output)
+    h = model.run_layers(h, l_e, N, cache, positions)      # suffix, writes KV of layers [l_e, N)
+    logits = model.head(h)                                 # [B, T, V] float32
+
+New tokens' K/V go to cache slots ``length + tree_offset + i`` and are not committed; the
+decoder commits. Attention: with ``tree_mask=None`` the new tokens form a causal chain after the
+committed prefix (and after ``tree_offset`` earlier uncommitted chain slots); with a tree mask
+[B, T, tree_offset + T] the new tokens are the last T nodes of a tree whose nodes occupy the
+slots after the committed prefix (``mirror_rt.ops.tree_attention``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mirror_rt import ops
+from mirror_rt.models.config import ModelConfig
+from mirror_rt.models.kv_cache import StaticKVCache
+from mirror_rt.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)  # as Hugging Face does, so bf16 results match
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, tree_offset: int, tree_mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = cache.length + tree_offset
+        cache.write(layer, start, k, v)
+        kc, vc = cache.k[layer], cache.v[layer]
+        if tree_mask is None:
+            out = _causal_attention(q, kc[:, : start + T], vc[:, : start + T], start)
+        else:
+            seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=x.device)
+            tree = slice(cache.length, start + T)
+            out = ops.tree_attention(q, kc, vc, seqlens, kc[:, tree], vc[:, tree], tree_mask)
+        return self.o_proj(out.reshape(B, T, self.nh * self.hd))
+
+
+def _causal_attention(q, k, v, start):
+    """q [B, T, Hq, D] at positions start.. over k, v [B, start + T, Hkv, D] (SDPA, GQA)."""
+    T, total = q.shape[1], k.shape[1]
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    allowed = torch.ones(T, total, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed)
+    return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, tree_offset, tree_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, tree_offset, tree_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Llama / Mistral / Qwen2 / Qwen3 decoder. Parameter names follow Hugging Face's."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+        self.name = cfg.arch
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, max_len: int, batch: int = 1) -> StaticKVCache:
+        """A KV cache for this model holding up to max_len tokens (capped by the model's context)."""
+        if max_len > self.config.max_position:
+            raise ValueError(f"max_len {max_len} exceeds the model's context of {self.config.max_position} tokens")
+        c = self.config
+        return StaticKVCache(c.num_layers, max_len, c.num_kv_heads, c.head_dim, self.dtype, self.device, batch)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] int64 -> hidden [B, T, H]."""
+        return self.embed_tokens(ids)
+
+    def run_layers(self, hidden, start: int, end: int, cache: StaticKVCache, positions=None,
+                   tree_mask=None, tree_offset: int = 0):
+        """Run layers [start, end) on hidden [B, T, H]; positions [B, T] default to the chain after
+        the committed prefix and tree_offset; tree_mask [B, T, tree_offset + T] bool or None."""
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) must lie within [0, {self.num_layers}]")
+        B, T, _ = hidden.shape
+        cache.ensure_room(tree_offset + T)
+        if positions is None:
+            base = cache.length + tree_offset
+            positions = torch.arange(base, base + T, device=hidden.device).expand(B, T)
+        if tree_mask is not None and tuple(tree_mask.shape) != (B, T, tree_offset + T):
+            raise ValueError(f"tree_mask must be [B={B}, T={T}, {tree_offset + T}], got {tuple(tree_mask.shape)}")
+        cos, sin = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
+        for i in range(start, end):
+            hidden = self.layers[i](hidden, cos, sin, cache, i, tree_offset, tree_mask)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: hidden [B, T, H] -> logits [B, T, V] float32."""
+        return self.lm_head(self.norm(hidden)).float()
+
+    @torch.inference_mode()
+    def forward(self, ids, cache: StaticKVCache, positions=None, tree_mask=None, tree_offset: int = 0):
+        """Full forward of new tokens ids [B, T]: logits [B, T, V] float32 (K/V written, not committed)."""
+        h = self.run_layers(self.embed(ids), 0, self.num_layers, cache, positions, tree_mask, tree_offset)
+        return self.head(h)

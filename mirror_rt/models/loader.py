@@ -1,0 +1,180 @@
+"""``load_model``: a Hugging Face checkpoint directory (config.json + safetensors) or a GGUF file.
+
+Weights load without pickle (safetensors, GGUF). Corrupt or truncated files, missing tensors
+and missing config keys raise ValueError naming the file and the problem.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mirror_rt.models.config import ModelConfig
+from mirror_rt.models.llama import LlamaModel
+from mirror_rt.models.rope import inverse_frequencies
+
+
+def load_model(path, device="cpu", dtype=None) -> LlamaModel:
+    """Load a Llama-family model.
+
+    path:   a Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not)
+            or a ``.gguf`` file (quantised tensors are dequantised).
+    device: torch device; dtype: parameter dtype (default float32 on CPU, bfloat16 on CUDA).
+    The returned model has ``.source`` (the path, for the tokenizer) and is in eval mode.
+    """
+    path = os.fspath(path)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if os.path.isdir(path):
+        cfg, tensors = _read_hf_dir(path)
+    elif os.path.isfile(path) and path.endswith(".gguf"):
+        cfg, tensors = _read_gguf(path)
+    else:
+        raise ValueError(f"model path {path!r} is neither a checkpoint directory nor a .gguf file")
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    _assign(model, tensors, path)
+    model.source = path
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _assign(model: LlamaModel, tensors: dict, path: str):
+    expected = dict(model.named_parameters())
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, param in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, config expects {tuple(param.shape)}")
+    state = {k: tensors[k] for k in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    c = model.config  # the rotary buffer was built on the meta device: rebuild it for real
+    model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+
+
+# --- Hugging Face directory -------------------------------------------------------------------
+
+def _read_hf_dir(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path}: no config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = ModelConfig.from_hf(json.load(f))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not loaded)")
+    tensors = {}
+    for file in files:
+        try:
+            part = load_file(file)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        tensors.update({k.removeprefix("model."): v for k, v in part.items()})
+    return cfg, tensors
+
+
+# --- GGUF -----------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value
+
+
+def gguf_config(reader, path) -> ModelConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3", "mistral"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported")
+
+    def need(key):
+        value = _gguf_field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata is missing {arch}.{key}")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    vocab = _gguf_field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        arch=arch, vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
+        num_heads=heads, num_kv_heads=int(_gguf_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(_gguf_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position=int(_gguf_field(reader, f"{arch}.context_length", 4096)),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[int(eos)] if eos is not None else [],
+    )
+
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp stores Llama q/k rows interleaved for its rotary layout; undo that."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _read_gguf(path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on bad files
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+    cfg = gguf_config(reader, path)
+    tensors = {}
+    for t in tqdm(reader.tensors, desc=f"loading {os.path.basename(path)}", unit="tensor", leave=False,
+                  disable=None):
+        if t.name in _GGUF_NAMES:
+            name = _GGUF_NAMES[t.name]
+        else:
+            parts = t.name.split(".")  # blk.{i}.{kind}.{weight|bias}
+            if parts[0] != "blk" or parts[2] not in _GGUF_LAYER_NAMES:
+                continue
+            name = f"layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        shape = tuple(int(d) for d in reversed(t.shape))
+        try:
+            arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        except ValueError as e:
+            raise ValueError(f"{path}: tensor {t.name} cannot be read ({e})") from None
+        if cfg.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            arr = _unpermute_rope(arr, cfg.num_heads)
+        elif cfg.arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            arr = _unpermute_rope(arr, cfg.num_kv_heads)
+        tensors[name] = torch.from_numpy(arr.copy())  # own, writable memory
+    return cfg, tensors
