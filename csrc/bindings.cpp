@@ -1,14 +1,292 @@
-// The one pybind11 bindings file: converts Python buffers to raw pointers, checks every
-// argument (raising ValueError/TypeError that name it), then calls the framework-free core.
+// The one pybind11 bindings file: takes tensors zero-copy through DLPack (any object with
+// __dlpack__: torch tensors of any version, numpy arrays), checks every argument (raising
+// ValueError/TypeError that name it, never crashing), then calls the framework-free core with the
+// GIL released. No libtorch link, so one wheel serves every torch version.
 #include <pybind11/pybind11.h>
-#include <pybind11/numpy.h>
 
+#include <cmath>
+#include <string>
+#include <vector>
+
+// ascend tiling added below
+#include "core/branch_tree.h"
 #include "core/info.h"
+#include "core/tree_attention.h"
+#include "third_party/dlpack/dlpack.h"
 
 namespace py = pybind11;
+using namespace mirror_rt;
+
+namespace {
+
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+
+std::string shape_str(const DLTensor& t) {
+  std::string s = "(";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + (t.ndim == 1 ? ",)" : ")");
+}
+
+// A borrowed CPU tensor. The capsule keeps the producer's memory alive; we never rename it, so
+// its destructor (run when the View dies, with the GIL held) calls the producer's deleter.
+struct View {
+  std::string name;
+  py::object capsule;
+  DLTensor* t = nullptr;
+
+  View(py::handle obj, const char* arg) : name(arg) {
+    if (!py::hasattr(obj, "__dlpack__"))
+      type_error(name + " must be a tensor supporting DLPack (torch.Tensor, numpy array), got " +
+                 std::string(py::str(py::type::of(obj).attr("__name__"))));
+    capsule = obj.attr("__dlpack__")();
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+    if (!m) {
+      PyErr_Clear();
+      type_error(name + ": __dlpack__ did not return a 'dltensor' capsule");
+    }
+    t = &m->dl_tensor;
+    if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost)
+      value_error(name + " must be a CPU tensor (device type " + std::to_string(t->device.device_type) + ")");
+    if (t->dtype.lanes != 1) type_error(name + " must have a scalar dtype");
+  }
+
+  int64_t size(int i) const { return t->shape[i]; }
+  // Element stride; DLPack allows strides == NULL for compact row-major tensors.
+  int64_t stride(int i) const {
+    if (t->strides) return t->strides[i];
+    int64_t s = 1;
+    for (int j = t->ndim - 1; j > i; --j) s *= t->shape[j];
+    return s;
+  }
+  void* data() const { return static_cast<char*>(t->data) + t->byte_offset; }
+  bool is(uint8_t code, int bits) const { return t->dtype.code == code && t->dtype.bits == bits; }
+  bool is_int32() const { return is(kDLInt, 32) || is(kDLUInt, 32); }
+
+  void rank(int r) const {
+    if (t->ndim != r)
+      value_error(name + " must have " + std::to_string(r) + " dimensions, got shape " + shape_str(*t));
+  }
+  void shape(std::initializer_list<int64_t> want, const char* what) const {
+    rank(int(want.size()));
+    int i = 0;
+    for (int64_t w : want)
+      if (size(i++) != w) value_error(name + " must be " + what + ", got shape " + shape_str(*t));
+  }
+  void inner_contiguous() const {
+    if (t->ndim && size(t->ndim - 1) > 1 && stride(t->ndim - 1) != 1)
+      value_error(name + " must be contiguous in its last dimension (call .contiguous())");
+  }
+  void contiguous() const {
+    int64_t want = 1;
+    for (int i = t->ndim - 1; i >= 0; --i) {
+      if (size(i) > 1 && stride(i) != want)
+        value_error(name + " must be contiguous (call .contiguous())");
+      want *= size(i);
+    }
+  }
+  void dtype(bool ok, const char* what) const {
+    if (!ok)
+      type_error(name + " must be " + what + ", got DLPack dtype code " + std::to_string(t->dtype.code) +
+                 " with " + std::to_string(t->dtype.bits) + " bits");
+  }
+};
+
+DType float_dtype(const View& v) {
+  if (v.is(kDLFloat, 32)) return DType::kF32;
+  // bf16, or its bit pattern carried as a 16-bit integer view (for producers without bf16).
+  if (v.is(kDLBfloat, 16) || v.is(kDLInt, 16) || v.is(kDLUInt, 16)) return DType::kBF16;
+  v.dtype(false, "float32 or bfloat16");
+  return DType::kF32;
+}
+
+Tensor4 tensor4(const View& v) { return {v.data(), v.stride(0), v.stride(1), v.stride(2)}; }
+
+std::string dims(const char* fmt, std::initializer_list<std::pair<const char*, int64_t>> kv) {
+  std::string s = fmt;
+  for (auto& p : kv) {
+    auto at = s.find(p.first);
+    if (at != std::string::npos) s.insert(at + std::string(p.first).size(), "=" + std::to_string(p.second));
+  }
+  return s;
+}
+
+void tree_attention_py(py::handle q_, py::handle kc_, py::handle vc_, py::handle seqlens_,
+                       py::handle kt_, py::handle vt_, py::handle mask_, py::handle out_,
+                       double sm_scale, int num_threads) {
+  View q(q_, "q"), kc(kc_, "k_cache"), vc(vc_, "v_cache"), sl(seqlens_, "cache_seqlens"),
+      kt(kt_, "k_tree"), vt(vt_, "v_tree"), mask(mask_, "tree_mask"), out(out_, "out");
+  q.rank(4);
+  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const DType dt = float_dtype(q);
+  kc.rank(4);
+  const int64_t S = kc.size(1), Hkv = kc.size(2);
+  kt.rank(4);
+  const int64_t T = kt.size(1);
+  const std::string cache_shape = dims("[B, S, Hkv, D]", {{"B", B}, {"S", S}, {"Hkv", Hkv}, {"D", D}});
+  const std::string tree_shape = dims("[B, T, Hkv, D]", {{"B", B}, {"T", T}, {"Hkv", Hkv}, {"D", D}});
+  kc.shape({B, S, Hkv, D}, cache_shape.c_str());
+  vc.shape({B, S, Hkv, D}, cache_shape.c_str());
+  kt.shape({B, T, Hkv, D}, tree_shape.c_str());
+  vt.shape({B, T, Hkv, D}, tree_shape.c_str());
+  for (View* v : {&kc, &vc, &kt, &vt, &out})
+    if (float_dtype(*v) != dt) type_error(v->name + " dtype differs from q's");
+  if (Hkv < 1 || Hq % Hkv) value_error("q heads (" + std::to_string(Hq) + ") must be a multiple of k_cache heads (" + std::to_string(Hkv) + ")");
+  if (D < 1 || D > kMaxHeadDim) value_error("head dim D must be in [1, " + std::to_string(kMaxHeadDim) + "], got " + std::to_string(D));
+  if (T < 1 || T > kMaxTreeNodes)
+    value_error("k_tree: tree size T must be in [1, " + std::to_string(kMaxTreeNodes) + "] (packed mask limit), got " + std::to_string(T));
+  if (Tq < 1 || Tq > T) value_error("q holds " + std::to_string(Tq) + " tree nodes; it must hold between 1 and T=" + std::to_string(T));
+  for (View* v : {&q, &kc, &vc, &kt, &vt, &out}) v->inner_contiguous();
+  out.shape({B, Tq, Hq, D}, "[B, Tq, Hq, D] like q");
+  sl.shape({B}, "[B]");
+  sl.dtype(sl.is(kDLInt, 32), "int32");
+  const int64_t W = (T + 31) / 32;
+  mask.rank(3);
+  mask.dtype(mask.is_int32(), "int32 packed bits [B, Tq, W] (see mirror_rt.ops.cpu.pack_tree_mask)");
+  if (mask.size(0) != B || mask.size(1) != Tq || mask.size(2) < W)
+    value_error("tree_mask bits must be [B=" + std::to_string(B) + ", Tq=" + std::to_string(Tq) + ", W>=" + std::to_string(W) + "], got shape " + shape_str(*mask.t));
+  mask.inner_contiguous();
+  if (!std::isfinite(sm_scale)) value_error("sm_scale must be finite");
+
+  TreeAttentionArgs a{};
+  a.dtype = dt;
+  a.B = int(B); a.Tq = int(Tq); a.T = int(T); a.S = int(S); a.Hq = int(Hq); a.Hkv = int(Hkv); a.D = int(D);
+  a.q = tensor4(q); a.k_cache = tensor4(kc); a.v_cache = tensor4(vc);
+  a.k_tree = tensor4(kt); a.v_tree = tensor4(vt);
+  const int32_t* lens = static_cast<const int32_t*>(sl.data());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = lens[b * sl.stride(0)];
+    if (n < 0 || n > S) value_error("cache_seqlens[" + std::to_string(b) + "]=" + std::to_string(n) + " outside [0, S=" + std::to_string(S) + "]");
+  }
+  std::vector<int32_t> lens_copy(B);  // the core wants them contiguous
+  for (int64_t b = 0; b < B; ++b) lens_copy[b] = lens[b * sl.stride(0)];
+  a.cache_seqlens = lens_copy.data();
+  a.mask_bits = static_cast<const uint32_t*>(mask.data());
+  a.mask_sb = mask.stride(0); a.mask_si = mask.stride(1);
+  a.out = out.data();
+  a.out_sb = out.stride(0); a.out_sl = out.stride(1); a.out_sh = out.stride(2);
+  a.sm_scale = float(sm_scale);
+  a.num_threads = num_threads;
+  if (B == 0) return;
+  py::gil_scoped_release nogil;
+  tree_attention(a);
+}
+
+void pack_tree_mask_py(py::handle mask_, py::handle out_) {
+  View m(mask_, "tree_mask"), o(out_, "out");
+  m.rank(3);
+  m.dtype(m.is(kDLBool, 8) || m.is(kDLUInt, 8) || m.is(kDLInt, 8), "bool");
+  const int64_t B = m.size(0), Tq = m.size(1), T = m.size(2), W = (T + 31) / 32;
+  o.dtype(o.is_int32(), "int32");
+  o.rank(3);
+  if (o.size(0) != B || o.size(1) != Tq || o.size(2) < W) value_error("out must be [B, Tq, W>=ceil(T/32)], got shape " + shape_str(*o.t));
+  o.contiguous();
+  py::gil_scoped_release nogil;
+  pack_tree_mask(static_cast<const uint8_t*>(m.data()), m.stride(0), m.stride(1), m.stride(2), int(B),
+                 int(Tq), int(T), static_cast<uint32_t*>(o.data()), int(o.size(2)));
+}
+
+// The tree buffers of mirror_rt.ops.branch_tree.BranchTree, checked against each other.
+struct TreeViews {
+  View tokens, parents, positions, mask, tips;
+  TreeViews(py::handle tok, py::handle par, py::handle pos, py::handle mask_, py::handle tip)
+      : tokens(tok, "tokens"), parents(par, "parents"), positions(pos, "positions"),
+        mask(mask_, "mask_bits"), tips(tip, "branch_tip") {
+    tokens.rank(1);
+    const int64_t cap = tokens.size(0);
+    tokens.dtype(tokens.is(kDLInt, 64), "int64");
+    parents.dtype(parents.is(kDLInt, 32), "int32");
+    positions.dtype(positions.is(kDLInt, 64), "int64");
+    mask.dtype(mask.is_int32(), "int32");
+    tips.dtype(tips.is(kDLInt, 32), "int32");
+    parents.shape({cap}, "[capacity] like tokens");
+    positions.shape({cap}, "[capacity] like tokens");
+    mask.rank(2);
+    if (mask.size(0) != cap || mask.size(1) * 32 < cap) value_error("mask_bits must be [capacity, W >= capacity/32], got shape " + shape_str(*mask.t));
+    tips.rank(1);
+    for (View* v : {&tokens, &parents, &positions, &mask, &tips}) v->contiguous();
+  }
+  BranchTreeBuffers buffers() const {
+    return {int(tokens.size(0)), int(mask.size(1)), static_cast<int64_t*>(tokens.data()),
+            static_cast<int32_t*>(parents.data()), static_cast<int64_t*>(positions.data()),
+            static_cast<uint32_t*>(mask.data()), static_cast<int32_t*>(tips.data())};
+  }
+};
+
+int build_branch_tree_py(py::handle window_, py::handle exit_, int max_branches, py::handle tok,
+                         py::handle par, py::handle pos, py::handle mask, py::handle bpos_,
+                         py::handle brank_, py::handle tip) {
+  View w(window_, "window"), e(exit_, "exit_ids"), bpos(bpos_, "branch_pos"), brank(brank_, "branch_rank");
+  TreeViews tv(tok, par, pos, mask, tip);
+  w.rank(1);
+  w.dtype(w.is(kDLInt, 64), "int64");
+  const int64_t gamma = w.size(0);
+  e.rank(2);
+  e.dtype(e.is(kDLInt, 64), "int64");
+  if (e.size(0) != gamma + 1) value_error("exit_ids must be [gamma+1=" + std::to_string(gamma + 1) + ", kappa], got shape " + shape_str(*e.t));
+  const int64_t kappa = e.size(1), nmax = (gamma + 1) * kappa;
+  for (View* v : {&bpos, &brank}) {
+    v->dtype(v->is(kDLInt, 32), "int32");
+    v->rank(1);
+    if (v->size(0) < nmax) value_error(v->name + " must hold (gamma+1)*kappa=" + std::to_string(nmax) + " entries");
+    v->contiguous();
+  }
+  if (tv.tips.size(0) < nmax) value_error("branch_tip must hold (gamma+1)*kappa=" + std::to_string(nmax) + " entries");
+  w.contiguous();
+  e.contiguous();
+  int nb;
+  {
+    py::gil_scoped_release nogil;
+    nb = build_branch_tree(static_cast<const int64_t*>(w.data()), int(gamma), static_cast<const int64_t*>(e.data()),
+                           int(kappa), max_branches, tv.buffers(), static_cast<int32_t*>(bpos.data()),
+                           static_cast<int32_t*>(brank.data()));
+  }
+  if (nb < 0) value_error("capacity " + std::to_string(tv.tokens.size(0)) + " too small for the window and its branches");
+  return nb;
+}
+
+int extend_branch_tree_py(py::handle new_, int num_nodes, py::handle tok, py::handle par,
+                          py::handle pos, py::handle mask, py::handle tip) {
+  View nt(new_, "new_tokens");
+  TreeViews tv(tok, par, pos, mask, tip);
+  nt.rank(2);
+  nt.dtype(nt.is(kDLInt, 64), "int64");
+  nt.contiguous();
+  const int64_t nb = nt.size(0), n_new = nt.size(1);
+  if (n_new < 1) value_error("new_tokens must add at least one token per branch, got shape " + shape_str(*nt.t));
+  if (nb > tv.tips.size(0)) value_error("new_tokens has " + std::to_string(nb) + " branches, branch_tip only " + std::to_string(tv.tips.size(0)));
+  if (num_nodes < 0 || num_nodes > tv.tokens.size(0)) value_error("num_nodes outside [0, capacity]");
+  const int32_t* tips = static_cast<const int32_t*>(tv.tips.data());
+  for (int64_t k = 0; k < nb; ++k)  // a bad tip would index outside the buffers
+    if (tips[k] < 0 || tips[k] >= num_nodes) value_error("branch_tip[" + std::to_string(k) + "]=" + std::to_string(tips[k]) + " is not a node below num_nodes");
+  int T;
+  {
+    py::gil_scoped_release nogil;
+    T = extend_branch_tree(static_cast<const int64_t*>(nt.data()), int(nb), int(n_new), num_nodes, tv.buffers());
+  }
+  if (T < 0) value_error("tree capacity " + std::to_string(tv.tokens.size(0)) + " exceeded: " + std::to_string(num_nodes) + " nodes + " + std::to_string(nb * n_new) + " new");
+  return T;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mirror_rt C++ operators (CPU) for the draft's streaming step";
   m.attr("abi_version") = mirror_rt::kCoreAbiVersion;
+  m.attr("max_tree_nodes") = kMaxTreeNodes;
   m.def("openmp_max_threads", &mirror_rt::openmp_max_threads, "OpenMP threads the core may use");
+  m.def("tree_attention", &tree_attention_py, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("cache_seqlens"), py::arg("k_tree"), py::arg("v_tree"), py::arg("tree_mask"),
+        py::arg("out"), py::arg("sm_scale"), py::arg("num_threads") = 0,
+        "Writes out [B,Tq,Hq,D]. tree_mask: int32 packed bits [B,Tq,W>=ceil(T/32)]; cache_seqlens int32 [B].");
+  m.def("pack_tree_mask", &pack_tree_mask_py, py::arg("tree_mask"), py::arg("out"),
+        "bool [B,Tq,T] -> int32 bits out [B,Tq,W]: node j is bit j%32 of word j/32.");
+  m.def("build_branch_tree", &build_branch_tree_py, py::arg("window"), py::arg("exit_ids"),
+        py::arg("max_branches"), py::arg("tokens"), py::arg("parents"), py::arg("positions"),
+        py::arg("mask_bits"), py::arg("branch_pos"), py::arg("branch_rank"), py::arg("branch_tip"),
+        "Fills the tree buffers; returns the number of branches. See mirror_rt.ops.branch_tree.");
+  m.def("extend_branch_tree", &extend_branch_tree_py, py::arg("new_tokens"), py::arg("num_nodes"),
+        py::arg("tokens"), py::arg("parents"), py::arg("positions"), py::arg("mask_bits"),
+        py::arg("branch_tip"), "Appends new_tokens [nb, n_new]; returns the new node count.");
+  // ascend tiling
 }

@@ -1,0 +1,64 @@
+// Small vector helpers for the CPU kernels (GCC/Clang vector extensions, no intrinsics headers):
+// the same source compiles to SSE2 in the baseline clone and AVX2+FMA in the x86-64-v3 clone.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if !defined(__GNUC__)
+#error "mirror_rt's CPU kernels use GCC/Clang vector extensions"
+#endif
+
+namespace mirror_rt {
+
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+// Hot functions get two bodies (baseline and x86-64-v3) picked once at load time by an ifunc,
+// so the wheel stays runnable on any x86-64 yet uses AVX2/FMA where present.
+#if defined(__x86_64__) && !defined(MIRROR_RT_NO_CLONES)
+#define MIRROR_RT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MIRROR_RT_CLONES
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN stays NaN (quiet).
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// 2^x for x <= 0, branch-free so loops over it vectorise. Rounds x to n + f with
+// f in (-0.5, 0.5], a degree-6 Taylor polynomial for 2^f (relative error ~1e-7), then adds n to
+// the exponent bits. x is clamped to -125 so the exponent never underflows into garbage; callers
+// that need an exact 0 (masked scores) select it themselves.
+static inline float exp2_nonpos(float x) {
+  x = x < -125.0f ? -125.0f : x;
+  int32_t n = int32_t(x - 0.5f);  // truncation toward zero == round-half-down for x <= 0
+  float f = x - float(n);
+  float p = 1.5403530393381608e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.618129107628477e-3f;
+  p = p * f + 5.550410866482158e-2f;
+  p = p * f + 2.402265069591007e-1f;
+  p = p * f + 6.931471805599453e-1f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += n * (1 << 23);
+  std::memcpy(&p, &bits, 4);
+  return p;
+}
+
+}  // namespace mirror_rt

@@ -1,0 +1,58 @@
+"""Thin wrappers over the C++ CPU operators in ``mirror_rt._C`` (tensors travel zero-copy by DLPack).
+
+The binding re-checks every argument and raises ValueError/TypeError naming it; these wrappers only
+bring inputs into the forms the core takes (packed mask bits, int32 seqlens, fp16 -> fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+from mirror_rt import _C
+
+MAX_TREE_NODES = _C.max_tree_nodes
+
+
+def _threads(num_threads):
+    # torch.set_num_threads does not reach our OpenMP pool; follow it unless told otherwise.
+    return torch.get_num_threads() if num_threads is None else int(num_threads)
+
+
+def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, Tq, T] -> int32 [B, Tq, ceil(T/32)]: node j is bit j % 32 of word j // 32."""
+    if not isinstance(tree_mask, torch.Tensor):
+        raise TypeError(f"tree_mask must be a torch.Tensor, got {type(tree_mask).__name__}")
+    if tree_mask.dim() != 3:
+        raise ValueError(f"tree_mask must have 3 dimensions [B, Tq, T], got shape {tuple(tree_mask.shape)}")
+    B, Tq, T = tree_mask.shape
+    out = torch.empty(B, Tq, (T + 31) // 32, dtype=torch.int32)
+    _C.pack_tree_mask(tree_mask.detach(), out)
+    return out
+
+
+def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask, sm_scale=None,
+                       *, num_threads=None):
+    """C++ tree attention; same contract as ``reference.tree_attention_ref``.
+
+    q [B, Tq, Hq, D], k_cache/v_cache [B, S, Hkv, D], cache_seqlens [B] int32/int64,
+    k_tree/v_tree [B, T, Hkv, D] (T <= 256), tree_mask either bool [B, Tq, T] or already packed
+    int32 [B, Tq, W >= ceil(T/32)] (e.g. rows of ``BranchTree.mask_bits``; saves the packing).
+    float32 and bfloat16 run natively (fp32 accumulation); float16 runs in fp32 and is cast back.
+    Only the head dim must be contiguous: k_tree may be a slice of a larger cache along dim 1.
+    num_threads: OpenMP threads (None: torch.get_num_threads()). Returns [B, Tq, Hq, D] in q's dtype.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    if tree_mask.dtype == torch.bool:
+        tree_mask = pack_tree_mask(tree_mask)
+    if cache_seqlens.dtype != torch.int32:
+        cache_seqlens = cache_seqlens.to(torch.int32)
+    half = q.dtype == torch.float16
+    args = [q, k_cache, v_cache, k_tree, v_tree]
+    if half:
+        args = [t.float() for t in args]
+    # Only the head dim needs stride 1; fix anything else here rather than fail.
+    args = [t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in args]
+    q_, kc, vc, kt, vt = (t.detach() for t in args)
+    out = torch.empty(q_.shape, dtype=q_.dtype)
+    _C.tree_attention(q_, kc, vc, cache_seqlens, kt, vt, tree_mask, out, float(sm_scale), _threads(num_threads))
+    return out.half() if half else out
