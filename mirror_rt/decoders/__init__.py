@@ -5,3 +5,6 @@ from mirror_rt.decoders.base import GenerationOutput
 from mirror_rt.decoders.speculative import SpeculativeDecoder
 
 __all__ = ["AutoregressiveDecoder", "SpeculativeDecoder", "GenerationOutput"]
+from mirror_rt.decoders.mirror import MirrorConfig, MirrorDecoder  # noqa: E402
+
+__all__ += ["MirrorDecoder", "MirrorConfig"]

@@ -157,11 +157,12 @@ class Sampler:
 class Emitter:
     """Collects generated tokens; stops exactly at EOS (kept) or at max_new_tokens."""
 
-    def __init__(self, max_new_tokens: int, eos_token_id):
+    def __init__(self, max_new_tokens: int, eos_token_id, stream=None):
         self.limit = max_new_tokens
         self.eos = eos_set(eos_token_id)
         self.tokens: list[int] = []
         self.done = False
+        self.stream = stream  # optional callable(list[int]) seeing each batch of new tokens
 
     def emit(self, toks) -> int:
         """Append tokens in order until done; returns how many were taken."""
@@ -172,6 +173,8 @@ class Emitter:
             self.tokens.append(int(t))
             taken += 1
             self.done = int(t) in self.eos or len(self.tokens) >= self.limit
+        if self.stream is not None and taken:
+            self.stream(self.tokens[-taken:])
         return taken
 
     def result(self, device) -> torch.Tensor:

@@ -27,8 +27,9 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
-                 top_k=0, top_p=1.0) -> GenerationOutput:
-        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n], stats)."""
+                 top_k=0, top_p=1.0, stream=None) -> GenerationOutput:
+        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n], stats).
+        stream: optional callable receiving each list of newly emitted token ids."""
         check_generation_args(max_new_tokens, temperature, top_k, top_p)
         target = self.target
         prompt = as_prompt(input_ids, target.config.vocab_size, target.device)
@@ -37,7 +38,7 @@ class SpeculativeDecoder:
         cache, draft = target.new_cache(capacity), DraftState(self.draft, capacity)
         sampler = Sampler(temperature, top_k, top_p, seed, target.device)
         mode = "greedy" if sampler.greedy else "rejection"
-        out, stats = Emitter(max_new_tokens, eos_token_id), Stats("sd")
+        out, stats = Emitter(max_new_tokens, eos_token_id, stream), Stats("sd")
         with stats.phase("prefill"):
             prefill(target, cache, prompt)
             draft.prefill(prompt.to(self.draft.device))

@@ -42,20 +42,23 @@ class StaticKVCache:
             raise ValueError(f"rollback length must be in [0, {self.length}], got {length}")
         self.length = length
 
-    def commit_path(self, node_slots):
-        """Commit tree nodes stored at ``length + node_slots[i]`` (ascending, root-first) as a chain.
-
-        node_slots: list[int] of offsets past the committed length. Moves at most len(node_slots)
-        entries per layer; offsets already in place are not copied.
-        """
+    def gather_region(self, node_slots):
+        """Move the uncommitted entries at ``length + node_slots[i]`` to ``length + i`` (in place,
+        every layer). node_slots must be strictly increasing; offsets already in place are skipped.
+        Used to turn a tree's chosen path into a chain without committing it."""
         node_slots = [int(s) for s in node_slots]
-        if any(b <= a for a, b in zip(node_slots, node_slots[1:])):
-            raise ValueError(f"node_slots must be strictly increasing, got {node_slots}")
-        self.ensure_room(len(node_slots))
+        if any(b <= a for a, b in zip(node_slots, node_slots[1:])) or (node_slots and node_slots[0] < 0):
+            raise ValueError(f"node_slots must be non-negative and strictly increasing, got {node_slots}")
+        self.ensure_room(node_slots[-1] + 1 if node_slots else 0)
         moves = [(self.length + s, self.length + i) for i, s in enumerate(node_slots) if s != i]
         if moves:
             src = torch.tensor([a for a, _ in moves], device=self.k[0].device)
             dst = torch.tensor([b for _, b in moves], device=self.k[0].device)
             for buf in self.k + self.v:
-                buf[:, dst] = buf[:, src]  # dst < src slot-wise, so the gather reads before writing
-        self.length += len(node_slots)
+                buf[:, dst] = buf[:, src]  # the right side is gathered (copied) before the write
+
+    def commit_path(self, node_slots):
+        """Commit tree nodes stored at ``length + node_slots[i]`` (root-first) as a chain: a
+        gather of at most len(node_slots) entries per layer, then commit."""
+        self.gather_region(node_slots)
+        self.commit(len(node_slots))

@@ -1,0 +1,150 @@
+"""``mirror-rt``: generate, demo (and the tools other modules register: bench, probe, ...).
+
+Bad arguments end with one line on stderr and exit code 2; no tracebacks for user errors.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
+
+
+def _add_model_args(p):
+    p.add_argument("--target", help="target: HF checkpoint dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--draft", help="draft: HF checkpoint dir or .gguf, or 'truncated:N' (first N target layers; "
+                                   "the default, N=2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=None, help="draft window gamma (default 7; the demo uses 4)")
+    p.add_argument("--kappa", type=int, default=None, help="Mirror exit top-k (default 8; the demo uses 4)")
+    p.add_argument("--exit-layer", type=int, default=None, help="Mirror early-exit layer (default N/2)")
+    p.add_argument("--max-branches", type=int, default=None, help="cap on Mirror branches per step")
+    p.add_argument("--mode", default="match", choices=["match", "rejection"], help="Mirror sampling rule")
+    p.add_argument("--lane", default="auto", help="where the Mirror draft runs: auto|inline|thread|process|cuda|npu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the target (default: all cores)")
+
+
+def load_pair(args):
+    """(target, draft, tokenizer, draft_label) from --target/--draft (defaults: the embedded pair)."""
+    import torch
+
+    from mirror_rt.default import DEFAULT_DRAFT_LAYERS, default_target_path
+    from mirror_rt.models import load_model
+    from mirror_rt.models.derive import truncated_copy
+    from mirror_rt.tokenizer import load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.target or default_target_path()
+    print(f"loading target {path} ...", file=sys.stderr)
+    target = load_model(path, device=args.device)
+    if not args.target:
+        from mirror_rt.default import DEFAULT_TARGET_NAME
+        target.name = DEFAULT_TARGET_NAME
+    tokenizer = load_tokenizer(path)
+    spec = args.draft or f"truncated:{DEFAULT_DRAFT_LAYERS}"
+    if spec.startswith("truncated:"):
+        draft = truncated_copy(target, int(spec.split(":", 1)[1]))
+        label = f"truncated copy of the target ({draft.num_layers} of {target.num_layers} layers + LM head)"
+    else:
+        draft = load_model(spec, device=args.device)
+        label = spec
+    return target, draft, tokenizer, label
+
+
+def make_decoder(name, target, draft, args):
+    from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+
+    window = args.window or 7
+    if name == "ar":
+        return AutoregressiveDecoder(target)
+    if name == "sd":
+        return SpeculativeDecoder(target, draft, window)
+    if name == "mirror":
+        return MirrorDecoder(target, draft, MirrorConfig(exit_layer=args.exit_layer, top_k=args.kappa or 8,
+                                                         window=window, mode=args.mode,
+                                                         max_branches=args.max_branches, lane=args.lane))
+    raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")
+
+
+def cmd_generate(args):
+    from mirror_rt.tokenizer import encode_chat
+
+    target, draft, tok, label = load_pair(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = encode_chat(tok, prompt, target.device)
+    dec = make_decoder(args.decoder, target, draft, args)
+    shown = []
+
+    def stream(new):  # decode the whole text each time so multi-token characters come out right
+        before = tok.decode(shown, skip_special_tokens=True)
+        shown.extend(new)
+        sys.stdout.write(tok.decode(shown, skip_special_tokens=True)[len(before):])
+        sys.stdout.flush()
+
+    out = dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, temperature=args.temperature,
+                       seed=args.seed, stream=stream)
+    print()
+    s = out.stats
+    extra = f", reuse {s['reuse_rate']:.0%}, fallback {s['fallback_rate']:.0%}" if "reuse_rate" in s else ""
+    print(f"[{args.decoder}] {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, mean accepted "
+          f"{s['mean_accepted']:.2f}{extra}; draft: {label}", file=sys.stderr)
+    if hasattr(dec, "close"):
+        dec.close()
+
+
+def cmd_demo(args):
+    from mirror_rt.demo import run_demo
+
+    run_demo(args)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mirror-rt", description="Mirror Speculative Decoding runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
+    g.add_argument("prompt", nargs="?", help="the user message (default: read stdin)")
+    g.add_argument("--decoder", default="mirror", choices=["ar", "sd", "mirror"])
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+    d = sub.add_parser("demo", help="AR, vanilla SD and Mirror-SD side by side on the embedded default")
+    _add_model_args(d)
+    d.add_argument("--prompts", type=int, default=None, help="how many built-in prompts (default all)")
+    d.add_argument("--prompt-file", help="Spec-Bench question.jsonl to take prompts from instead")
+    d.set_defaults(func=cmd_demo)
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands that live with their own code (bench, probe, training), when present."""
+    found = []
+    for module in ("mirror_rt.bench_cli", "mirror_rt.probe", "mirror_rt.train.cli"):
+        try:
+            found.append(__import__(module, fromlist=["register"]).register)
+        except ImportError:
+            continue
+    return found
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"mirror-rt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"[done in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

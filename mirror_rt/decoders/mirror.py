@@ -1,0 +1,257 @@
+"""Mirror Speculative Decoding (DESIGN.md §1).
+
+One step, as the paper draws it:
+
+    prefix    target layers [0, l_e) over [pending, w_1..w_n]
+    exit      exit head at every position -> top-kappa ids E [n+1, kappa] (int32; only E crosses)
+    overlap   target suffix [l_e, N)   ||   draft rolls out every branch (i, v in E_i) as one tree
+    verify    verify_accept -> accepted A, next token c; commit w_1..w_A, c
+    reuse     c in E_A: branch (A, c) is the next window (its draft KV adopted); else fallback
+
+The draft lives behind a lane (same thread, worker thread, device stream or second process), so
+the overlap is real wherever the lane allows it. Output is exactly the target's (lossless).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from mirror_rt import ops
+from mirror_rt.decoders.autoregressive import autoregressive_tail
+from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
+                                     check_finite, check_generation_args, check_pair, prefill)
+from mirror_rt.decoders.mirror_draft import MirrorDraft
+from mirror_rt.decoders.speculative import chain_parents
+from mirror_rt.lanes import LANE_KINDS, LaneError, make_lane, result_of
+
+MODES = ("greedy", "match", "rejection")
+
+
+@dataclass(slots=True)
+class MirrorConfig:
+    exit_layer: int | None = None    # l_e; default N // 2
+    top_k: int = 8                   # kappa: exit candidates per position
+    window: int = 7                  # gamma: draft tokens per window (and rollout depth)
+    mode: str = "match"              # acceptance rule when sampling (temperature 0 is always greedy)
+    max_branches: int | None = None  # cap on branches per step (None: as many as fit one tree)
+    exit_head: object = None         # callable hidden [1, T, H] -> logits [1, T, V]; None = logit lens
+    lane: str = "auto"               # where the draft runs: one of LANE_KINDS
+    draft_threads: int | None = None  # torch threads for a thread/process lane's draft
+    lane_timeout: float = 120.0      # seconds before a silent draft lane counts as failed
+
+    def validate(self, num_layers: int):
+        if self.exit_layer is None:
+            self.exit_layer = num_layers // 2
+        if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers - 1:
+            raise ValueError(f"exit_layer must be an integer in [1, {num_layers - 1}], got {self.exit_layer!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 64:
+            raise ValueError(f"top_k (kappa) must be an integer in [1, 64], got {self.top_k!r}")
+        if not isinstance(self.window, int) or not 1 <= self.window <= 32:
+            raise ValueError(f"window (gamma) must be an integer in [1, 32], got {self.window!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_branches is not None and (not isinstance(self.max_branches, int) or self.max_branches < 0):
+            raise ValueError(f"max_branches must be None or an integer >= 0, got {self.max_branches!r}")
+        if self.lane not in LANE_KINDS:
+            raise ValueError(f"lane must be one of {LANE_KINDS}, got {self.lane!r}")
+        if self.exit_head is not None and not callable(self.exit_head):
+            raise TypeError("exit_head must be callable: hidden [1, T, H] -> logits [1, T, V]")
+        return self
+
+
+class MirrorDecoder:
+    def __init__(self, target, draft, config: MirrorConfig | None = None):
+        check_pair(target, draft)
+        self.target, self.draft = target, draft
+        self.config = (config or MirrorConfig()).validate(target.num_layers)
+        self.lane = None
+
+    # --- lane lifetime: one draft worker per decoder, reused across generate() calls -------------
+
+    def _lane(self):
+        if self.lane is None:
+            cfg = self.config
+            maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches)
+            self.lane = make_lane(cfg.lane, maker, self.draft.device, cfg.draft_threads)
+        return self.lane
+
+    def close(self):
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # --- generation ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
+                 top_k=0, top_p=1.0, stream=None) -> GenerationOutput:
+        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n], stats).
+        stream: optional callable receiving each list of newly emitted token ids."""
+        check_generation_args(max_new_tokens, temperature, top_k, top_p)
+        cfg, target = self.config, self.target
+        mode = "greedy" if temperature == 0 else cfg.mode
+        if mode == "greedy" and temperature > 0:
+            raise ValueError("mode 'greedy' needs temperature 0; use 'match' or 'rejection' to sample")
+        prompt = as_prompt(input_ids, target.config.vocab_size, target.device)
+        capacity = check_context(target, prompt.numel(), max_new_tokens, cfg.window + 1)
+        check_context(self.draft, prompt.numel(), max_new_tokens, cfg.window + 1)
+        run = _Run(self, prompt, capacity, max_new_tokens, eos_token_id, mode, temperature, top_k, top_p, seed, stream)
+        return run.generate()
+
+
+class _DraftFactory:
+    """Builds the draft worker inside its lane (picklable, for the process lane)."""
+
+    def __init__(self, draft, window, max_branches):
+        self.draft, self.window, self.max_branches = draft, window, max_branches
+
+    def __call__(self):
+        return MirrorDraft(self.draft, self.window, self.max_branches)
+
+
+class _Run:
+    """One generate() call: the step loop and its bookkeeping."""
+
+    def __init__(self, dec, prompt, capacity, max_new_tokens, eos, mode, temperature, top_k, top_p, seed, stream):
+        self.dec, self.cfg, self.target = dec, dec.config, dec.target
+        self.prompt, self.capacity, self.max_new = prompt, capacity, max_new_tokens
+        self.mode, self.temperature, self.top_k, self.top_p, self.seed = mode, temperature, top_k, top_p, seed
+        self.sampler = Sampler(temperature, top_k, top_p, seed, self.target.device)
+        self.cache = self.target.new_cache(capacity)
+        self.out, self.stats = Emitter(max_new_tokens, eos, stream), Stats("mirror")
+        self.suffix_spans, self.rollout_spans = [], []
+
+    def generate(self) -> GenerationOutput:
+        stats = self.stats
+        with stats.phase("prefill"):
+            prefill(self.target, self.cache, self.prompt)
+        self.tokens = self.prompt.tolist()
+        try:
+            lane = self.dec._lane()
+            lane.call("start", self.tokens, self.capacity, self.temperature, self.top_k, self.top_p, self.seed,
+                      timeout=self.cfg.lane_timeout)
+            with stats.phase("first_window"):
+                window, q = lane.call("fresh_window", self.cfg.window, timeout=self.cfg.lane_timeout)
+            while not self.out.done:
+                window, q = self.step(lane, window, q)
+        except LaneError as e:
+            self.draft_failed(e)
+        return GenerationOutput(self.out.result(self.target.device), self.finish())
+
+    def step(self, lane, window, q):
+        """One Mirror-SD step; returns the next window and its q rows."""
+        target, stats, le = self.target, self.stats, self.cfg.exit_layer
+        n = min(len(window), self.max_new - len(self.out.tokens) - 1)
+        window = window[:n]
+        if n == 0:  # one token left: the target alone
+            self.tokens.append(autoregressive_tail(target, self.cache, self.tokens[-1], self.sampler, self.out,
+                                                   stats))
+            return [], None
+        node_ids = torch.tensor([[self.tokens[-1]] + window], device=target.device)
+        with stats.phase("prefix"):
+            hidden = target.run_layers(target.embed(node_ids), 0, le, self.cache)
+        with stats.phase("exit"):
+            exit_ids = self.exit_top_k(hidden)
+        rollouts = lane.submit("rollouts", window, exit_ids, self.cfg.window)
+        with stats.phase("suffix"):
+            t0 = _now()
+            logits = target.head(target.run_layers(hidden, le, target.num_layers, self.cache))
+            check_finite(logits, "target", stats.steps)
+            self.suffix_spans.append((t0, _now()))
+        with stats.phase("verify"):
+            accepted, next_token = self.verify(node_ids, logits, q)
+        self.cache.commit(1 + accepted)
+        new = window[:accepted] + [next_token]
+        self.tokens += new
+        self.out.emit(new)
+        stats.add_step(accepted)
+        with stats.phase("wait"):
+            n_branches, r0, r1 = result_of(rollouts, self.cfg.lane_timeout)
+        self.rollout_spans.append((r0, r1))
+        stats.phase_s["draft"] += r1 - r0
+        stats.counters["branches"] += n_branches
+        if self.out.done:
+            return [], None
+        hit, next_window, next_q = lane.call("advance", accepted, next_token, timeout=self.cfg.lane_timeout)
+        if hit:
+            stats.counters["reuse_hits"] += 1
+            return next_window, next_q
+        stats.counters["fallbacks"] += 1
+        with stats.phase("fallback"):
+            return lane.call("fresh_window", self.cfg.window, timeout=self.cfg.lane_timeout)
+
+    def exit_top_k(self, hidden) -> list[list[int]]:
+        """Top-kappa ids of the exit head at each position: [n+1][kappa] ints (never bf16 ids)."""
+        head = self.cfg.exit_head
+        exit_logits = head(hidden) if head is not None else self.target.head(hidden)
+        k = min(self.cfg.top_k, exit_logits.shape[-1])
+        ids = torch.topk(exit_logits[0].float(), k, dim=-1).indices.to(torch.int32)
+        return ids.cpu().tolist()
+
+    def verify(self, node_ids, logits, q):
+        T = node_ids.shape[1]
+        draft_probs = uniforms = None
+        if self.mode != "greedy":
+            uniforms = self.sampler.uniforms(1, T).to(logits.device)
+        if self.mode == "rejection":
+            draft_probs = torch.zeros_like(logits)
+            draft_probs[0, : T - 1] = q[: T - 1].to(logits.device)
+        accept_len, _, next_token = ops.verify_accept(
+            node_ids, chain_parents(T, logits.device), logits, self.mode,
+            temperature=max(self.temperature, 1e-6), top_k=self.top_k, top_p=self.top_p,
+            draft_probs=draft_probs, uniforms=uniforms)
+        return int(accept_len[0]), int(next_token[0])
+
+    def draft_failed(self, error: LaneError):
+        """Keep every committed token and finish with the target alone."""
+        warnings.warn(f"Mirror-SD draft lane failed ({error}); finishing with the target alone", RuntimeWarning,
+                      stacklevel=3)
+        self.stats.counters["draft_failures"] += 1
+        self.stats.counters["draft_error"] = str(error)
+        self.dec.lane, lane = None, self.dec.lane
+        if lane is not None:
+            try:
+                lane.close()
+            except Exception:  # noqa: BLE001 - the lane is already broken
+                pass
+        while not self.out.done:
+            with self.stats.phase("ar_after_failure"):
+                self.tokens.append(autoregressive_tail(self.target, self.cache, self.tokens[-1], self.sampler,
+                                                       self.out, self.stats))
+
+    def finish(self) -> dict:
+        s = self.stats
+        steps = max(s.steps, 1)
+        overlap = sum(_intersect(a, b) for a, b in zip(self.suffix_spans, self.rollout_spans))
+        rollout_total = sum(b - a for a, b in self.rollout_spans)
+        return s.finish(
+            len(self.out.tokens), window=self.cfg.window, exit_layer=self.cfg.exit_layer, kappa=self.cfg.top_k,
+            mode=self.mode, lane=self.dec.lane.kind if self.dec.lane else "none",
+            reuse_hits=s.counters["reuse_hits"], fallbacks=s.counters["fallbacks"],
+            reuse_rate=s.counters["reuse_hits"] / steps, fallback_rate=s.counters["fallbacks"] / steps,
+            overlap_fraction=overlap / rollout_total if rollout_total > 0 else 0.0,
+            branches_per_step=s.counters["branches"] / steps,
+        )
+
+
+def _intersect(a, b) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def _now() -> float:
+    import time
+    return time.perf_counter()

@@ -1,0 +1,38 @@
+"""Lanes: where the draft's work runs relative to the target's (see base.py)."""
+from __future__ import annotations
+
+import torch
+
+from mirror_rt.lanes.base import InlineLane, LaneError, result_of
+from mirror_rt.lanes.process import ProcessLane
+from mirror_rt.lanes.thread import StreamLane, ThreadLane
+
+LANE_KINDS = ("auto", "inline", "thread", "process", "cuda", "npu")
+
+
+def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None):
+    """Build a lane of `kind` running make_worker()'s object.
+
+    auto: a CUDA stream for a CUDA draft, a worker thread otherwise. process: make_worker must
+    be picklable. npu: torch.npu streams (untested on hardware; see README).
+    """
+    if kind not in LANE_KINDS:
+        raise ValueError(f"lane must be one of {LANE_KINDS}, got {kind!r}")
+    device = torch.device(device)
+    if kind == "auto":
+        kind = "cuda" if device.type == "cuda" else "thread"
+    if kind == "inline":
+        return InlineLane(make_worker)
+    if kind == "thread":
+        return ThreadLane(make_worker, threads)
+    if kind == "process":
+        return ProcessLane(make_worker, threads)
+    if kind in ("cuda", "npu"):
+        module = getattr(torch, kind, None)
+        if module is None or not module.is_available():
+            raise ValueError(f"lane {kind!r} needs a {kind} device, none is available")
+        return StreamLane(make_worker, device, module)
+
+
+__all__ = ["make_lane", "LANE_KINDS", "LaneError", "InlineLane", "ThreadLane", "StreamLane", "ProcessLane",
+           "result_of"]
