@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-// ascend tiling added below
+#include "ascend/tiling.h"
 #include "core/branch_tree.h"
 #include "core/info.h"
 #include "core/tree_attention.h"
@@ -268,6 +268,50 @@ int extend_branch_tree_py(py::handle new_, int num_nodes, py::handle tok, py::ha
   return T;
 }
 
+const char* tiling_error(int code) {
+  switch (code) {
+    case 1: return "bad shape (need B, Tq, Hq, Hkv, D, num_cores > 0, Hq % Hkv == 0, Tq <= T)";
+    case 2: return "tree size T beyond the packed-mask limit of 256";
+    case 3: return "elem_bytes must be 2 (bf16) or 4 (fp32)";
+    default: return "no tile fits ub_bytes";
+  }
+}
+
+py::dict ascend_tiling_py(uint32_t B, uint32_t Tq, uint32_t T, uint32_t S, uint32_t Hq, uint32_t Hkv,
+                          uint32_t D, uint32_t elem_bytes, float sm_scale, uint32_t num_cores,
+                          uint32_t ub_bytes) {
+  ascend::TreeAttentionTiling t{};
+  if (int err = ascend::make_tree_attention_tiling(B, Tq, T, S, Hq, Hkv, D, elem_bytes, sm_scale, num_cores, ub_bytes, &t))
+    value_error(std::string("ascend_tiling: ") + tiling_error(err));
+  py::dict d;
+#define MIRROR_RT_FIELD(f) d[#f] = t.f
+  MIRROR_RT_FIELD(B); MIRROR_RT_FIELD(Tq); MIRROR_RT_FIELD(T); MIRROR_RT_FIELD(S); MIRROR_RT_FIELD(Hq);
+  MIRROR_RT_FIELD(Hkv); MIRROR_RT_FIELD(D); MIRROR_RT_FIELD(elem_bytes); MIRROR_RT_FIELD(group);
+  MIRROR_RT_FIELD(d_pad); MIRROR_RT_FIELD(mask_words); MIRROR_RT_FIELD(q_block); MIRROR_RT_FIELD(num_q_blocks);
+  MIRROR_RT_FIELD(rows); MIRROR_RT_FIELD(kv_block); MIRROR_RT_FIELD(num_tasks); MIRROR_RT_FIELD(block_dim);
+  MIRROR_RT_FIELD(ub_bytes); MIRROR_RT_FIELD(sm_scale);
+#undef MIRROR_RT_FIELD
+  py::list ranges;
+  for (uint32_t c = 0; c < t.block_dim; ++c) {
+    uint32_t begin, count;
+    ascend::core_task_range(t, c, &begin, &count);
+    ranges.append(py::make_tuple(begin, count));
+  }
+  d["core_ranges"] = ranges;
+  return d;
+}
+
+py::dict ascend_branch_tree_tiling_py(uint32_t gamma, uint32_t kappa, int32_t max_branches, uint32_t capacity,
+                                      uint32_t ub_bytes) {
+  ascend::BranchTreeTiling t{};
+  if (int err = ascend::make_branch_tree_tiling(gamma, kappa, max_branches, capacity, ub_bytes, &t))
+    value_error(std::string("ascend_branch_tree_tiling: ") + tiling_error(err));
+  py::dict d;
+  d["gamma"] = t.gamma; d["kappa"] = t.kappa; d["max_branches"] = t.max_branches;
+  d["capacity"] = t.capacity; d["mask_words"] = t.mask_words; d["ub_bytes"] = t.ub_bytes;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -288,5 +332,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("extend_branch_tree", &extend_branch_tree_py, py::arg("new_tokens"), py::arg("num_nodes"),
         py::arg("tokens"), py::arg("parents"), py::arg("positions"), py::arg("mask_bits"),
         py::arg("branch_tip"), "Appends new_tokens [nb, n_new]; returns the new node count.");
-  // ascend tiling
+  m.def("ascend_tiling", &ascend_tiling_py, py::arg("B"), py::arg("Tq"), py::arg("T"), py::arg("S"),
+        py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("elem_bytes"), py::arg("sm_scale") = 1.0,
+        py::arg("num_cores") = ascend::kDefaultCores, py::arg("ub_bytes") = ascend::kDefaultUbBytes,
+        "The AscendC tree_attention tiling (csrc/ascend/tiling.h) as a dict, with core_ranges.");
+  m.def("ascend_branch_tree_tiling", &ascend_branch_tree_tiling_py, py::arg("gamma"), py::arg("kappa"),
+        py::arg("max_branches"), py::arg("capacity"), py::arg("ub_bytes") = ascend::kDefaultUbBytes,
+        "The AscendC branch-tree tiling as a dict.");
 }
