@@ -215,11 +215,13 @@ def tree_attention_packed(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, ma
         return out
     scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
     rows = Tq * G
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    interp = _interpreting()
+    # 64 rows keeps the fp32 accumulator in registers on the GPU; the interpreter pays per
+    # program instead, so it takes bigger blocks.
+    block_m = min(128 if interp else 64, max(16, triton.next_power_of_2(rows)))
     block_n = 64
     block_d = max(16, triton.next_power_of_2(D))
     ns = num_splits or _num_splits(q, S, rows, block_m, B, Hkv)
-    interp = _interpreting()
     dot_fp32 = interp or q.dtype == torch.float32
     single = ns == 1
     if single:
