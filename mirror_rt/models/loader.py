@@ -40,7 +40,10 @@ def load_model(path, device="cpu", dtype=None) -> LlamaModel:
         model = LlamaModel(cfg)
     _assign(model, tensors, path)
     model.source = path
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    c = model.config  # .to(dtype) cast the rotary buffer too: rebuild it in fp32
+    model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
+    return model
 
 
 def _assign(model: LlamaModel, tensors: dict, path: str):
@@ -172,9 +175,11 @@ def _read_gguf(path):
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except ValueError as e:
             raise ValueError(f"{path}: tensor {t.name} cannot be read ({e})") from None
-        if cfg.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = _unpermute_rope(arr, cfg.num_heads)
-        elif cfg.arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            arr = _unpermute_rope(arr, cfg.num_kv_heads)
+        if cfg.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+            if shape[0] != heads * cfg.head_dim:  # checked here: the unpermute reshape needs it
+                raise ValueError(f"{path}: tensor {name} has shape {shape}, config expects "
+                                 f"{heads * cfg.head_dim} rows ({heads} heads x head_dim {cfg.head_dim})")
+            arr = _unpermute_rope(arr, heads)
         tensors[name] = torch.from_numpy(arr.copy())  # own, writable memory
     return cfg, tensors
