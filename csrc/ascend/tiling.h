@@ -54,7 +54,7 @@ MIRROR_RT_TILING_FN uint32_t tree_attention_ub_bytes(uint32_t rows, uint32_t q_b
   bytes += tile_f32;                                           // product scratch
   bytes += 2 * rows * d_pad * 4;                               // q rows, output accumulator
   bytes += round_up(rows * kv_block * 4, kUbAlign);            // scores / probabilities
-  bytes += 2 * round_up(rows * 4, kUbAlign);                   // running max, running sum
+  bytes += 2 * round_up(rows * 4, kUbAlign) + kUbAlign;        // running max, sum; rescale factor
   bytes += round_up(q_block * mask_words * 4, kUbAlign);       // packed mask rows
   return bytes;
 }
