@@ -12,7 +12,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the tensors here are tiny, and lane tests run a draft thread beside the
+# target; oversubscribed OpenMP teams spin and make small ops 30x slower on 2 cores.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

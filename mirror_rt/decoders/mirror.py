@@ -225,7 +225,7 @@ class _Run:
         self.dec.lane, lane = None, self.dec.lane
         if lane is not None:
             try:
-                lane.close()
+                lane.close(wait=False)
             except Exception:  # noqa: BLE001 - the lane is already broken
                 pass
         while not self.out.done:

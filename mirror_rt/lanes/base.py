@@ -41,7 +41,7 @@ class InlineLane:
     def call(self, method: str, *args, timeout=None):
         return result_of(self.submit(method, *args), timeout)[0]
 
-    def close(self):
+    def close(self, wait=True):
         pass
 
 
@@ -49,7 +49,7 @@ def result_of(fut: Future, timeout=None):
     """(result, t_start, t_end) of a lane future; any failure becomes LaneError."""
     try:
         return fut.result(timeout=timeout)
-    except LaneError:
+    except (LaneError, FloatingPointError):  # NaN/inf logits are a model fault, not a lane fault
         raise
     except TimeoutError:
         raise LaneError(f"draft lane timed out after {timeout} s") from None

@@ -15,13 +15,12 @@ from mirror_rt.lanes.base import LaneError, timed_call
 def _serve(conn, make_worker, threads):
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or 1)
     try:
         worker = make_worker()
         conn.send(("ready", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent, then exit
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", (type(e).__name__, str(e))))
         return
     while True:
         try:
@@ -34,7 +33,7 @@ def _serve(conn, make_worker, threads):
         try:
             conn.send(("ok", timed_call(worker, method, args)))
         except Exception as e:  # noqa: BLE001
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send(("error", (type(e).__name__, str(e))))
 
 
 class _Reply:
@@ -48,7 +47,10 @@ class _Reply:
             self.lane._receive_one(timeout)
         status, payload = self.value
         if status != "ok":
-            raise LaneError(f"draft process failed: {payload}")
+            kind, message = payload
+            if kind == "FloatingPointError":  # NaN/inf logits: a model fault, raised as such
+                raise FloatingPointError(message)
+            raise LaneError(f"draft process failed: {kind}: {message}")
         return payload
 
 
@@ -69,7 +71,7 @@ class ProcessLane:
         status, payload = self._recv(start_timeout)
         if status != "ready":
             self.close()
-            raise LaneError(f"draft process failed to start: {payload}")
+            raise LaneError(f"draft process failed to start: {payload[0]}: {payload[1]}")
 
     def _recv(self, timeout):
         timeout = self.call_timeout if timeout is None else timeout
@@ -101,7 +103,8 @@ class ProcessLane:
     def pid(self) -> int | None:
         return self.proc.pid
 
-    def close(self):
+    def close(self, wait=True):
+        """Ask the process to exit; kill it if it does not within 5 s."""
         try:
             self.conn.send(None)
         except (OSError, ValueError):

@@ -17,14 +17,13 @@ from mirror_rt.lanes.base import result_of, timed_call
 class ThreadLane:
     kind = "thread"
 
-    def __init__(self, make_worker, threads: int | None = None):
+    def __init__(self, make_worker):
+        # torch's intra-op thread count is process-wide: the caller sets it for both threads
+        # (on a small CPU, cores // 2 each avoids oversubscribed, spinning OpenMP teams).
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-draft")
-        self.threads = threads
         self.worker = self.pool.submit(self._init, make_worker).result()
 
     def _init(self, make_worker):
-        if self.threads:
-            torch.set_num_threads(self.threads)
         return make_worker()
 
     def _run(self, method, args, event):
@@ -36,8 +35,9 @@ class ThreadLane:
     def call(self, method: str, *args, timeout=None):
         return result_of(self.submit(method, *args), timeout)[0]
 
-    def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait=True):
+        """wait=False abandons a hung call (its thread ends when the call returns)."""
+        self.pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class StreamLane(ThreadLane):

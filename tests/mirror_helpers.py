@@ -1,0 +1,102 @@
+"""Test doubles for Mirror-SD lanes: drafts that are slow, fail, or hang (picklable, so the
+process lane can build them in its child)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mirror_rt.models.derive import random_model
+
+
+class DraftWrapper(torch.nn.Module):
+    """Delegates to a draft model; subclasses hook every forward (run_layers)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config, self.name = inner.config, f"wrapped({inner.name})"
+        self.calls = 0
+
+    num_layers = property(lambda self: self.inner.num_layers)
+    device = property(lambda self: self.inner.device)
+    dtype = property(lambda self: self.inner.dtype)
+
+    def new_cache(self, *a, **k):
+        return self.inner.new_cache(*a, **k)
+
+    def embed(self, ids):
+        return self.inner.embed(ids)
+
+    def head(self, h):
+        return self.inner.head(h)
+
+    def run_layers(self, *a, **k):
+        self.calls += 1
+        self.hook()
+        return self.inner.run_layers(*a, **k)
+
+    def forward(self, *a, **k):
+        self.calls += 1
+        self.hook()
+        return self.inner(*a, **k)
+
+    def hook(self):
+        pass
+
+
+class SlowDraft(DraftWrapper):
+    def __init__(self, inner, seconds):
+        super().__init__(inner)
+        self.seconds = seconds
+
+    def hook(self):
+        time.sleep(self.seconds)  # releases the GIL, like a real device would
+
+
+class FailingDraft(DraftWrapper):
+    """Raises (or hangs, or returns NaN) after `after` forwards."""
+
+    def __init__(self, inner, after, how="raise"):
+        super().__init__(inner)
+        self.after, self.how = after, how
+
+    def hook(self):
+        if self.calls > self.after:
+            if self.how == "raise":
+                raise RuntimeError("injected draft failure")
+            if self.how == "hang":
+                time.sleep(3600)
+
+    def head(self, h):
+        logits = self.inner.head(h)
+        if self.how == "nan" and self.calls > self.after:
+            logits = logits + float("nan")
+        return logits
+
+
+class SlowTarget(DraftWrapper):
+    """A target whose layers take a fixed time (the suffix then has a known duration)."""
+
+    def __init__(self, inner, seconds):
+        super().__init__(inner)
+        self.seconds = seconds
+
+    def hook(self):
+        time.sleep(self.seconds)
+
+
+def tiny_pair(vocab=64, layers=4, seed=0):
+    target = random_model(seed, vocab_size=vocab, num_layers=layers)
+    draft = random_model(seed + 1, vocab_size=vocab, num_layers=1)
+    return target, draft
+
+
+def identity_last_layer(model):
+    """Zero the last layer's output projections: it becomes the identity, so the logit lens at
+    layer N-1 equals the final logits (an exit head that is 'the final layer itself')."""
+    last = model.layers[-1]
+    with torch.no_grad():
+        last.self_attn.o_proj.weight.zero_()
+        last.mlp.down_proj.weight.zero_()
+    return model

@@ -1,0 +1,234 @@
+"""Mirror-SD decoder: lossless on every lane, forced regimes, stochastic modes, real overlap."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder
+from mirror_rt.decoders.mirror_draft import max_branches_for, plan_branches
+from mirror_rt.models.derive import truncated_copy
+from mirror_rt.ops.checks import MAX_TREE_NODES
+from mirror_rt.ops.reference import process_logits
+from mirror_helpers import SlowDraft, SlowTarget, identity_last_layer, tiny_pair
+
+N_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair(layers=N_LAYERS)
+
+
+def ar_tokens(target, ids, n, eos=None):
+    return AutoregressiveDecoder(target).generate(ids, n, eos_token_id=eos).tokens.tolist()
+
+
+def check_consistent(out, max_new):
+    """Committed tokens = sum over steps of (accepted + 1), capped by EOS / the limit."""
+    s = out.stats
+    committed = sum((a + 1) * c for a, c in s["accepted_hist"].items())
+    assert committed >= s["new_tokens"] == out.tokens.shape[1]
+    assert committed - s["new_tokens"] <= max(s["accepted_hist"])  # only the last step overshoots
+    assert s["reuse_hits"] + s["fallbacks"] <= s["steps"]
+
+
+GRID = list(itertools.product([1, N_LAYERS // 2, N_LAYERS - 1], [1, 2, 8], [1, 3, 7]))
+
+
+@pytest.mark.parametrize("exit_layer,kappa,window", GRID)
+def test_greedy_equals_autoregressive_inline(pair, exit_layer, kappa, window):
+    target, draft = pair
+    torch.manual_seed(exit_layer * 100 + kappa * 10 + window)
+    ids = torch.randint(0, 64, (1, 1 + (kappa * window) % 13))
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=kappa, window=window, lane="inline"))
+    out = dec.generate(ids, 29)  # 29: max_new_tokens ends mid-window for most windows
+    assert out.tokens.tolist() == ar_tokens(target, ids, 29)
+    check_consistent(out, 29)
+
+
+@pytest.mark.parametrize("lane", ["thread", "process"])
+@pytest.mark.parametrize("exit_layer,kappa,window", [(2, 8, 7), (1, 2, 3)])
+def test_greedy_equals_autoregressive_on_lanes(pair, lane, exit_layer, kappa, window):
+    target, draft = pair
+    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=kappa, window=window,
+                                                   lane=lane)) as dec:
+        for length in (1, 5, 17):
+            ids = torch.arange(length)[None] % 64
+            out = dec.generate(ids, 24)
+            assert out.tokens.tolist() == ar_tokens(target, ids, 24), (lane, length)
+            assert out.stats["lane"] == lane
+
+
+def test_draft_equal_to_target_accepts_every_window():
+    target, _ = tiny_pair()
+    identity_last_layer(target)
+    dec = MirrorDecoder(target, target, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=8, window=4, lane="inline"))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    out = dec.generate(ids, 41)
+    assert out.tokens.tolist() == ar_tokens(target, ids, 41)
+    s = out.stats
+    full = s["accepted_hist"].get(4, 0)
+    assert full >= s["steps"] - 2, s["accepted_hist"]  # all but the truncated last step(s)
+    # The exit head is exact (identity last layer), so every bonus token is a rolled-out branch.
+    assert s["fallbacks"] == 0 and s["reuse_hits"] == s["steps"] - 1
+
+
+def test_exact_exit_head_makes_every_correction_a_hit(pair):
+    target, draft = tiny_pair(seed=3)
+    identity_last_layer(target)
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=1, window=3, lane="inline"))
+    ids = torch.tensor([[7, 8, 9]])
+    out = dec.generate(ids, 30)
+    assert out.tokens.tolist() == ar_tokens(target, ids, 30)
+    assert out.stats["fallbacks"] == 0
+    assert out.stats["reuse_hits"] == out.stats["steps"] - 1
+
+
+def test_random_draft_with_weak_exit_mostly_falls_back(pair):
+    target, draft = pair
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=1, window=3, lane="inline"))
+    ids = torch.tensor([[1, 2, 3]])
+    out = dec.generate(ids, 30)
+    assert out.tokens.tolist() == ar_tokens(target, ids, 30)
+    s = out.stats
+    assert s["mean_accepted"] < 1.0
+    assert s["fallbacks"] >= 1
+    assert s["reuse_hits"] + s["fallbacks"] == s["steps"] - 1
+
+
+def test_eos_inside_reused_branch_stops_exactly():
+    target, _ = tiny_pair()
+    identity_last_layer(target)
+    ids = torch.tensor([[2, 7, 1, 8]])
+    ref = ar_tokens(target, ids, 40)[0]
+    cut = next(i for i in range(12, 40) if ref[i] not in ref[:i]) + 1  # an EOS first seen late
+    eos = ref[cut - 1]
+    dec = MirrorDecoder(target, target, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=8, window=5, lane="inline"))
+    out = dec.generate(ids, 40, eos_token_id=eos)
+    assert out.tokens[0].tolist() == ref[:cut]
+    assert out.stats["reuse_hits"] >= 1
+
+
+def test_truncated_copy_draft_is_lossless(pair):
+    target, _ = pair
+    draft = truncated_copy(target, 2)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    out = MirrorDecoder(target, draft, MirrorConfig(lane="inline")).generate(ids, 33)
+    assert out.tokens.tolist() == ar_tokens(target, ids, 33)
+
+
+def test_branch_plan_and_cap():
+    window = [5, 6]
+    exit_ids = [[5, 1, 2], [9, 6, 3], [4, 4, 7]]
+    assert plan_branches(window, exit_ids, 100) == [(0, 1), (0, 2), (1, 9), (1, 3), (2, 4), (2, 4), (2, 7)]
+    assert plan_branches(window, exit_ids, 3) == [(0, 1), (0, 2), (1, 9)]
+    for window_len in (1, 3, 7, 16):
+        cap = max_branches_for(window_len, window_len, None)
+        assert window_len + 1 + cap * window_len <= MAX_TREE_NODES < window_len + 1 + (cap + 1) * window_len
+
+
+# --- stochastic modes follow the target distribution --------------------------------------------
+
+def exact_two_token_distribution(target, ids):
+    """P(y1, y2 | prompt) by enumeration at temperature 1: [V, V]."""
+    V = target.config.vocab_size
+    cache = target.new_cache(16)
+    p1 = process_logits(target(ids, cache)[0, -1])
+    joint = torch.zeros(V, V, dtype=torch.float64)
+    for a in range(V):
+        c = target.new_cache(16)
+        logits = target(torch.cat([ids, torch.tensor([[a]])], 1), c)[0, -1]
+        joint[a] = p1[a].double() * process_logits(logits).double()
+    return joint
+
+
+def chi_square(counts, probs, min_expected=5.0):
+    """Pearson statistic over cells, pooling cells expected below min_expected; returns (stat, dof)."""
+    n = counts.sum()
+    exp = probs.flatten() * n
+    obs = counts.flatten().double()
+    small = exp < min_expected
+    stat = (((obs[~small] - exp[~small]) ** 2) / exp[~small]).sum()
+    cells = int((~small).sum())
+    if small.any():
+        e, o = exp[small].sum(), obs[small].sum()
+        stat += (o - e) ** 2 / e
+        cells += 1
+    return float(stat), cells - 1
+
+
+# 99.9% quantiles of chi-square for the degrees of freedom these tests can meet (scipy-free).
+CHI2_999 = {d: q for d, q in zip(range(1, 41), [
+    10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91, 34.53, 36.12, 37.70,
+    39.25, 40.79, 42.31, 43.82, 45.31, 46.80, 48.27, 49.73, 51.18, 52.62, 54.05, 55.48, 56.89, 58.30, 59.70,
+    61.10, 62.49, 63.87, 65.25, 66.62, 67.99, 69.35, 70.70, 72.05, 73.40])}
+
+
+def sample_counts(dec, ids, V, n):
+    counts = torch.zeros(V, V, dtype=torch.int64)
+    for seed in range(n):
+        a, b = dec.generate(ids, 2, temperature=1.0, seed=seed).tokens[0].tolist()
+        counts[a, b] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def small_vocab_pair():
+    target, draft = tiny_pair(vocab=5, layers=2, seed=11)
+    with torch.no_grad():  # sharpen the target a little so that the draft is often wrong
+        target.lm_head.weight.mul_(0.6)
+    return target, draft
+
+
+@pytest.mark.parametrize("mode", ["match", "rejection"])
+def test_stochastic_modes_follow_target_distribution(small_vocab_pair, mode):
+    target, draft = small_vocab_pair
+    ids = torch.tensor([[1, 3]])
+    probs = exact_two_token_distribution(target, ids)
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=2, window=2, mode=mode, lane="inline"))
+    stat, dof = chi_square(sample_counts(dec, ids, 5, 1500), probs)
+    assert stat < CHI2_999[dof], f"{mode}: chi-square {stat:.1f} with {dof} dof"
+
+
+def test_distribution_test_catches_a_wrong_rule(small_vocab_pair, monkeypatch):
+    """The same test fails for a deliberately wrong rule: always accept the draft's token."""
+    import mirror_rt.decoders.mirror as mirror_mod
+
+    target, draft = small_vocab_pair
+    ids = torch.tensor([[1, 3]])
+    probs = exact_two_token_distribution(target, ids)
+
+    def accept_everything(self, node_ids, logits, q):  # wrong: ignores the target entirely
+        T = node_ids.shape[1]
+        return T - 1, int(torch.multinomial(process_logits(logits[0, -1]), 1, generator=self.sampler.generator))
+
+    monkeypatch.setattr(mirror_mod._Run, "verify", accept_everything)
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=2, window=2, mode="match", lane="inline"))
+    stat, dof = chi_square(sample_counts(dec, ids, 5, 1500), probs)
+    assert stat > CHI2_999[dof], f"wrong rule went unnoticed: chi-square {stat:.1f} with {dof} dof"
+
+
+# --- the overlap is real -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lane", ["thread", "process"])
+def test_rollouts_overlap_the_suffix(lane):
+    target, draft = tiny_pair()
+    slow_target = SlowTarget(target, 0.03)  # prefix + suffix: 30 ms each
+    slow_draft = SlowDraft(draft, 0.01)  # 1 + window forwards per rollout: ~40 ms
+    ids = torch.tensor([[1, 2, 3]])
+    with MirrorDecoder(slow_target, slow_draft, MirrorConfig(exit_layer=2, top_k=2, window=3, lane=lane)) as dec:
+        out = dec.generate(ids, 20)
+    s = out.stats
+    assert out.tokens.tolist() == ar_tokens(target, ids, 20)
+    serial = s["phase_s"]["suffix"] + s["phase_s"]["draft"]
+    overlapped = s["phase_s"]["suffix"] + s["phase_s"]["wait"]
+    assert s["overlap_fraction"] > 0.4, s
+    assert overlapped < 0.85 * serial, (overlapped, serial)
+
+
+def test_inline_lane_has_no_overlap(pair):
+    target, draft = pair
+    out = MirrorDecoder(target, draft, MirrorConfig(lane="inline")).generate(torch.tensor([[1, 2]]), 10)
+    assert out.stats["overlap_fraction"] == 0.0
