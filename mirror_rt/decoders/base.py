@@ -89,7 +89,7 @@ def as_prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
 def check_generation_args(max_new_tokens, temperature, top_k=0, top_p=1.0):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses NaN, which would sample from NaN probabilities
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
