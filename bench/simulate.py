@@ -1,0 +1,218 @@
+"""Server-scale latency model: vanilla SD and Mirror-SD step times and speedups on H100-class GPUs.
+
+    python bench/simulate.py                                  # rates from the command line (defaults)
+    python bench/simulate.py --from-csv bench/results/specbench/specbench.csv   # rates per task family
+    python bench/simulate.py --from-stats stats.json --acceptance 0.7 --containment 0.5 --efficiency 0.6
+
+A PREDICTION, not a measurement. Each forward pass costs its roofline time,
+    t = max(bytes / (HBM bandwidth * eff), FLOPs / (matrix rate * eff)),
+with bytes = bf16 weights read once + the KV cache read, FLOPs = 2 * tokens * weights + attention.
+The step law is mirror_rt.sim's (DESIGN.md §1, plus the fallback term):
+    AR:     T = target(1 token)                                      1 token per step
+    SD:     T = gamma * draft(1 token) + target(gamma+1 tokens)      1 + E[A] tokens per step
+    Mirror: T = prefix(layers < l_e) + exit head + rv_exit + max(suffix + LM head, rollouts) + rv_verify
+                + fallback_rate * (fresh chain of gamma draft tokens)
+            rollouts = ceil(gamma / eta) draft passes over (gamma+1) * kappa branch tokens as one tree
+            (eta: tokens per draft pass; 1 = plain draft, > 1 = speculative streaming).
+The draft runs on a second device (its own bandwidth and matrix rate). Rates: E[A] from a per-token
+acceptance alpha (E[A] = alpha + ... + alpha^gamma) or given; fallback rate = 1 - containment or given;
+or both read from our own runs (specbench CSV: the mirror/sd rows per task family; or a stats JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mirror_rt.sim import expected_accepted, mirror_step_time, sd_step_time  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated: bool = True  # SwiGLU (3 matrices) vs OPT's ReLU MLP (2)
+    source: str = ""
+
+
+# Public config.json numbers (Hugging Face model repositories named in `source`).
+TARGETS = {
+    "qwen3-14b": Shape("Qwen3-14B", 40, 5120, 17408, 40, 8, 128, 151936, source="Qwen/Qwen3-14B config.json"),
+    "qwen3-32b": Shape("Qwen3-32B", 64, 5120, 25600, 64, 8, 128, 151936, source="Qwen/Qwen3-32B config.json"),
+    "mistral-24b": Shape("Mistral-Small-24B", 40, 5120, 32768, 32, 8, 128, 131072,
+                         source="mistralai/Mistral-Small-24B-Instruct-2501 config.json"),
+    "opt-66b": Shape("OPT-66B", 64, 9216, 36864, 72, 72, 128, 50272, gated=False,
+                     source="facebook/opt-66b config.json (ffn_dim 36864, MHA)"),
+}
+# The draft: a Qwen3-0.6B body (Qwen/Qwen3-0.6B config.json) with the target's vocabulary.
+DRAFT_BODY = Shape("Qwen3-0.6B-body", 28, 1024, 3072, 16, 8, 128, 0, source="Qwen/Qwen3-0.6B config.json")
+
+
+@dataclass(frozen=True)
+class Device:
+    bandwidth: float  # bytes/s
+    flops: float      # dense bf16 FLOP/s
+    efficiency: float = 0.7
+
+
+H100 = Device(3.35e12, 989e12)  # H100 SXM: 3.35 TB/s HBM3, ~989 TFLOP/s dense bf16
+
+# Paper Table 1 (arXiv 2510.13161): per-task-family speedups NOT found in the stored copies we can
+# read (only the abstract); kept None rather than invented. The abstract's claim is printed instead.
+PAPER_TABLE1 = None
+PAPER_ABSTRACT = ("Mirror-SD paper (arXiv 2510.13161, abstract): 2.8x-5.8x wall-time speedups across SpecBench "
+                  "tasks with 14B-66B targets, ~30% average relative improvement over EAGLE3. Per-family Table 1 "
+                  "numbers were not available to us: the 'paper' column is left n/a.")
+
+
+def layer_params(s: Shape) -> int:
+    attn = s.hidden * s.heads * s.head_dim + 2 * s.hidden * s.kv_heads * s.head_dim + s.heads * s.head_dim * s.hidden
+    return attn + (3 if s.gated else 2) * s.hidden * s.intermediate
+
+
+def forward_cost(s: Shape, tokens: int, context: int, layers: int | None = None, lm_head: bool = True,
+                 dtype_bytes: int = 2) -> tuple[float, float]:
+    """(bytes, FLOPs) of one pass of `tokens` new tokens over `layers` layers (default all) with a
+    KV cache of `context` positions, plus the LM head if lm_head. Biases and norms are ignored."""
+    n = s.layers if layers is None else layers
+    weights = n * layer_params(s) + (s.vocab * s.hidden if lm_head else 0)
+    kv_bytes = n * 2 * context * s.kv_heads * s.head_dim * dtype_bytes
+    attn_flops = n * 4 * tokens * context * s.heads * s.head_dim  # QK^T and PV
+    return weights * dtype_bytes + kv_bytes, 2 * tokens * weights + attn_flops
+
+
+def roofline_s(cost: tuple[float, float], dev: Device) -> float:
+    nbytes, flops = cost
+    return max(nbytes / (dev.bandwidth * dev.efficiency), flops / (dev.flops * dev.efficiency))
+
+
+def step_times(target: Shape, draft: Shape, dev_t: Device, dev_d: Device, *, gamma: int, kappa: int,
+               exit_frac: float, context: int, mean_accepted: float, fallback_rate: float,
+               rv_exit: float, rv_verify: float, eta: int = 1) -> dict:
+    """Seconds per step for AR, SD and Mirror-SD, and the speedups (tokens/s over AR's)."""
+    T, le = gamma + 1, max(1, min(target.layers - 1, round(target.layers * exit_frac)))
+    t = lambda shape, dev, tokens, **kw: roofline_s(forward_cost(shape, tokens, context, **kw), dev)  # noqa: E731
+    passes = math.ceil(gamma / eta)
+    terms = {"prefix": t(target, dev_t, T, layers=le, lm_head=False),
+             "rv_exit": t(target, dev_t, T, layers=0) + rv_exit,  # exit head = the LM head (logit lens)
+             "suffix": t(target, dev_t, T, layers=target.layers - le),
+             "draft_gen": passes * t(draft, dev_d, T * kappa),
+             "rv_verify": rv_verify, "fallback_rate": fallback_rate,
+             "fallback_time": passes * t(draft, dev_d, eta)}
+    ar = t(target, dev_t, 1)
+    sd = sd_step_time(gamma * t(draft, dev_d, 1), t(target, dev_t, T))
+    mirror = mirror_step_time(**terms)
+    per_step = 1.0 + mean_accepted
+    return {"ar_s": ar, "sd_s": sd, "mirror_s": mirror, "terms": terms, "exit_layer": le,
+            "sd_speedup": per_step / sd * ar, "mirror_speedup": per_step / mirror * ar}
+
+
+def rates_from_csv(path: str) -> list[dict]:
+    """[{family, mean_accepted, sd_mean_accepted, fallback_rate}] from a specbench CSV's rows."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        by = {r["decoder"]: r for r in rows if r["family"] == fam}
+        if "mirror" not in by:
+            continue
+        m = by["mirror"]
+        sd_acc = float(by["sd"]["mean_accepted"]) if "sd" in by else float(m["mean_accepted"])
+        out.append({"family": fam, "mean_accepted": float(m["mean_accepted"]), "sd_mean_accepted": sd_acc,
+                    "fallback_rate": float(m["fallback_rate"])})
+    if not out:
+        raise ValueError(f"{path} has no mirror rows")
+    return out
+
+
+def rates_from_stats(path: str) -> list[dict]:
+    """One 'measured' row from a GenerationOutput.stats JSON (a dict or a list of dicts)."""
+    with open(path) as f:
+        data = json.load(f)
+    runs = data if isinstance(data, list) else [data]
+    steps = sum(r["steps"] for r in runs)
+    acc = sum(r["mean_accepted"] * r["steps"] for r in runs) / steps
+    fb = sum(r.get("fallbacks", 0) for r in runs) / steps
+    return [{"family": "measured", "mean_accepted": acc, "sd_mean_accepted": acc, "fallback_rate": fb}]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated of {list(TARGETS)}")
+    p.add_argument("--window", type=int, default=7, help="gamma")
+    p.add_argument("--kappa", type=int, default=8)
+    p.add_argument("--exit-frac", type=float, default=0.5, help="early-exit layer as a fraction of N")
+    p.add_argument("--context", type=int, default=1024, help="KV positions read per pass")
+    p.add_argument("--eta", type=int, default=1, help="draft tokens per pass (speculative streaming > 1)")
+    p.add_argument("--acceptance", type=float, default=0.8, help="per-token acceptance alpha -> E[A]")
+    p.add_argument("--mean-accepted", type=float, default=None, help="E[A] directly (overrides --acceptance)")
+    p.add_argument("--containment", type=float, default=0.9, help="P(correction in exit top-kappa)")
+    p.add_argument("--fallback-rate", type=float, default=None, help="overrides 1 - containment")
+    p.add_argument("--from-csv", help="specbench CSV: per-family E[A] and fallback rate from our runs")
+    p.add_argument("--from-stats", help="GenerationOutput.stats JSON (dict or list) from our runs")
+    p.add_argument("--bandwidth", type=float, default=H100.bandwidth, help="target HBM bytes/s")
+    p.add_argument("--tflops", type=float, default=H100.flops / 1e12, help="target dense bf16 TFLOP/s")
+    p.add_argument("--draft-bandwidth", type=float, default=H100.bandwidth, help="draft device bytes/s")
+    p.add_argument("--draft-tflops", type=float, default=H100.flops / 1e12, help="draft device TFLOP/s")
+    p.add_argument("--efficiency", type=float, default=0.7, help="achieved fraction of both rooflines")
+    p.add_argument("--rv-exit-us", type=float, default=30.0, help="rendezvous: exit top-k to the draft")
+    p.add_argument("--rv-verify-us", type=float, default=30.0, help="rendezvous: verdict to the draft")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.from_csv:
+        rates, origin = rates_from_csv(a.from_csv), f"measured by our run ({a.from_csv})"
+    elif a.from_stats:
+        rates, origin = rates_from_stats(a.from_stats), f"measured by our run ({a.from_stats})"
+    else:
+        acc = a.mean_accepted if a.mean_accepted is not None else expected_accepted(a.acceptance, a.window)
+        fb = a.fallback_rate if a.fallback_rate is not None else 1.0 - a.containment
+        rates = [{"family": "all", "mean_accepted": acc, "sd_mean_accepted": acc, "fallback_rate": fb}]
+        origin = (f"given: E[A] {acc:.2f}" + (f" (alpha {a.acceptance})" if a.mean_accepted is None else "")
+                  + f", fallback {fb:.0%}" + (f" (containment {a.containment})" if a.fallback_rate is None else ""))
+    dev_t = Device(a.bandwidth, a.tflops * 1e12, a.efficiency)
+    dev_d = Device(a.draft_bandwidth, a.draft_tflops * 1e12, a.efficiency)
+    print("PREDICTION from a roofline model (not a measurement)")
+    print(f"target device {a.bandwidth / 1e12:.2f} TB/s, {a.tflops:.0f} TFLOP/s; draft device "
+          f"{a.draft_bandwidth / 1e12:.2f} TB/s, {a.draft_tflops:.0f} TFLOP/s; efficiency {a.efficiency}; "
+          f"gamma {a.window}, kappa {a.kappa}, eta {a.eta}, exit at {a.exit_frac:.2f} N, context {a.context}, "
+          f"rendezvous {a.rv_exit_us:.0f} + {a.rv_verify_us:.0f} us")
+    print(f"rates: {origin}")
+    head = (f"{'target':>18} {'family':>14} {'E[A]':>5} {'fallbk':>6} {'AR ms':>6} {'SD ms':>6} {'Mir ms':>6} "
+            f"{'suffix':>6} {'draft':>6} {'SD x':>5} {'Mirror x':>8} {'paper x':>7}")
+    print(head + "\n" + "-" * len(head))
+    for key in a.targets.split(","):
+        target = TARGETS[key.strip()]
+        draft = Shape(**{**DRAFT_BODY.__dict__, "vocab": target.vocab, "name": f"draft({target.vocab})"})
+        for r in rates:
+            kw = dict(gamma=a.window, kappa=a.kappa, exit_frac=a.exit_frac, context=a.context, eta=a.eta,
+                      fallback_rate=r["fallback_rate"], rv_exit=a.rv_exit_us * 1e-6, rv_verify=a.rv_verify_us * 1e-6)
+            m = step_times(target, draft, dev_t, dev_d, mean_accepted=r["mean_accepted"], **kw)
+            s = step_times(target, draft, dev_t, dev_d, mean_accepted=r["sd_mean_accepted"], **kw)
+            ms = lambda x: f"{x * 1e3:6.2f}"  # noqa: E731
+            print(f"{target.name:>18} {r['family']:>14} {r['mean_accepted']:5.2f} {r['fallback_rate']:6.0%} "
+                  f"{ms(m['ar_s'])} {ms(s['sd_s'])} {ms(m['mirror_s'])} {ms(m['terms']['suffix'])} "
+                  f"{ms(m['terms']['draft_gen'])} {s['sd_speedup']:5.2f} {m['mirror_speedup']:8.2f} {'n/a':>7}")
+    print("\nshapes: " + "; ".join(f"{t.name} {t.layers}L h{t.hidden} ffn{t.intermediate} {t.heads}/{t.kv_heads} "
+                                    f"heads V{t.vocab} [{t.source}]" for t in TARGETS.values()))
+    print(f"draft: {DRAFT_BODY.name} {DRAFT_BODY.layers}L h{DRAFT_BODY.hidden} ffn{DRAFT_BODY.intermediate} "
+          f"{DRAFT_BODY.heads}/{DRAFT_BODY.kv_heads} heads, the target's vocabulary [{DRAFT_BODY.source}]")
+    print(PAPER_ABSTRACT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
