@@ -39,26 +39,25 @@ static inline uint16_t f32_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-// 2^x for x <= 0, branch-free so loops over it vectorise. Rounds x to n + f with
-// f in (-0.5, 0.5], a degree-6 Taylor polynomial for 2^f (relative error ~1e-7), then adds n to
-// the exponent bits. x is clamped to -125 so the exponent never underflows into garbage; callers
-// that need an exact 0 (masked scores) select it themselves.
-static inline float exp2_nonpos(float x) {
-  x = x < -125.0f ? -125.0f : x;
-  int32_t n = int32_t(x - 0.5f);  // truncation toward zero == round-half-down for x <= 0
-  float f = x - float(n);
-  float p = 1.5403530393381608e-4f;
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// 2^x for x <= 0, eight lanes at once. Rounds x to n + f with f in (-0.5, 0.5], a degree-6
+// Taylor polynomial for 2^f (relative error ~1e-7), then adds n to the exponent bits. x is
+// clamped to -125 so the exponent never underflows into garbage; callers that need an exact 0
+// (masked scores) select it themselves.
+static inline v8f exp2_nonpos(v8f x) {
+  const v8f lo = v8f{} - 125.0f;
+  x = x < lo ? lo : x;
+  const v8i n = __builtin_convertvector(x - 0.5f, v8i);  // truncation == round-half-down for x <= 0
+  const v8f f = x - __builtin_convertvector(n, v8f);
+  v8f p = v8f{} + 1.5403530393381608e-4f;
   p = p * f + 1.3333558146428443e-3f;
   p = p * f + 9.618129107628477e-3f;
   p = p * f + 5.550410866482158e-2f;
   p = p * f + 2.402265069591007e-1f;
   p = p * f + 6.931471805599453e-1f;
   p = p * f + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += n * (1 << 23);
-  std::memcpy(&p, &bits, 4);
-  return p;
+  return (v8f)((v8i)p + (n << 23));  // same-size vector casts reinterpret the bits
 }
 
 }  // namespace mirror_rt

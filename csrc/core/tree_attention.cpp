@@ -1,8 +1,8 @@
 // CPU tree attention: flash-style online softmax over key blocks, one task per
 // (batch, KV head, query block). All query heads that share a KV head form the rows of one task,
 // so every K/V row is read (and converted from bf16) once per task and reused by G*Tq_block rows.
-// Both matrix products use one 4x16 register-tile kernel: S = Q * K^T (K block stored transposed)
-// and O += P * V.
+// Both matrix products use one 4x16 register-tile kernel: S^T = K * Q^T (K rows used in place,
+// Q transposed once per task) and O += P * V.
 #include "core/tree_attention.h"
 
 #include <algorithm>
@@ -25,23 +25,26 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// Per-thread buffers. Rows (query heads x queries) are padded to Mp = multiple of 16 so that
+// scores live transposed, st[key][row]: the softmax then runs across rows in whole vectors.
 struct Scratch {
-  std::vector<float> q, kt, v, s, o, m, l;
-  Scratch(int rows, int D, int Dp)
-      : q(size_t(rows) * D), kt(size_t(D) * KB, 0.f), v(size_t(KB) * Dp, 0.f), s(size_t(rows) * KB),
-        o(size_t(rows) * Dp), m(rows), l(rows) {}
+  std::vector<float> qt, kf, v, st, o, m, l;
+  Scratch(int Mp, int D, int Dp)
+      : qt(size_t(D) * Mp), kf(size_t(KB) * D), v(size_t(KB) * Dp, 0.f), st(size_t(KB) * Mp),
+        o(size_t(Mp) * Dp), m(Mp), l(Mp) {}
 };
 
-// C[4][16] = (accumulate ? C : 0) + sum_k A[r*lda + k] * B[k*ldb + 0:16]
-__attribute__((always_inline)) inline void tile_4x16(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                      int64_t ldc, bool accumulate) {
+// C[4][16] = (accumulate ? C : 0) + sum_k A[r*lda + k*ka] * B[k*ldb + 0:16]
+__attribute__((always_inline)) inline void tile_4x16(int K, const float* A, int64_t lda, int64_t ka,
+                                                     const float* B, int64_t ldb, float* C, int64_t ldc,
+                                                     bool accumulate) {
   v8f c[MR][2];
   for (int r = 0; r < MR; ++r)
     for (int h = 0; h < 2; ++h) c[r][h] = accumulate ? load8(C + r * ldc + 8 * h) : v8f{};
   for (int k = 0; k < K; ++k) {
     const v8f b0 = load8(B + k * ldb), b1 = load8(B + k * ldb + 8);
     for (int r = 0; r < MR; ++r) {
-      const float a = A[r * lda + k];
+      const float a = A[r * lda + k * ka];
       c[r][0] += a * b0;
       c[r][1] += a * b1;
     }
@@ -68,25 +71,27 @@ struct Task {
 // One key block of N <= KB keys (rows kbase + j*ks of K and V). `mask` is null for prefix keys,
 // else the packed words of query row q0 (row stride mask_si) and t0 the block's first tree node.
 MIRROR_RT_CLONES
-void attend_block(const TreeAttentionArgs& a, const Task& t, int M, int Mp, int Dp,
-                  const void* K, const void* V, int64_t kbase, int64_t vbase, int64_t ks, int64_t vs,
-                  int N, const uint32_t* mask, int t0, Scratch& s) {
+void attend_block(const TreeAttentionArgs& a, const Task& t, int Mp, int Dp, const void* K, const void* V,
+                  int64_t kbase, int64_t vbase, int64_t ks, int64_t vs, int N, const uint32_t* mask, int t0,
+                  Scratch& s) {
   const int D = a.D, G = a.Hq / a.Hkv;
-  // Skip a tree block that no query row of this task may see.
-  if (mask) {
+  if (mask) {  // skip a tree block that no query row of this task may see
     uint32_t any = 0;
     for (int i = 0; i < t.nq; ++i)
       for (int w = t0 / 32; w <= (t0 + N - 1) / 32; ++w) any |= mask[i * a.mask_si + w];
     if (!any) return;
   }
-  // K block transposed into kt[D][KB] (fp32) so that S = Q K^T is a broadcast-FMA product.
-  float* kt = s.kt.data();
-  float row[kMaxHeadDim];
-  for (int j = 0; j < N; ++j) {
-    load_row(K, kbase + j * ks, a.dtype, D, 1.0f, row);
-    for (int d = 0; d < D; ++d) kt[d * KB + j] = row[d];
+  // K and V rows as fp32: in place when stored as fp32 (and, for V, tiling evenly), else converted.
+  const float* kp;
+  int64_t ldk;
+  if (a.dtype == DType::kF32) {
+    kp = static_cast<const float*>(K) + kbase;
+    ldk = ks;
+  } else {
+    for (int j = 0; j < N; ++j) load_row(K, kbase + j * ks, a.dtype, D, 1.0f, s.kf.data() + j * D);
+    kp = s.kf.data();
+    ldk = D;
   }
-  // V block: use it in place when it is fp32 and tiles evenly, else convert into v[KB][Dp].
   const float* vp;
   int64_t ldv;
   if (a.dtype == DType::kF32 && D == Dp) {
@@ -97,70 +102,78 @@ void attend_block(const TreeAttentionArgs& a, const Task& t, int M, int Mp, int 
     vp = s.v.data();
     ldv = Dp;
   }
-  float* S = s.s.data();
-  const int Np = round_up(N, NR);
-  for (int r = 0; r < Mp; r += MR)
-    for (int n = 0; n < Np; n += NR) tile_4x16(D, s.q.data() + r * D, D, kt + n, KB, S + r * KB + n, KB, false);
-
-  // Online softmax (base 2: q was pre-scaled by log2 e).
-  for (int r = 0; r < M; ++r) {
-    float* sr = S + r * KB;
-    if (mask) {
-      const uint32_t* mw = mask + (r / G) * a.mask_si;
-      for (int j = 0; j < N; ++j) {
-        const int node = t0 + j;
-        sr[j] = ((mw[node >> 5] >> (node & 31)) & 1u) ? sr[j] : kMasked;
-      }
+  // st[j][r] = k_j . q_r (q pre-scaled by sm_scale * log2 e; qt holds q transposed, [D][Mp]).
+  float* st = s.st.data();
+  const int N4 = N & ~(MR - 1);
+  for (int j = 0; j < N4; j += MR)
+    for (int r = 0; r < Mp; r += NR) tile_4x16(D, kp + j * ldk, ldk, 1, s.qt.data() + r, Mp, st + j * Mp + r, Mp, false);
+  for (int j = N4; j < N; ++j)  // ragged tail: one key at a time
+    for (int r = 0; r < Mp; r += 8) {
+      v8f acc{};
+      for (int d = 0; d < D; ++d) acc += kp[j * ldk + d] * load8(s.qt.data() + d * Mp + r);
+      store8(st + j * Mp + r, acc);
     }
-    for (int j = N; j < KB; ++j) sr[j] = kMasked;
-    float mx = kMasked;
-    for (int j = 0; j < KB; ++j) mx = std::max(mx, sr[j]);
-    const float m_old = s.m[r], m_new = std::max(m_old, mx);
-    if (m_new <= 0.5f * kMasked) {  // nothing visible to this row yet
-      for (int j = 0; j < KB; ++j) sr[j] = 0.f;
-      continue;
+  if (mask)
+    for (int j = 0; j < N; ++j) {
+      const int node = t0 + j;
+      for (int i = 0; i < t.nq; ++i)
+        if (!((mask[i * a.mask_si + (node >> 5)] >> (node & 31)) & 1u))
+          for (int g = 0; g < G; ++g) st[j * Mp + i * G + g] = kMasked;
     }
-    float sum = 0.f;
-    for (int j = 0; j < KB; ++j) {
-      const float p = exp2_nonpos(sr[j] - m_new);
-      sr[j] = sr[j] > 0.5f * kMasked ? p : 0.f;
-      sum += sr[j];
+  // Online softmax across the rows, 8 at a time (base 2).
+  const v8f masked_half = v8f{} + 0.5f * kMasked, zero = v8f{};
+  for (int r = 0; r < Mp; r += 8) {
+    v8f mx = v8f{} + kMasked;
+    for (int j = 0; j < N; ++j) {
+      const v8f x = load8(st + j * Mp + r);
+      mx = x > mx ? x : mx;
     }
-    if (m_new > m_old) {
-      const float alpha = exp2_nonpos(m_old - m_new);  // ~0 when m_old was the sentinel
-      s.l[r] *= alpha;
-      float* orow = s.o.data() + r * Dp;
-      for (int d = 0; d < Dp; ++d) orow[d] *= alpha;
-      s.m[r] = m_new;
+    const v8f m_old = load8(s.m.data() + r), m_new = m_old > mx ? m_old : mx;
+    v8f sum{};
+    for (int j = 0; j < N; ++j) {
+      const v8f x = load8(st + j * Mp + r);
+      const v8f p = x > masked_half ? exp2_nonpos(x - m_new) : zero;
+      store8(st + j * Mp + r, p);
+      sum += p;
     }
-    s.l[r] += sum;
+    const v8f alpha = exp2_nonpos(m_old - m_new);  // ~0 while m_old is the sentinel (o, l are 0)
+    store8(s.l.data() + r, load8(s.l.data() + r) * alpha + sum);
+    store8(s.m.data() + r, m_new);
+    for (int i = 0; i < 8; ++i) {
+      if (alpha[i] == 1.0f) continue;
+      float* orow = s.o.data() + (r + i) * Dp;
+      for (int d = 0; d < Dp; ++d) orow[d] *= alpha[i];
+    }
   }
+  // o[r] += sum_j p[j][r] v_j
   for (int r = 0; r < Mp; r += MR)
-    for (int n = 0; n < Dp; n += NR) tile_4x16(N, S + r * KB, KB, vp + n, ldv, s.o.data() + r * Dp + n, Dp, true);
+    for (int n = 0; n < Dp; n += NR) tile_4x16(N, st + r, 1, Mp, vp + n, ldv, s.o.data() + r * Dp + n, Dp, true);
 }
 
 void run_task(const TreeAttentionArgs& a, const Task& t, Scratch& s) {
   const int D = a.D, Dp = round_up(D, NR), G = a.Hq / a.Hkv;
-  const int M = t.nq * G, Mp = round_up(M, MR);
+  const int M = t.nq * G, Mp = round_up(M, NR);
   const float qscale = a.sm_scale * kLog2e;
-  std::fill(s.q.begin(), s.q.begin() + size_t(Mp) * D, 0.f);
+  float row[kMaxHeadDim];
+  std::fill(s.qt.begin(), s.qt.begin() + size_t(D) * Mp, 0.f);
   for (int i = 0; i < t.nq; ++i)
-    for (int g = 0; g < G; ++g)
-      load_row(a.q.data, t.b * a.q.sb + (t.q0 + i) * a.q.sl + (t.kvh * G + g) * a.q.sh, a.dtype, D,
-               qscale, s.q.data() + (i * G + g) * D);
+    for (int g = 0; g < G; ++g) {
+      load_row(a.q.data, t.b * a.q.sb + (t.q0 + i) * a.q.sl + (t.kvh * G + g) * a.q.sh, a.dtype, D, qscale, row);
+      for (int d = 0; d < D; ++d) s.qt[size_t(d) * Mp + i * G + g] = row[d];
+    }
   std::fill(s.o.begin(), s.o.begin() + size_t(Mp) * Dp, 0.f);
   std::fill(s.m.begin(), s.m.begin() + Mp, kMasked);
   std::fill(s.l.begin(), s.l.begin() + Mp, 0.f);
 
   const int n = a.cache_seqlens[t.b];
   for (int j0 = 0; j0 < n; j0 += KB)
-    attend_block(a, t, M, Mp, Dp, a.k_cache.data, a.v_cache.data,
+    attend_block(a, t, Mp, Dp, a.k_cache.data, a.v_cache.data,
                  t.b * a.k_cache.sb + j0 * a.k_cache.sl + t.kvh * a.k_cache.sh,
                  t.b * a.v_cache.sb + j0 * a.v_cache.sl + t.kvh * a.v_cache.sh, a.k_cache.sl,
                  a.v_cache.sl, std::min(KB, n - j0), nullptr, 0, s);
   const uint32_t* mrow = a.mask_bits + t.b * a.mask_sb + t.q0 * a.mask_si;
   for (int j0 = 0; j0 < a.T; j0 += KB)
-    attend_block(a, t, M, Mp, Dp, a.k_tree.data, a.v_tree.data,
+    attend_block(a, t, Mp, Dp, a.k_tree.data, a.v_tree.data,
                  t.b * a.k_tree.sb + j0 * a.k_tree.sl + t.kvh * a.k_tree.sh,
                  t.b * a.v_tree.sb + j0 * a.v_tree.sl + t.kvh * a.v_tree.sh, a.k_tree.sl,
                  a.v_tree.sl, std::min(KB, a.T - j0), mrow, j0, s);
@@ -199,7 +212,7 @@ void tree_attention(const TreeAttentionArgs& a) {
   for (int b = 0; b < a.B; ++b)
     for (int h = 0; h < a.Hkv; ++h)
       for (int q0 = 0; q0 < a.Tq; q0 += qb) tasks.push_back({b, h, q0, std::min(qb, a.Tq - q0)});
-  const int rows = round_up(qb * G, MR), threads = std::max(1, std::min<int>(nth, int(tasks.size())));
+  const int rows = round_up(qb * G, NR), threads = std::max(1, std::min<int>(nth, int(tasks.size())));
   std::vector<Scratch> scratch;
   scratch.reserve(threads);  // allocated here, so bad_alloc surfaces as an exception
   for (int i = 0; i < threads; ++i) scratch.emplace_back(rows, a.D, round_up(a.D, NR));
