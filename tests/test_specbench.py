@@ -79,3 +79,20 @@ def test_specbench_end_to_end(qfile, tmp_path):
 def test_accept_lengths_from_histogram():
     assert accept_lengths({"accepted_hist": {0: 2, 3: 1}}) == [1, 1, 4]
     assert accept_lengths({"accepted_hist": {"1": 1}}) == [2]  # keys survive a JSON round trip
+
+
+def test_build_decoders_puts_ar_first_and_takes_factories(tmp_path, monkeypatch):
+    import argparse
+
+    from mirror_rt.bench_cli import build_decoders
+
+    (tmp_path / "my_decoders.py").write_text(
+        "from mirror_rt.decoders import SpeculativeDecoder\n"
+        "def sd3(target, draft, args):\n    return SpeculativeDecoder(target, draft, 3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = random_model(seed=0, num_layers=2)
+    args = argparse.Namespace(window=None, kappa=None, exit_layer=None, mode="match", max_branches=None, lane="inline")
+    decoders = build_decoders(["sd", "my_decoders:sd3"], target, truncated_copy(target, 1), args)
+    assert list(decoders) == ["ar", "sd", "sd3"] and decoders["sd3"].window == 3
+    with pytest.raises(ValueError):
+        build_decoders(["nope"], target, target, args)
