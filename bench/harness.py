@@ -1,7 +1,7 @@
 """Shared microbenchmark harness: median of repeated runs, rows stamped with device, commit, date.
 
     from harness import Bench
-    bench = Bench("tree_attention", argv=sys.argv)
+    bench = Bench("tree_attention", "cuda", argv=sys.argv)
     bench.row(provider="triton", shape=dict(B=1, S=4096), fn=lambda: op(...), bytes_moved=n)
     bench.finish(csv_path)   # prints the table, writes CSV
 

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One script for a GPU machine: install if needed, GPU tests, kernel benchmarks, summary last.
+#
+#   bash bench/gpu_suite.sh            # results under ${OUT:-bench/results}
+#
+# Steps are a list (name, command); append yours to STEPS. Every step runs even if an earlier
+# one failed, its command and exit status are printed, and the script exits non-zero if any
+# step failed. Target: under ~6 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-bench/results}"
+mkdir -p "$RESULTS"
+PY="${PYTHON:-python}"
+
+install_if_needed() {
+  if "$PY" -c "import mirror_rt.triton_kernels.tree_attention" 2>/dev/null; then
+    echo "mirror_rt already importable: $("$PY" -c 'import mirror_rt; print(mirror_rt.__file__)')"
+    return 0
+  fi
+  # No network on the lent machines: build with what is installed, never pull torch.
+  "$PY" -m pip install --no-build-isolation --no-deps -e . || "$PY" -m pip install --no-build-isolation --no-deps .
+}
+
+env_report() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+}
+
+summary() {
+  "$PY" - "$RESULTS" <<'EOF'
+import csv, os, sys
+res = sys.argv[1]
+def rows(name):
+    path = os.path.join(res, name)
+    return list(csv.DictReader(open(path))) if os.path.exists(path) else []
+ta = rows("tree_attention.csv")
+if ta:
+    print("tree_attention (us; speedup = sdpa/triton; bw = fraction of copy bandwidth)")
+    print(f"{'B':>3} {'T':>3} {'S':>6} {'sdpa':>9} {'triton':>9} {'speedup':>7} {'bw':>6} {'err':>7}")
+    for r in ta:
+        if r["provider"] != "triton":
+            continue
+        sd = next((s for s in ta if s["provider"] == "sdpa" and all(s[k] == r[k] for k in ("B", "T", "S"))), {})
+        print(f"{r['B']:>3} {r['T']:>3} {r['S']:>6} {sd.get('us', ''):>9} {r['us']:>9} "
+              f"{r.get('speedup_vs_sdpa', ''):>7} {r.get('bw_frac', ''):>6} {r.get('err', ''):>7}")
+va = rows("verify_accept.csv")
+if va:
+    print("verify_accept (us; speedup = reference/triton; same = equals the reference)")
+    print(f"{'mode':>9} {'B':>3} {'T':>3} {'V':>6} {'ref':>10} {'triton':>9} {'speedup':>8} {'bw':>6} {'same':>5}")
+    for r in va:
+        if r["provider"] != "triton":
+            continue
+        rf = next((s for s in va if s["provider"] == "reference" and all(s[k] == r[k] for k in ("mode", "B", "T", "V"))), {})
+        print(f"{r['mode']:>9} {r['B']:>3} {r['T']:>3} {r['V']:>6} {rf.get('us', ''):>10} {r['us']:>9} "
+              f"{r.get('speedup_vs_reference', ''):>8} {r.get('bw_frac', ''):>6} {r.get('same', ''):>5}")
+if not ta and not va:
+    print("no benchmark CSVs found under", res)
+EOF
+}
+
+# name | command (run with bash -c; keep each one line)
+STEPS=(
+  "env|env_report"
+  "install|install_if_needed"
+  "gpu tests|timeout 240 $PY -m pytest -m gpu -q"
+  "bench tree_attention|timeout 180 $PY bench/bench_tree_attention.py --csv $RESULTS/tree_attention.csv"
+  "bench verify_accept|timeout 150 $PY bench/bench_verify_accept.py --csv $RESULTS/verify_accept.csv"
+)
+
+declare -a STATUS
+export -f install_if_needed env_report
+export PY
+start=$SECONDS
+for step in "${STEPS[@]}"; do
+  name="${step%%|*}"
+  cmd="${step#*|}"
+  echo
+  echo "=== [$name] \$ $cmd"
+  t0=$SECONDS
+  bash -c "$cmd"
+  rc=$?
+  STATUS+=("$(printf '%-24s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  [ "$rc" -ne 0 ] && echo "!!! step [$name] FAILED with exit status $rc"
+done
+
+echo
+echo "=== summary (total $((SECONDS - start))s, results in $RESULTS)"
+failed=0
+for s in "${STATUS[@]}"; do
+  echo "  $s"
+  [[ "$s" == *"rc=0 "* ]] || failed=1
+done
+summary
+if [ "$failed" -ne 0 ]; then
+  echo "!!! some steps FAILED (see above)"
+  exit 1
+fi
