@@ -75,10 +75,18 @@ void attend_block(const TreeAttentionArgs& a, const Task& t, int Mp, int Dp, con
                   int64_t kbase, int64_t vbase, int64_t ks, int64_t vs, int N, const uint32_t* mask, int t0,
                   Scratch& s) {
   const int D = a.D, G = a.Hq / a.Hkv;
-  if (mask) {  // skip a tree block that no query row of this task may see
-    uint32_t any = 0;
-    for (int i = 0; i < t.nq; ++i)
-      for (int w = t0 / 32; w <= (t0 + N - 1) / 32; ++w) any |= mask[i * a.mask_si + w];
+  // Tree keys no query row of this task may see: skip the block, or their score tiles (trees are
+  // sparse: a node sees only its ancestors).
+  bool seen[KB];
+  if (mask) {
+    bool any = false;
+    for (int j = 0; j < N; ++j) {
+      const int node = t0 + j;
+      uint32_t bit = 0;
+      for (int i = 0; i < t.nq; ++i) bit |= mask[i * a.mask_si + (node >> 5)] >> (node & 31);
+      seen[j] = bit & 1u;
+      any |= seen[j];
+    }
     if (!any) return;
   }
   // K and V rows as fp32: in place when stored as fp32 (and, for V, tiling evenly), else converted.
@@ -105,8 +113,10 @@ void attend_block(const TreeAttentionArgs& a, const Task& t, int Mp, int Dp, con
   // st[j][r] = k_j . q_r (q pre-scaled by sm_scale * log2 e; qt holds q transposed, [D][Mp]).
   float* st = s.st.data();
   const int N4 = N & ~(MR - 1);
-  for (int j = 0; j < N4; j += MR)
+  for (int j = 0; j < N4; j += MR) {
+    if (mask && !(seen[j] | seen[j + 1] | seen[j + 2] | seen[j + 3])) continue;  // masked below
     for (int r = 0; r < Mp; r += NR) tile_4x16(D, kp + j * ldk, ldk, 1, s.qt.data() + r, Mp, st + j * Mp + r, Mp, false);
+  }
   for (int j = N4; j < N; ++j)  // ragged tail: one key at a time
     for (int r = 0; r < Mp; r += 8) {
       v8f acc{};
