@@ -59,7 +59,7 @@ def write_csv(rows: list[dict], path: str, stamp: dict | None = None) -> str:
     return path
 
 
-def plot_speedups(rows: list[dict], path: str, title: str = "") -> str:
+def plot_speedups(rows: list[dict], path: str, title: str = "", baseline: str = "ar") -> str:
     """Grouped bars: speedup over the baseline per task family, one bar per non-baseline decoder."""
     import matplotlib
 
@@ -67,8 +67,7 @@ def plot_speedups(rows: list[dict], path: str, title: str = "") -> str:
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(r["family"] for r in rows))
-    decoders = [d for d in dict.fromkeys(r["decoder"] for r in rows)
-                if any(r["decoder"] == d and r["speedup"] not in ("", 1.0) for r in rows)]
+    decoders = [d for d in dict.fromkeys(r["decoder"] for r in rows) if d != baseline]
     value = {(r["family"], r["decoder"]): (r["speedup"] or 0.0) for r in rows}
     width = 0.8 / max(len(decoders), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(families)), 4.0))
