@@ -83,7 +83,7 @@ def _tree_attn_kernel(
     pid_m = tl.program_id(0)  # fastest: programs sharing a KV tile run together (L2 reuse)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = pid_bh // HKV
+    b = (pid_bh // HKV).to(tl.int64)  # int64: b * stride overflows int32 on big caches
     kvh = pid_bh % HKV
 
     # Rows of this program: (query node tq, query head kvh*G + g) pairs, g fastest.

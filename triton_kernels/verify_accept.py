@@ -202,22 +202,22 @@ def _verify_kernel(
         stat_b = best_i.to(tl.float32)  # exact: V < 2**24
     elif MODE == 1:
         m = tl.max(tl.full([BLOCK_V], -1.0e30, tl.float32))
-        s = tl.sum(tl.zeros([BLOCK_V], tl.float32))
+        tot = tl.sum(tl.zeros([BLOCK_V], tl.float32))
         for v0 in range(lo, hi, BLOCK_V):
             idx = v0 + offs
             x = tl.load(xrow + idx, mask=idx < hi, other=float("-inf")).to(tl.float32) / temp
             m_new = tl.maximum(m, tl.max(x))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new))
+            tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new))
             m = m_new
         stat_a = m
-        stat_b = s
+        stat_b = tot
     elif MODE == 2:
-        s = tl.sum(tl.zeros([BLOCK_V], tl.float32))
+        tot = tl.sum(tl.zeros([BLOCK_V], tl.float32))
         for v0 in range(lo, hi, BLOCK_V):
             idx = v0 + offs
-            s += tl.sum(tl.load(xrow + idx, mask=idx < hi, other=0.0))
-        stat_a = s * 0.0
-        stat_b = s
+            tot += tl.sum(tl.load(xrow + idx, mask=idx < hi, other=0.0))
+        stat_a = tot * 0.0
+        stat_b = tot
     else:
         child, token = _reject_node(b, j, T, V, TOKENS, PARENTS, xrow, DRAFT + b.to(tl.int64) * sdb + j.to(tl.int64) * sdt,
                                     UNIF, WP + row.to(tl.int64) * V, WQ + row.to(tl.int64) * V, BLOCK_V)
