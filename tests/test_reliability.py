@@ -1,0 +1,166 @@
+"""Reliability: a failing draft lane loses nothing, NaN logits stop generation, bad config is
+rejected with a clear message, long runs stay flat in memory and time, seeds are deterministic."""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import signal
+import time
+
+import pytest
+import torch
+
+from mirror_helpers import FailingDraft, tiny_pair
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+from mirror_rt.models.derive import random_model
+
+IDS = torch.tensor([[4, 8, 15, 16, 23, 42]])
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    return AutoregressiveDecoder(pair[0]).generate(IDS, 40).tokens.tolist()
+
+
+@pytest.mark.parametrize("lane", ["inline", "thread", "process"])
+def test_draft_that_raises_falls_back_to_target(pair, reference, lane):
+    target, draft = pair
+    dec = MirrorDecoder(target, FailingDraft(draft, after=12), MirrorConfig(window=3, lane=lane))
+    with pytest.warns(RuntimeWarning, match="draft lane failed"):
+        out = dec.generate(IDS, 40)
+    assert out.tokens.tolist() == reference
+    assert out.stats["draft_failures"] == 1 and "injected draft failure" in out.stats["draft_error"]
+    assert dec.lane is None  # cleaned up
+    dec.close()
+
+
+def test_killed_draft_process_loses_nothing(pair, reference):
+    target, draft = pair
+    dec = MirrorDecoder(target, draft, MirrorConfig(window=3, lane="process"))
+    seen = []
+
+    def kill_after_ten(new):
+        seen.extend(new)
+        if len(seen) >= 10 and dec.lane is not None and dec.lane.proc.is_alive():
+            os.kill(dec.lane.pid, signal.SIGKILL)
+
+    with pytest.warns(RuntimeWarning, match="died"):
+        out = dec.generate(IDS, 40, stream=kill_after_ten)
+    assert out.tokens.tolist() == reference
+    assert out.stats["draft_failures"] == 1
+    dec.close()
+
+
+def test_hung_draft_process_times_out(pair, reference):
+    target, draft = pair
+    dec = MirrorDecoder(target, FailingDraft(draft, after=12, how="hang"),
+                        MirrorConfig(window=3, lane="process", lane_timeout=3.0))
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="did not answer"):
+        out = dec.generate(IDS, 40)
+    assert out.tokens.tolist() == reference
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("lane", ["inline", "process"])
+def test_nan_in_draft_logits_raises(pair, lane):
+    target, draft = pair
+    dec = MirrorDecoder(target, FailingDraft(draft, after=5, how="nan"), MirrorConfig(window=3, lane=lane))
+    with pytest.raises(FloatingPointError, match="draft produced NaN/inf logits at step"):
+        dec.generate(IDS, 40)
+    dec.close()
+
+
+def test_nan_in_target_logits_raises(pair):
+    target, draft = pair
+    broken = random_model(5, vocab_size=64, num_layers=4)
+    with torch.no_grad():
+        broken.layers[2].mlp.up_proj.weight.fill_(float("inf"))
+    for dec in (AutoregressiveDecoder(broken), SpeculativeDecoder(broken, draft, 3),
+                MirrorDecoder(broken, draft, MirrorConfig(lane="inline"))):
+        with pytest.raises(FloatingPointError, match="target produced NaN/inf logits"):
+            dec.generate(IDS, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(exit_layer=0), "exit_layer must be an integer in \\[1, 3\\]"),
+    (dict(exit_layer=4), "exit_layer must be an integer in \\[1, 3\\]"),
+    (dict(top_k=0), "top_k \\(kappa\\) must be an integer in \\[1, 64\\]"),
+    (dict(window=0), "window \\(gamma\\) must be an integer in \\[1, 32\\]"),
+    (dict(mode="argmax"), "mode must be one of"),
+    (dict(lane="gpu9"), "lane must be one of"),
+    (dict(max_branches=-1), "max_branches must be None or an integer >= 0"),
+])
+def test_bad_mirror_config(pair, kwargs, match):
+    target, draft = pair
+    with pytest.raises(ValueError, match=match):
+        MirrorDecoder(target, draft, MirrorConfig(**kwargs))
+
+
+def test_bad_generate_arguments(pair):
+    target, draft = pair
+    dec = MirrorDecoder(target, draft, MirrorConfig(lane="inline"))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        dec.generate(IDS, 5, temperature=-1)
+    with pytest.raises(ValueError, match="top_p must be in \\(0, 1\\]"):
+        dec.generate(IDS, 5, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        dec.generate(IDS, 9000)
+    with pytest.raises(ValueError, match="empty"):
+        dec.generate(torch.zeros(1, 0, dtype=torch.int64), 5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        MirrorDecoder(target, random_model(0, vocab_size=65), MirrorConfig())
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lane", ["inline", "thread", "process"])
+def test_long_run_is_flat_in_memory_and_time(lane):
+    target = random_model(21, vocab_size=64, hidden_size=32, num_layers=2)
+    draft = random_model(22, vocab_size=64, hidden_size=32, num_layers=1)
+    times = []
+    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=2, window=3, lane=lane)) as dec:
+        dec.generate(IDS, 200)  # warm-up: caches, allocator pools, the process lane's start
+        gc.collect()
+        rss_before, tensors_before = rss_mb(), _live_tensors()
+        last = [time.perf_counter()]
+
+        def tick(new):
+            now = time.perf_counter()
+            times.append((now - last[0]) / len(new))
+            last[0] = now
+
+        out = dec.generate(IDS, 5000, stream=tick)
+        gc.collect()
+    assert out.tokens.shape[1] == 5000
+    grown = rss_mb() - rss_before
+    assert grown < 64, f"RSS grew by {grown:.0f} MiB over 5,000 tokens"
+    assert _live_tensors() - tensors_before < 50
+    fifth = len(times) // 5
+    early, late = sorted(times[:fifth])[fifth // 2], sorted(times[-fifth:])[fifth // 2]
+    assert late < 3 * early + 1e-3, f"per-token time grew from {early * 1e3:.2f} ms to {late * 1e3:.2f} ms"
+
+
+def _live_tensors() -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_same_seed_same_tokens_across_runs_and_lanes(pair):
+    target, draft = pair
+    results = []
+    for lane in ("inline", "thread", "process", "inline"):
+        with MirrorDecoder(target, draft, MirrorConfig(window=3, top_k=4, lane=lane)) as dec:
+            results.append(dec.generate(IDS, 30, temperature=0.8, seed=1234).tokens.tolist())
+    assert all(r == results[0] for r in results), results
+    with MirrorDecoder(target, draft, MirrorConfig(window=3, top_k=4, lane="inline")) as dec:
+        assert dec.generate(IDS, 30, temperature=0.8, seed=99).tokens.tolist() != results[0]
