@@ -53,7 +53,16 @@ if va:
         rf = next((s for s in va if s["provider"] == "reference" and all(s[k] == r[k] for k in ("mode", "B", "T", "V"))), {})
         print(f"{r['mode']:>9} {r['B']:>3} {r['T']:>3} {r['V']:>6} {rf.get('us', ''):>10} {r['us']:>9} "
               f"{r.get('speedup_vs_reference', ''):>8} {r.get('bw_frac', ''):>6} {r.get('same', ''):>5}")
-if not ta and not va:
+sy = rows("systems.csv")
+if sy:
+    print("systems, CONTROLLED-ACCEPTANCE (random weights + oracle; speedup vs AR in the same run)")
+    print(f"{'target':>10} {'decoder':>7} {'acc':>4} {'cont':>4} {'step_ms':>8} {'tok/s':>7} {'speedup':>7} "
+          f"{'accepted':>8} {'reuse':>5} {'fallbk':>6} {'overlap':>7} {'==AR':>5}")
+    for r in sy:
+        print(f"{r['target']:>10} {r['decoder']:>7} {r['acceptance']:>4} {r['containment']:>4} {r['step_ms']:>8} "
+              f"{r['tok_s']:>7} {r['speedup_vs_ar']:>7} {r['mean_accepted']:>8} {r['reuse_rate']:>5} "
+              f"{r['fallback_rate']:>6} {r['overlap_fraction']:>7} {r['equals_ar']:>5}")
+if not ta and not va and not sy:
     print("no benchmark CSVs found under", res)
 EOF
 }
@@ -65,6 +74,7 @@ STEPS=(
   "gpu tests|timeout 240 $PY -m pytest -m gpu -q"
   "bench tree_attention|timeout 180 $PY bench/bench_tree_attention.py --csv $RESULTS/tree_attention.csv"
   "bench verify_accept|timeout 150 $PY bench/bench_verify_accept.py --csv $RESULTS/verify_accept.csv"
+  "bench systems (controlled acceptance)|timeout 240 $PY bench/systems.py --csv $RESULTS/systems.csv"
 )
 
 declare -a STATUS
