@@ -71,10 +71,10 @@ EOF
 STEPS=(
   "env|env_report"
   "install|install_if_needed"
-  "gpu tests|timeout 240 $PY -m pytest -m gpu -q"
-  "bench tree_attention|timeout 180 $PY bench/bench_tree_attention.py --csv $RESULTS/tree_attention.csv"
-  "bench verify_accept|timeout 150 $PY bench/bench_verify_accept.py --csv $RESULTS/verify_accept.csv"
-  "bench systems (controlled acceptance)|timeout 240 $PY bench/systems.py --csv $RESULTS/systems.csv"
+  "gpu tests|set -o pipefail; timeout 110 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_tree_attention.py tests/test_verify_accept.py tests/test_mirror_gpu.py 2>&1 | tee $RESULTS/gpu_tests.log"
+  "bench tree_attention|timeout 100 $PY bench/bench_tree_attention.py --csv $RESULTS/tree_attention.csv"
+  "bench verify_accept|timeout 70 $PY bench/bench_verify_accept.py --csv $RESULTS/verify_accept.csv"
+  "bench systems (controlled acceptance)|timeout 170 $PY bench/systems.py --csv $RESULTS/systems.csv"
 )
 
 declare -a STATUS

@@ -176,16 +176,21 @@ def run(args):
                         max_branches=args.max_branches, exit_head=OracleExit(rec_target, oracle), lane=args.lane)),
                 }
                 for name, dec in decoders.items():
-                    dec.generate(prompt, 8)  # warm-up
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    out = dec.generate(prompt, args.new_tokens)
-                    _sync(device)
+                    try:
+                        dec.generate(prompt, 8)  # warm-up
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        out = dec.generate(prompt, args.new_tokens)
+                        _sync(device)
+                    except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
+                        print(f"{shape} {name} acc={acc} cont={cont} FAILED: {type(e).__name__}: {e}", flush=True)
+                        continue
+                    finally:
+                        if hasattr(dec, "close"):
+                            dec.close()
                     wall = time.perf_counter() - t0
                     rows.append(_row(shape, name, acc, cont, out, wall, ar_s, out.tokens.tolist() == ref.tokens.tolist()))
                     print(_fmt(rows[-1]), flush=True)
-                    if hasattr(dec, "close"):
-                        dec.close()
         del target, draft
         if device.type == "cuda":
             torch.cuda.empty_cache()
