@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-shot GPU training of the embedded default's exit head + Speculative Streaming draft.
+#
+# Here (CPU machine, repo root), once:   python -m mirror_rt.train.pack        # writes .gpu_bundle/{a,b}
+# Device call 1 (carry [".gpu_bundle/a"]):
+#     mkdir -p /tmp/mirror_rt_bundle && cp .gpu_bundle/a/target.part0 /tmp/mirror_rt_bundle/
+# Device call 2, right after (same warm machine; carry [".gpu_bundle/b"]):
+#     bash mirror_rt/train/gpu_train.sh .gpu_bundle
+# Files come back from $OUT: exit_head.safetensors, draft.safetensors, draft.1.safetensors,
+# metrics.json, exit_loss.png, draft_loss.png, log.txt (7 files, each < 16 MB).
+set -uo pipefail
+BUNDLE=${1:-.gpu_bundle}
+shift || true
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if ! python3 -c "import gguf" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mirror_rt_site "$BUNDLE"/b/gguf-*.whl \
+        || { echo "gpu_train.sh: cannot install the gguf wheel from $BUNDLE/b"; exit 1; }
+    export PYTHONPATH=/tmp/mirror_rt_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python3 -m mirror_rt.train.gpu_train --bundle "$BUNDLE" --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"

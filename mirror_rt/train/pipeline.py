@@ -1,0 +1,244 @@
+"""End to end: prompts -> the target's greedy answers -> exit heads + SS draft -> files + metrics.
+
+Used by ``mirror-rt train-exit`` / ``train-draft`` (one part each), by the one-shot GPU run
+(``python -m mirror_rt.train.gpu_train``) and by the CPU fallback (``--preset cpu``). Every
+phase is seeded, resumable through files in ``work_dir`` and capped in time.
+
+Data never includes an evaluation prompt: training prompts are ``data.training_prompts``
+(train-allowed Spec-Bench + templates); evaluation uses ``data.eval_questions``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from mirror_rt.train import data as D
+from mirror_rt.train.common import seed_everything, write_json
+
+
+@dataclass(slots=True)
+class PipelineConfig:
+    n_templates: int = 2000          # template prompts on top of the train-allowed Spec-Bench ones
+    n_eval: int = 40                 # held-out Spec-Bench prompts used for the metrics
+    max_new_tokens: int = 256        # target answer length (training and eval)
+    gen_batch: int = 128
+    max_len: int = 512               # training sequence cap (prompt + answer)
+    exit_layers: list = field(default_factory=lambda: [15, 10, 20])  # first one is shipped
+    exit_rank: int = 256
+    exit_act: str = "silu"
+    exit_steps: int = 3000
+    exit_batch_tokens: int = 4096
+    exit_lr: float = 2e-3
+    exit_time: float = 60.0
+    draft_layers: int = 4
+    draft_intermediate: int | None = None
+    n_streams: int = 3
+    stream_layers: int = 1
+    draft_vocab: int = 8192
+    draft_init: str = "first"
+    draft_steps: int = 4000
+    draft_batch: int = 32
+    draft_lr: float = 1e-3
+    draft_kd: float = 1.0
+    draft_time: float = 140.0
+    eval_window: int = 7
+    eval_sd_prompts: int = 16
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"           # target dtype for generation / teacher (float32 matches CPU greedy)
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        presets = {
+            "gpu": {},
+            "cpu": dict(n_templates=60, n_eval=12, max_new_tokens=128, gen_batch=16, max_len=384,
+                        exit_layers=[15], exit_steps=400, exit_batch_tokens=512, exit_time=300,
+                        draft_layers=2, draft_vocab=4096, draft_steps=600, draft_batch=8, draft_kd=0.0,
+                        draft_time=420, eval_sd_prompts=6),
+            "tiny": dict(n_templates=8, n_eval=4, max_new_tokens=16, gen_batch=4, max_len=96, exit_layers=[2],
+                         exit_rank=8, exit_steps=20, exit_batch_tokens=64, draft_layers=1, draft_vocab=0,
+                         draft_steps=10, draft_batch=4, draft_kd=0.5, eval_sd_prompts=2, eval_window=3),
+        }
+        if name not in presets:
+            raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")
+        kw = presets[name]
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    from mirror_rt.tokenizer import encode_chat
+    return [encode_chat(tokenizer, t)[0].tolist() for t in texts]
+
+
+def prepare_prompts(tokenizer, cfg: PipelineConfig, spec_bench: str | None = None) -> dict:
+    """Token ids of the training prompts and the held-out evaluation prompts (chat template),
+    plus the EOS ids: everything the GPU run needs, so it needs no tokenizer."""
+    train_texts = D.training_prompts(cfg.n_templates, cfg.seed, spec_bench)
+    evals = D.eval_questions(spec_bench)[: cfg.n_eval]
+    eos = tokenizer.eos_token_id
+    return {"train": encode_prompts(tokenizer, train_texts),
+            "eval": encode_prompts(tokenizer, D.first_turns(evals)),
+            "eval_ids": [q["question_id"] for q in evals],
+            "eos": [int(eos)] if eos is not None else [],
+            "split": "eval = Spec-Bench question_id with (id // 2) % 2 == 0; train = the rest + templates"}
+
+
+def answers_file(work_dir: str) -> str:
+    return os.path.join(work_dir, "answers.json")
+
+
+def get_answers(target, prompts: dict, cfg: PipelineConfig, work_dir: str, log=print) -> dict:
+    """The target's greedy answers for train and eval prompts (cached in work_dir/answers.json)."""
+    from mirror_rt.train.generate import generate_answers
+
+    path = answers_file(work_dir)
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("max_new_tokens") == cfg.max_new_tokens and len(cached["train"]) == len(prompts["train"]):
+            log(f"[data] reusing {path}")
+            return cached
+    t0 = time.perf_counter()
+    out = {"max_new_tokens": cfg.max_new_tokens}
+    for part in ("eval", "train"):
+        out[part] = generate_answers(target, prompts[part], cfg.max_new_tokens, prompts["eos"], cfg.gen_batch,
+                                     desc=f"target answers ({part})")
+    out["gen_s"] = time.perf_counter() - t0
+    out["gen_tokens"] = sum(len(a) for a in out["train"]) + sum(len(a) for a in out["eval"])
+    write_json(path, out)
+    log(f"[data] {out['gen_tokens']} answer tokens in {out['gen_s']:.0f}s")
+    return out
+
+
+def sequences(prompts: list[list[int]], answers: list[list[int]], prompt_weight: float, max_len: int):
+    """(seqs, weights): prompt + answer; weight[t] is for predicting token t+1 (answer: 1)."""
+    seqs, weights = [], []
+    for p, a in zip(prompts, answers):
+        s = (p + a)[:max_len]
+        w = [prompt_weight] * (len(p) - 1) + [1.0] * len(a)
+        w = (w + [0.0])[: len(s)]
+        w[-1] = 0.0  # the last token predicts nothing in the sequence
+        seqs.append(s)
+        weights.append(w)
+    return seqs, weights
+
+
+def load_target(path: str, device, dtype: str):
+    from mirror_rt.models import load_model
+    t = load_model(path, device=device, dtype=getattr(torch, dtype))
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+def run_exit(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_dir: str, log=print) -> dict:
+    """Train exit heads at cfg.exit_layers; save the first as out_dir/exit_head.safetensors
+    (the others as exit_head_l{L}.safetensors). Returns metrics (lens vs adapter containment)."""
+    from mirror_rt.exit_head import save_exit_head
+    from mirror_rt.train.train_exit import collect, evaluate_heads, train_exit_heads
+
+    t0 = time.perf_counter()
+    pad = prompts["eos"][0] if prompts["eos"] else 0
+    seqs, weights = sequences(prompts["train"], answers["train"], 1.0, cfg.max_len)
+    bs = max(1, cfg.gen_batch // 4)
+    hs, fin = collect(target, seqs, weights, cfg.exit_layers, bs, cfg.max_len, pad, desc="exit: collect train")
+    ev_seqs, ev_w = sequences(prompts["eval"], answers["eval"], 0.0, cfg.max_len)
+    ev_hs, ev_fin = collect(target, ev_seqs, ev_w, cfg.exit_layers, bs, cfg.max_len, pad, desc="exit: collect eval")
+    log(f"[exit] {fin.shape[0]} train tokens, {ev_fin.shape[0]} held-out answer tokens ({time.perf_counter() - t0:.0f}s)")
+    heads, hist = train_exit_heads(target, hs, fin, rank=cfg.exit_rank, act=cfg.exit_act, steps=cfg.exit_steps,
+                                   batch_tokens=cfg.exit_batch_tokens, lr=cfg.exit_lr, seed=cfg.seed,
+                                   checkpoint=os.path.join(work_dir, "exit_ckpt.pt"),
+                                   curve_png=os.path.join(out_dir, "exit_loss.png"), time_limit=cfg.exit_time, log=log)
+    rows = evaluate_heads(target, ev_hs, ev_fin, heads)
+    metrics = {"train_tokens": int(fin.shape[0]), "eval_tokens": int(ev_fin.shape[0]), "steps": len(next(iter(hist.values()))),
+               "containment": {name: {str(k): {"contain": c, "omega": o} for k, (c, o) in r.items()}
+                               for name, r in rows.items()}}
+    for i, layer in enumerate(cfg.exit_layers):
+        name = "exit_head.safetensors" if i == 0 else f"exit_head_l{layer}.safetensors"
+        if i == 0 or os.environ.get("MIRROR_RT_SAVE_ALL_EXITS"):
+            save_exit_head(heads[layer], os.path.join(out_dir, name),
+                           {"train_tokens": int(fin.shape[0]), "top8_heldout": rows[f"adapter@{layer}"][8][0]})
+    for name, r in rows.items():
+        log(f"[exit] {name:>12}: top-1 {r[1][0]:.1%}  top-4 {r[4][0]:.1%}  top-8 {r[8][0]:.1%}  "
+            f"top-16 {r[16][0]:.1%}  (Omega_8 {r[8][1]:.1%})")
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_dir: str, log=print) -> dict:
+    """Train the SS draft; save out_dir/draft.safetensors (+ shards). Returns metrics."""
+    from mirror_rt.models.streaming import StreamingDraft, save_streaming_draft
+    from mirror_rt.train.train_draft import sd_acceptance, select_vocab, train_draft
+
+    t0 = time.perf_counter()
+    pad = prompts["eos"][0] if prompts["eos"] else 0
+    seqs, weights = sequences(prompts["train"], answers["train"], 0.1, cfg.max_len)
+    vocab_ids = None
+    if cfg.draft_vocab and cfg.draft_vocab < target.config.vocab_size:
+        vocab_ids = select_vocab([a for a in answers["train"]] + seqs, cfg.draft_vocab, target.config.vocab_size,
+                                 always=prompts["eos"])
+    seed_everything(cfg.seed)
+    draft = StreamingDraft.from_target(target, cfg.draft_layers, cfg.n_streams, cfg.stream_layers,
+                                       cfg.draft_intermediate, vocab_ids, cfg.draft_init, cfg.seed)
+    draft.float()
+    draft.attach(target, vocab_ids)
+    covered = None
+    if vocab_ids is not None:
+        vs = set(vocab_ids.tolist())
+        ev = [t for a in answers["eval"] for t in a]
+        covered = sum(t in vs for t in ev) / max(len(ev), 1)
+        log(f"[draft] vocabulary {len(vs)} ids covers {covered:.1%} of held-out answer tokens")
+    hist = train_draft(draft, seqs, weights, steps=cfg.draft_steps, batch_size=cfg.draft_batch, max_len=cfg.max_len,
+                       lr=cfg.draft_lr, pad=pad, target=target if cfg.draft_kd > 0 else None, kd=cfg.draft_kd,
+                       seed=cfg.seed, checkpoint=os.path.join(work_dir, "draft_ckpt.pt"),
+                       curve_png=os.path.join(out_dir, "draft_loss.png"), time_limit=cfg.draft_time, log=log)
+    files = save_streaming_draft(draft, os.path.join(out_dir, "draft.safetensors"),
+                                 metadata={"name": f"SS draft ({cfg.draft_layers} layers, {cfg.n_streams} streams, "
+                                                   f"vocab {draft.draft_vocab_size})"})
+    t1 = time.perf_counter()
+    n = cfg.eval_sd_prompts
+    acc = sd_acceptance(draft, prompts["eval"][:n], answers["eval"][:n], cfg.eval_window, use_streams=True)
+    log(f"[draft] held-out greedy SD (window {cfg.eval_window}): mean accepted {acc['mean_accepted']:.2f}, "
+        f"draft passes/window {acc['passes_per_window']:.2f} ({time.perf_counter() - t1:.0f}s)")
+    return {"files": [os.path.basename(f) for f in files], "vocab_coverage": covered,
+            "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in hist.items() if v},
+            "steps": len(hist.get("loss", [])), "sd_eval": acc, "seconds": time.perf_counter() - t0,
+            "config": {"layers": cfg.draft_layers, "n_streams": cfg.n_streams, "stream_layers": cfg.stream_layers,
+                       "vocab": draft.draft_vocab_size}}
+
+
+def run_pipeline(target_path: str, prompts: dict, cfg: PipelineConfig, out_dir: str, work_dir: str,
+                 parts=("exit", "draft"), log=print) -> dict:
+    from mirror_rt.train.common import pick_device
+
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(work_dir, exist_ok=True)
+    dev = pick_device(cfg.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # greedy answers as close to fp32 CPU as possible
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    target = load_target(target_path, dev, cfg.dtype)
+    log(f"[pipeline] target {target_path} on {dev} ({time.perf_counter() - t0:.0f}s)")
+    answers = get_answers(target, prompts, cfg, work_dir, log)
+    old = os.path.join(out_dir, "metrics.json")
+    metrics = json.load(open(old)) if os.path.isfile(old) else {}
+    metrics.update({"config": asdict(cfg), "device": str(dev), "gen_s": answers.get("gen_s"),
+               "gen_tokens": answers.get("gen_tokens"), "n_train_prompts": len(prompts["train"]),
+               "n_eval_prompts": len(prompts["eval"]), "eval_question_ids": prompts.get("eval_ids"),
+               "split": prompts.get("split")})
+    if cfg.draft_kd > 0 or "exit" in parts:
+        target.float()  # training forwards in fp32 (autocast handles speed on GPU)
+    if "exit" in parts:
+        metrics["exit"] = run_exit(target, prompts, answers, cfg, out_dir, work_dir, log)
+        write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    if "draft" in parts:
+        metrics["draft"] = run_draft(target, prompts, answers, cfg, out_dir, work_dir, log)
+    metrics["total_s"] = time.perf_counter() - t0
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    return metrics

@@ -1,0 +1,225 @@
+"""Distil a Speculative Streaming draft from a target (DESIGN.md §2).
+
+Loss per batch of token sequences (right-padded, ``valid`` marks real tokens, ``weight`` which
+positions' *next* token counts):
+
+    L = CE(main) + 0.1 * sum_j CE(stream j)               (stream j at t predicts token t+j+1)
+      + kd * [KL(target_t || main_t) + 0.1 * sum_j KL(target_{t+j} || stream_j,t)]
+
+CE labels are the sequence's tokens (the target's own greedy answers, so CE already distils);
+the optional KL term uses the target's distribution restricted to the draft vocabulary (the
+target at t+j predicts the same token that stream j at t does). Tokens outside the draft
+vocabulary are ignored by CE.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mirror_rt.train.common import load_checkpoint, save_checkpoint, save_curve, seed_everything
+
+STREAM_WEIGHT = 0.1
+
+
+def select_vocab(seqs: list[list[int]], size: int, vocab_size: int, always=()) -> torch.Tensor:
+    """The `size` most frequent ids in seqs (plus `always`), sorted: the draft vocabulary."""
+    counts = Counter(t for s in seqs for t in s)
+    keep = [int(a) for a in always]
+    for t, _ in counts.most_common():
+        if len(keep) >= size:
+            break
+        if t not in keep:
+            keep.append(t)
+    t = 0
+    while len(keep) < min(size, vocab_size):  # pad with low ids if the data is small
+        if t not in keep:
+            keep.append(t)
+        t += 1
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+def ss_loss(draft, ids, weight, teacher_logits=None, kd: float = 0.0, stream_weight: float = STREAM_WEIGHT):
+    """The SS loss (see module doc). ids [B, T]; weight [B, T] float (position t's next token
+    counts with weight[t]); teacher_logits [B, T, V] or None. Returns (loss, parts dict)."""
+    B, T = ids.shape
+    main, streams = draft.ss_forward(ids)
+    V, dev = draft.config.vocab_size, ids.device
+    if draft.vocab_ids is not None:
+        to_draft = torch.full((V,), -100, dtype=torch.long, device=dev)
+        to_draft[draft.vocab_ids.to(dev)] = torch.arange(draft.vocab_ids.numel(), device=dev)
+    else:
+        to_draft = torch.arange(V, device=dev)
+    teacher_sub = None
+    if teacher_logits is not None and kd > 0:
+        tl = teacher_logits if draft.vocab_ids is None else teacher_logits[..., draft.vocab_ids.to(dev)]
+        teacher_sub = F.log_softmax(tl.float(), -1)
+
+    def term(logits, shift):
+        # logits at positions t < T - shift predict ids[t + shift]
+        n = T - shift
+        if n <= 0:
+            return logits.sum() * 0, logits.sum() * 0
+        lg = logits[:, :n].float()
+        w = weight[:, :n]
+        labels = to_draft[ids[:, shift:]]
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
+        ok = (labels.reshape(-1) >= 0).float() * w.reshape(-1)
+        ce = (ce * ok).sum() / ok.sum().clamp_min(1)
+        kl = lg.sum() * 0
+        if teacher_sub is not None:
+            t_lp = teacher_sub[:, shift - 1: shift - 1 + n]
+            lp = F.log_softmax(lg, -1)
+            kl_tok = (t_lp.exp() * (t_lp - lp)).sum(-1)
+            kl = (kl_tok * w).sum() / w.sum().clamp_min(1)
+        return ce, kl
+
+    ce_main, kl_main = term(main, 1)
+    loss = ce_main + kd * kl_main
+    parts = {"main": ce_main.item()}
+    for j in range(draft.n_streams):
+        ce_j, kl_j = term(streams[:, :, j], j + 2)
+        loss = loss + stream_weight * (ce_j + kd * kl_j)
+        parts[f"stream{j + 1}"] = ce_j.item()
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+def batches(seqs, weights, batch_size: int, max_len: int, pad: int, rng: torch.Generator):
+    """Endless shuffled batches: (ids [B, T], weight [B, T]) right-padded (pads weigh 0)."""
+    n = len(seqs)
+    while True:
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            if start == 0:
+                perm = torch.randperm(n, generator=rng).tolist()
+            idx = perm[start:start + batch_size]
+            T = min(max_len, max(len(seqs[i]) for i in idx))
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            w = torch.zeros((len(idx), T))
+            for r, i in enumerate(idx):
+                s, ws = seqs[i][:T], weights[i][:T]
+                ids[r, : len(s)] = torch.tensor(s)
+                w[r, : len(s)] = torch.tensor(ws, dtype=torch.float)
+            yield ids, w
+
+
+def train_draft(draft, seqs, weights, *, steps: int, batch_size: int = 8, max_len: int = 256, lr: float = 1e-3,
+                pad: int = 0, target=None, kd: float = 0.0, seed: int = 0, checkpoint: str | None = None,
+                checkpoint_every: int = 200, curve_png: str | None = None, time_limit: float | None = None,
+                amp: bool | None = None, stream_weight: float = STREAM_WEIGHT, log=print):
+    """Train the draft's own parameters (layers, stream embeddings) with the SS loss.
+    seqs: token lists; weights: per-token loss weights for each seq's next-token targets.
+    Resumes from `checkpoint` if it exists; saves there every checkpoint_every steps and at the end.
+    Returns the history {name: [per-step values]}."""
+    seed_everything(seed)
+    dev = draft.device
+    params = [p for n, p in draft.named_parameters() if p.requires_grad and (n.startswith("layers.") or n == "stream_embed")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    history, step = {}, 0
+    state = load_checkpoint(checkpoint)
+    if state is not None:
+        draft.load_state_dict(state["draft"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        history, step = state["history"], state["step"]
+        log(f"[train-draft] resumed from {checkpoint} at step {step}")
+    rng = torch.Generator().manual_seed(seed + step)
+    amp = (dev.type == "cuda") if amp is None else amp
+    data = batches(seqs, weights, batch_size, max_len, pad, rng)
+    draft.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, initial=step, desc="train-draft", unit="step", disable=None)
+
+    def save():
+        if checkpoint:
+            save_checkpoint(checkpoint, {"draft": draft.added_state_dict(), "opt": opt.state_dict(),
+                                         "sched": sched.state_dict(), "history": history, "step": step})
+        if curve_png:
+            save_curve(curve_png, {k: v for k, v in history.items() if k != "loss"}, "SS draft loss")
+
+    while step < steps:
+        ids, w = next(data)
+        ids, w = ids.to(dev), w.to(dev)
+        teacher = None
+        if target is not None and kd > 0:
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                from mirror_rt.train.generate import teacher_forward
+                _, teacher = teacher_forward(target, ids)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss, parts = ss_loss(draft, ids, w, teacher, kd, stream_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        for k, v in parts.items():
+            history.setdefault(k, []).append(v)
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", main=f"{parts['main']:.3f}")
+        if checkpoint and step % checkpoint_every == 0:
+            save()
+        if time_limit and time.perf_counter() - t0 > time_limit:
+            log(f"[train-draft] time limit {time_limit:.0f}s reached at step {step}")
+            break
+    bar.close()
+    draft.eval()
+    save()
+    return history
+
+
+@torch.inference_mode()
+def simulate_sd(draft, prompt: list[int], answer: list[int], window: int = 7, use_streams: bool = True):
+    """Exact greedy vanilla-SD simulation of one sequence against the target's precomputed greedy
+    answer: each step the draft proposes `window` tokens from the committed context, accepted =
+    the longest prefix equal to the answer, then the target's own token follows.
+    Returns (steps [(answer index p, accepted a)], draft passes)."""
+    ctx, steps, passes, p = list(prompt), [], 0, 0
+    cache = draft.new_cache(min(len(prompt) + len(answer) + 2 * window + 8, draft.config.max_position))
+    while p < len(answer):
+        if cache.length < len(ctx) - 1:
+            tail = ctx[cache.length:-1]
+            draft.run_layers(draft.embed(torch.tensor([tail], device=draft.device)), 0, draft.num_layers, cache)
+            cache.commit(len(tail))
+        n = window
+        if use_streams and getattr(draft, "n_streams", 0):
+            toks, _, info = draft.propose_streams(cache, ctx[-1], n)
+            passes += info["passes"]
+        else:
+            toks, feed = [], ctx[-1]
+            for i in range(n):
+                feed = int(draft(torch.tensor([[feed]], device=draft.device), cache, tree_offset=i)[0, -1].argmax())
+                toks.append(feed)
+            passes += n
+        ref = answer[p:p + n]
+        a = 0
+        while a < len(ref) and toks[a] == ref[a]:
+            a += 1
+        a = min(a, len(answer) - 1 - p)
+        steps.append((p, a))
+        cache.commit(min(a + 1, n))
+        ctx += answer[p:p + a + 1]
+        p += a + 1
+    return steps, passes
+
+
+def sd_acceptance(draft, prompts: list[list[int]], answers: list[list[int]], window: int = 7,
+                  use_streams: bool = True) -> dict:
+    """Mean accepted length, histogram and draft passes per window of ``simulate_sd`` over
+    sequences (what a greedy SpeculativeDecoder run with this draft would report)."""
+    hist, passes = Counter(), 0
+    for prompt, answer in zip(prompts, answers):
+        if len(answer) < 2:
+            continue
+        steps, n = simulate_sd(draft, prompt, answer, window, use_streams)
+        passes += n
+        hist.update(a for _, a in steps)
+    steps = sum(hist.values())
+    return {"mean_accepted": sum(k * v for k, v in hist.items()) / max(steps, 1), "steps": steps,
+            "hist": dict(sorted(hist.items())), "passes_per_window": passes / max(steps, 1), "window": window}
