@@ -1,0 +1,109 @@
+"""probe: its numbers equal a direct computation on a tiny random model; the prompt split."""
+import torch
+
+from mirror_rt.models.derive import random_model, truncated_copy
+from mirror_rt.probe import format_table, run_probe, write_csv, write_png
+from mirror_rt.train import data as D
+from mirror_rt.train.generate import generate_answers
+
+
+def _direct_layer_logits(model, ids):
+    """Per-layer logit lens by an explicit layer loop: {layer: logits [T, V]}, final logits."""
+    cache = model.new_cache(ids.shape[1])
+    h = model.embed(ids)
+    out = {}
+    for layer in range(model.num_layers):
+        h = model.layers[layer](h, *_rope(model, ids.shape[1]), cache, layer, 0, None)
+        out[layer + 1] = model.lm_head(model.norm(h))[0].float()
+    return out, out[model.num_layers]
+
+
+def _rope(model, T):
+    from mirror_rt.models.rope import rope_cos_sin
+    return rope_cos_sin(torch.arange(T)[None], model.inv_freq, torch.float32)
+
+
+@torch.inference_mode()
+def test_probe_equals_direct_computation(tmp_path):
+    target = random_model(3, vocab_size=40, num_layers=4, tie_embeddings=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 40, (n,), generator=g).tolist() for n in (3, 6, 4)]
+    answers = generate_answers(target, prompts, 10, [], use_hf=False)
+    draft = truncated_copy(target, 2)
+    res = run_probe(target, prompts, answers, layers=[1, 2, 3], kappas=(1, 2, 4), draft=draft, window=3)
+    # direct: containment / Omega at answer-predicting positions, and at draft-rejection positions
+    hit = {l: {k: [] for k in (1, 2, 4)} for l in (1, 2, 3)}
+    om = {l: {k: [] for k in (1, 2, 4)} for l in (1, 2, 3)}
+    rej_hit = {l: {k: [] for k in (1, 2, 4)} for l in (1, 2, 3)}
+    for p, a in zip(prompts, answers):
+        per_layer, final = _direct_layer_logits(target, torch.tensor([p + a]))
+        positions = range(len(p) - 1, len(p) - 1 + len(a))
+        rejected = _rejections(draft, p, a, 3)
+        for l in (1, 2, 3):
+            for k in (1, 2, 4):
+                for i, pos in enumerate(positions):
+                    f = int(final[pos].argmax())
+                    top = torch.topk(per_layer[l][pos], k).indices.tolist()
+                    hit[l][k].append(f in top)
+                    om[l][k].append(float(torch.softmax(final[pos], -1)[top].sum()))
+                    if i in rejected:
+                        rej_hit[l][k].append(f in top)
+    for l in (1, 2, 3):
+        for k in (1, 2, 4):
+            assert abs(res.value(f"layer {l}", "all", k) - sum(hit[l][k]) / len(hit[l][k])) < 1e-6
+            assert abs(res.value(f"layer {l}", "all", k, "omega") - sum(om[l][k]) / len(om[l][k])) < 1e-5
+            assert res.rows[f"layer {l}"]["rejected"]["n"] == len(rej_hit[l][k])
+            assert abs(res.value(f"layer {l}", "rejected", k) - sum(rej_hit[l][k]) / max(len(rej_hit[l][k]), 1)) < 1e-6
+    assert "layer 3" in format_table(res)
+    write_csv(res, str(tmp_path / "p.csv"))
+    write_png(res, str(tmp_path / "p.png"), "test")
+    assert (tmp_path / "p.csv").read_text().count("\n") == 1 + 3 * 2 * 3
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _rejections(draft, prompt, answer, window):
+    """Greedy chain SD by hand: answer indices where the target corrected the draft."""
+    out, p = set(), 0
+    while p < len(answer):
+        ctx = prompt + answer[:p]
+        cache = draft.new_cache(64)
+        prop = []
+        logits = draft(torch.tensor([ctx]), cache)[0, -1]
+        cache.commit(len(ctx))
+        for _ in range(window):
+            t = int(logits.argmax())
+            prop.append(t)
+            logits = draft(torch.tensor([[t]]), cache)[0, -1]
+            cache.commit(1)
+        a = 0
+        while a < window and p + a < len(answer) and prop[a] == answer[p + a]:
+            a += 1
+        a = min(a, len(answer) - 1 - p)
+        if a < window:
+            out.add(p + a)
+        p += a + 1
+    return out
+
+
+def test_prompt_split_is_disjoint_and_documented(tmp_path):
+    import json
+
+    qs = [{"question_id": i, "category": "x", "turns": [f"q{i}"]} for i in range(80, 100)]
+    f = tmp_path / "q.jsonl"
+    f.write_text("\n".join(json.dumps(q) for q in qs))
+    train, ev = D.train_questions(str(f)), D.eval_questions(str(f))
+    assert {q["question_id"] for q in ev} == {i for i in range(80, 100) if (i // 2) % 2 == 0}
+    assert not {q["question_id"] for q in train} & {q["question_id"] for q in ev}
+    assert len(train) + len(ev) == len(qs)
+    prompts = D.training_prompts(5, spec_bench=str(f))
+    assert not set(prompts) & set(D.first_turns(ev))
+    assert D.template_prompts(5, seed=1) == D.template_prompts(5, seed=1)
+    assert len(D.pydoc_paragraphs()) > 100
+
+
+def test_cli_registers_commands():
+    from mirror_rt.cli import build_parser
+
+    p = build_parser()
+    for cmd in ("probe", "train-exit", "train-draft"):
+        assert p.parse_args([cmd]).func is not None
