@@ -26,6 +26,14 @@ env_report() {
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 }
 
+run_systems() {
+  # The full log (with an AR profile per target) goes to a file; the table lines to stdout.
+  timeout 170 "$PY" bench/systems.py --profile --csv "$RESULTS/systems.csv" > "$RESULTS/systems.log" 2>&1
+  local rc=$?
+  grep -E "^(#| +(llama|qwen|tiny))|FAILED" "$RESULTS/systems.log" | tail -40
+  return $rc
+}
+
 summary() {
   "$PY" - "$RESULTS" <<'EOF'
 import csv, os, sys
@@ -74,11 +82,12 @@ STEPS=(
   "gpu tests|set -o pipefail; timeout 110 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_tree_attention.py tests/test_verify_accept.py tests/test_mirror_gpu.py 2>&1 | tee $RESULTS/gpu_tests.log"
   "bench tree_attention|timeout 100 $PY bench/bench_tree_attention.py --csv $RESULTS/tree_attention.csv"
   "bench verify_accept|timeout 70 $PY bench/bench_verify_accept.py --csv $RESULTS/verify_accept.csv"
-  "bench systems (controlled acceptance)|timeout 170 $PY bench/systems.py --csv $RESULTS/systems.csv"
+  "bench systems (controlled acceptance)|run_systems"
 )
 
 declare -a STATUS
-export -f install_if_needed env_report
+export -f install_if_needed env_report run_systems
+export RESULTS
 export PY
 start=$SECONDS
 for step in "${STEPS[@]}"; do

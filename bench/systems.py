@@ -165,6 +165,9 @@ def run(args):
         ar_s = time.perf_counter() - t0
         path = prompt[0].tolist() + ref.tokens[0].tolist()
         rows.append(_row(shape, "ar", None, None, ref, ar_s, ar_s, None))
+        print(_fmt(rows[-1]), flush=True)
+        if args.profile:
+            _profile(lambda: ar.generate(prompt, 16))
         for acc in args.acceptance:
             for cont in args.containment:
                 oracle = Oracle(path, target.config.vocab_size, acc, cont, seed=4)
@@ -195,6 +198,18 @@ def run(args):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _profile(fn):
+    """Where an AR step's time goes (top ops by self CPU and device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(prof.key_averages().table(sort_by=key, row_limit=8))
 
 
 def _sync(device):
@@ -234,6 +249,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of the same code")
     p.add_argument("--csv", default=None)
+    p.add_argument("--profile", action="store_true", help="print a profile of 16 AR tokens per target")
     args = p.parse_args(argv)
     if args.tiny:
         args.targets, args.draft, args.new_tokens, args.prompt_len = ["tiny"], "tiny-draft", 40, 16

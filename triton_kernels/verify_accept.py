@@ -231,14 +231,15 @@ def _verify_kernel(
     tl.debug_barrier()
     if tl.atomic_add(CNT + row, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
         if MODE == 0:
-            best_v = tl.load(PART + row * NSPLIT * 2, volatile=True)
-            best_i = tl.load(PART + row * NSPLIT * 2 + 1, volatile=True)
+            # Fresh names: Triton (3.5+) rejects re-typing phase 1's int32 best_i as fp32 here.
+            win_v = tl.load(PART + row * NSPLIT * 2, volatile=True)
+            win_i = tl.load(PART + row * NSPLIT * 2 + 1, volatile=True)
             for s in range(1, NSPLIT):
-                v = tl.load(PART + (row * NSPLIT + s) * 2, volatile=True)
-                i = tl.load(PART + (row * NSPLIT + s) * 2 + 1, volatile=True)
-                best_i = tl.where(v > best_v, i, best_i)
-                best_v = tl.maximum(v, best_v)
-            tl.store(TT + row, best_i.to(tl.int32))
+                cand_v = tl.load(PART + (row * NSPLIT + s) * 2, volatile=True)
+                cand_i = tl.load(PART + (row * NSPLIT + s) * 2 + 1, volatile=True)
+                win_i = tl.where(cand_v > win_v, cand_i, win_i)
+                win_v = tl.maximum(cand_v, win_v)
+            tl.store(TT + row, win_i.to(tl.int32))
         elif MODE == 3:
             tl.store(TT + row, stat_a.to(tl.int32))
             tl.store(RS + row, stat_b.to(tl.int32))
