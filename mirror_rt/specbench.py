@@ -61,7 +61,8 @@ def run_specbench(questions, encode, decoders: dict, *, context: int, max_new_to
     """Run every decoder over every question's first turn.
 
     questions: dicts with question_id, category, turns. encode: text -> LongTensor [1, L].
-    decoders: {name: decoder with .generate(...)}; insertion order is run order. context: the
+    decoders: {name: decoder with .generate(...)}; each prompt runs on all of them, in this order,
+    before the next prompt (warm-ups first, untimed). context: the
     models' context length; prompts with L + max_new_tokens + window slack beyond it are skipped
     with a warning. warmup: untimed generations per decoder (first prompt, up to 8 tokens).
     Returns {"prompts": [(question, ids)], "skipped": [question_id], "runs": {name: [record]}}
@@ -81,17 +82,23 @@ def run_specbench(questions, encode, decoders: dict, *, context: int, max_new_to
     if not prompts:
         raise ValueError("every prompt was skipped: none fits the context with max_new_tokens")
     gen = dict(eos_token_id=eos_token_id, temperature=temperature, seed=seed)
-    runs = {}
-    for name, dec in decoders.items():
+    for dec in decoders.values():
         for _ in range(warmup):  # first calls pay for allocation, lane start-up, kernel caches
             dec.generate(prompts[0][1], min(8, max_new_tokens), **gen)
-        records = []
-        for q, ids in tqdm(prompts, desc=f"{name:>8}", unit="prompt", file=sys.stderr, disable=not progress):
+    # Interleaved: each prompt runs on every decoder before the next prompt, so a load change on a
+    # shared machine hits all decoders alike instead of skewing whichever decoder ran during it.
+    runs = {name: [] for name in decoders}
+    bars = {name: tqdm(total=len(prompts), desc=f"{name:>8}", unit="prompt", file=sys.stderr, position=k,
+                       disable=not progress) for k, name in enumerate(decoders)}
+    for q, ids in prompts:
+        for name, dec in decoders.items():
             t0 = time.perf_counter()
             out = dec.generate(ids, max_new_tokens, **gen)
             wall = time.perf_counter() - t0
-            records.append({"tokens": out.tokens[0].tolist(), "stats": out.stats, "wall_time": wall})
-        runs[name] = records
+            runs[name].append({"tokens": out.tokens[0].tolist(), "stats": out.stats, "wall_time": wall})
+            bars[name].update(1)
+    for bar in bars.values():
+        bar.close()
     return {"prompts": prompts, "skipped": skipped, "runs": runs}
 
 
