@@ -229,7 +229,9 @@ def tree_attention_packed(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, ma
     else:
         opart = torch.empty(B, ns, Tq, Hq, D, dtype=torch.float32, device=q.device)
         mlpart = torch.empty(B, ns, Tq, Hq, 2, dtype=torch.float32, device=q.device)
-    seqlens = cache_seqlens.to(torch.int32)
+    # Clamped on the device: checks.py skips the value check on GPUs (it would sync), and an
+    # out-of-range length must never read past the cache.
+    seqlens = cache_seqlens.to(torch.int32).clamp(0, k_cache.shape[1])
     grid = (triton.cdiv(rows, block_m), ns, B * Hkv)
     _tree_attn_kernel[grid](
         q, k_cache, v_cache, k_tree, v_tree, mask_bits, seqlens, out, opart, mlpart,

@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, tree_offset: int, tree_mask):
+    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, plan: "_AttentionPlan"):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
@@ -57,27 +57,44 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = cache.length + tree_offset
-        cache.write(layer, start, k, v)
+        cache.write(layer, plan.start, k, v)
         kc, vc = cache.k[layer], cache.v[layer]
-        if tree_mask is None:
-            out = _causal_attention(q, kc[:, : start + T], vc[:, : start + T], start)
+        end = plan.start + T
+        if plan.tree_mask is None:
+            out = _causal_attention(q, kc[:, :end], vc[:, :end], plan.causal_mask)
         else:
-            seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=x.device)
-            tree = slice(cache.length, start + T)
-            out = ops.tree_attention(q, kc, vc, seqlens, kc[:, tree], vc[:, tree], tree_mask)
+            tree = slice(cache.length, end)
+            out = ops.tree_attention(q, kc, vc, plan.seqlens, kc[:, tree], vc[:, tree], plan.tree_mask)
         return self.o_proj(out.reshape(B, T, self.nh * self.hd))
 
 
-def _causal_attention(q, k, v, start):
-    """q [B, T, Hq, D] at positions start.. over k, v [B, start + T, Hkv, D] (SDPA, GQA)."""
-    T, total = q.shape[1], k.shape[1]
+class _AttentionPlan:
+    """What every layer of one forward shares, built once per forward (not once per layer):
+    the first cache slot written, and either the chain's causal mask or the tree's inputs."""
+
+    def __init__(self, cache: StaticKVCache, B: int, T: int, tree_offset: int, tree_mask, device):
+        self.start = cache.length + tree_offset
+        self.tree_mask = tree_mask
+        self.causal_mask = self.seqlens = None
+        if tree_mask is not None:
+            self.seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=device)
+        elif T > 1:  # a single new token sees every earlier slot: no mask at all
+            self.causal_mask = torch.ones(T, self.start + T, dtype=torch.bool, device=device).tril(self.start)
+
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _causal_attention(q, k, v, mask):
+    """q [B, T, Hq, D] over k, v [B, S, Hkv, D] with mask [T, S] bool or None (SDPA, GQA)."""
     group = q.shape[2] // k.shape[2]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    allowed = torch.ones(T, total, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=allowed)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if group > 1 and _SDPA_HAS_GQA:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    else:
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -100,8 +117,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, tree_offset, tree_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, tree_offset, tree_mask)
+    def forward(self, x, cos, sin, cache, layer, plan):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,8 +175,9 @@ class LlamaModel(nn.Module):
         if tree_mask is not None and tuple(tree_mask.shape) != (B, T, tree_offset + T):
             raise ValueError(f"tree_mask must be [B={B}, T={T}, {tree_offset + T}], got {tuple(tree_mask.shape)}")
         cos, sin = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
+        plan = _AttentionPlan(cache, B, T, tree_offset, tree_mask, hidden.device)
         for i in range(start, end):
-            hidden = self.layers[i](hidden, cos, sin, cache, i, tree_offset, tree_mask)
+            hidden = self.layers[i](hidden, cos, sin, cache, i, plan)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
