@@ -8,19 +8,14 @@ from mirror_rt.train.generate import generate_answers
 
 
 def _direct_layer_logits(model, ids):
-    """Per-layer logit lens by an explicit layer loop: {layer: logits [T, V]}, final logits."""
+    """Per-layer logit lens, one layer at a time: {layer: logits [T, V]}, final logits."""
     cache = model.new_cache(ids.shape[1])
     h = model.embed(ids)
     out = {}
     for layer in range(model.num_layers):
-        h = model.layers[layer](h, *_rope(model, ids.shape[1]), cache, layer, 0, None)
+        h = model.run_layers(h, layer, layer + 1, cache)
         out[layer + 1] = model.lm_head(model.norm(h))[0].float()
     return out, out[model.num_layers]
-
-
-def _rope(model, T):
-    from mirror_rt.models.rope import rope_cos_sin
-    return rope_cos_sin(torch.arange(T)[None], model.inv_freq, torch.float32)
 
 
 @torch.inference_mode()

@@ -215,6 +215,26 @@ class StreamingDraft(LlamaModel):
         return self.head(top)[0], h
 
     @torch.inference_mode()
+    def forward_split(self, ids: torch.Tensor, cache, positions=None, tree_mask=None, tree_offset: int = 0):
+        """``__call__`` that also returns the hidden entering the MSA layers (for streams):
+        ids [B, T] -> (logits [B, T, V] float32, split hidden [B, T, H]). Same cache semantics
+        as ``run_layers`` (tree masks included), for tree rollouts."""
+        h = self.run_layers(self.embed(ids), 0, self.split_layer, cache, positions, tree_mask, tree_offset)
+        top = self.run_layers(h, self.split_layer, self.num_layers, cache, positions, tree_mask, tree_offset)
+        return self.head(top), h
+
+    @torch.inference_mode()
+    def stream_guesses_at(self, split_h, positions, cache, key_len: int, key_mask=None) -> list[list[int]]:
+        """Greedy stream tokens for A anchors at once (e.g. one per tree branch):
+        split_h [1, A, H] (rows of ``forward_split``'s split hidden), positions [1, A] their rotary
+        positions, key_mask [1, A, key_len] which cache slots each anchor sees (committed prefix and
+        its own ancestors in the region, itself included). Returns A lists of n_streams ids."""
+        if not self.n_streams:
+            return [[] for _ in range(split_h.shape[1])]
+        s = self.stream_hidden(split_h, positions, cache, key_len, key_mask)
+        return self.to_target_ids(self.head_draft(s)[0].argmax(-1)).tolist()
+
+    @torch.inference_mode()
     def stream_guesses(self, split_row, cache, slot: int) -> list[int]:
         """Greedy stream tokens for the chain token at region slot ``slot`` (split_row [1, 1, H]):
         guesses for the n_streams tokens after the main stream's next token."""

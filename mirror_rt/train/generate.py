@@ -49,8 +49,13 @@ def to_hf(target):
 
 @torch.inference_mode()
 def generate_answers(target, prompts: list[list[int]], max_new_tokens: int, eos_ids, batch_size: int = 64,
-                     use_hf: bool | None = None, desc: str = "target answers") -> list[list[int]]:
-    """Greedy answers (generated ids only, EOS kept if produced) for each prompt's ids."""
+                     use_hf: bool | None = None, desc: str = "target answers",
+                     time_limit: float | None = None) -> list[list[int] | None]:
+    """Greedy answers (generated ids only, EOS kept if produced) for each prompt's ids.
+    Prompts go shortest first; after time_limit seconds no new batch starts and the prompts
+    left unanswered get None."""
+    import time
+    t0 = time.perf_counter()
     eos_ids = [int(e) for e in (eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids])]
     hf = None
     if use_hf is not False:
@@ -67,12 +72,18 @@ def generate_answers(target, prompts: list[list[int]], max_new_tokens: int, eos_
         from mirror_rt.decoders import AutoregressiveDecoder
         dec = AutoregressiveDecoder(target)
         for i in order:
+            if time_limit and time.perf_counter() - t0 > time_limit:
+                break
             ids = torch.tensor([prompts[i]], device=target.device)
             out[i] = dec.generate(ids, max_new_tokens, eos_token_id=eos_ids).tokens[0].tolist()
             bar.update(1)
+        bar.close()
         return out
     pad = eos_ids[0]
     for s in range(0, len(order), batch_size):
+        if time_limit and time.perf_counter() - t0 > time_limit:
+            print(f"[generate] time limit {time_limit:.0f}s: {len(order) - s} prompts left unanswered")
+            break
         idx = order[s:s + batch_size]
         L = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), L), pad, dtype=torch.long)

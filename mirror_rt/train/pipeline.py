@@ -25,7 +25,8 @@ class PipelineConfig:
     n_templates: int = 2000          # template prompts on top of the train-allowed Spec-Bench ones
     n_eval: int = 40                 # held-out Spec-Bench prompts used for the metrics
     max_new_tokens: int = 256        # target answer length (training and eval)
-    gen_batch: int = 128
+    gen_batch: int = 192
+    gen_time: float | None = 150.0   # seconds for the training answers at most (shortest prompts first)
     max_len: int = 512               # training sequence cap (prompt + answer)
     exit_layers: list = field(default_factory=lambda: [15, 10, 20])  # first one is shipped
     exit_rank: int = 256
@@ -55,11 +56,11 @@ class PipelineConfig:
     def preset(cls, name: str, **overrides):
         presets = {
             "gpu": {},
-            "cpu": dict(n_templates=60, n_eval=12, max_new_tokens=128, gen_batch=16, max_len=384,
-                        exit_layers=[15], exit_steps=400, exit_batch_tokens=512, exit_time=300,
-                        draft_layers=2, draft_vocab=4096, draft_steps=600, draft_batch=8, draft_kd=0.0,
-                        draft_time=420, eval_sd_prompts=6),
-            "tiny": dict(n_templates=8, n_eval=4, max_new_tokens=16, gen_batch=4, max_len=96, exit_layers=[2],
+            "cpu": dict(n_templates=40, n_eval=12, max_new_tokens=96, gen_batch=16, gen_time=900, max_len=256,
+                        exit_layers=[15], exit_steps=300, exit_batch_tokens=256, exit_time=240,
+                        draft_layers=2, draft_vocab=4096, draft_steps=400, draft_batch=4, draft_kd=0.0,
+                        draft_time=480, eval_sd_prompts=6),
+            "tiny": dict(n_templates=8, n_eval=4, max_new_tokens=16, gen_batch=4, gen_time=None, max_len=96, exit_layers=[2],
                          exit_rank=8, exit_steps=20, exit_batch_tokens=64, draft_layers=1, draft_vocab=0,
                          draft_steps=10, draft_batch=4, draft_kd=0.5, eval_sd_prompts=2, eval_window=3),
         }
@@ -79,7 +80,8 @@ def prepare_prompts(tokenizer, cfg: PipelineConfig, spec_bench: str | None = Non
     """Token ids of the training prompts and the held-out evaluation prompts (chat template),
     plus the EOS ids: everything the GPU run needs, so it needs no tokenizer."""
     train_texts = D.training_prompts(cfg.n_templates, cfg.seed, spec_bench)
-    evals = D.eval_questions(spec_bench)[: cfg.n_eval]
+    evals = D.eval_questions(spec_bench)
+    evals = evals[:: max(1, len(evals) // max(cfg.n_eval, 1))][: cfg.n_eval]  # spread over the categories
     eos = tokenizer.eos_token_id
     return {"train": encode_prompts(tokenizer, train_texts),
             "eval": encode_prompts(tokenizer, D.first_turns(evals)),
@@ -107,9 +109,10 @@ def get_answers(target, prompts: dict, cfg: PipelineConfig, work_dir: str, log=p
     out = {"max_new_tokens": cfg.max_new_tokens}
     for part in ("eval", "train"):
         out[part] = generate_answers(target, prompts[part], cfg.max_new_tokens, prompts["eos"], cfg.gen_batch,
-                                     desc=f"target answers ({part})")
+                                     desc=f"target answers ({part})", time_limit=cfg.gen_time if part == "train" else None)
     out["gen_s"] = time.perf_counter() - t0
-    out["gen_tokens"] = sum(len(a) for a in out["train"]) + sum(len(a) for a in out["eval"])
+    out["gen_tokens"] = sum(len(a) for a in out["train"] if a) + sum(len(a) for a in out["eval"])
+    out["train_answered"] = sum(a is not None for a in out["train"])
     write_json(path, out)
     log(f"[data] {out['gen_tokens']} answer tokens in {out['gen_s']:.0f}s")
     return out
@@ -119,12 +122,12 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], prompt_weight:
     """(seqs, weights): prompt + answer; weight[t] is for predicting token t+1 (answer: 1)."""
     seqs, weights = [], []
     for p, a in zip(prompts, answers):
-        s = (p + a)[:max_len]
-        w = [prompt_weight] * (len(p) - 1) + [1.0] * len(a)
-        w = (w + [0.0])[: len(s)]
-        w[-1] = 0.0  # the last token predicts nothing in the sequence
-        seqs.append(s)
-        weights.append(w)
+        if a is None:  # not generated (time limit)
+            continue
+        s = p + a
+        w = [prompt_weight] * (len(p) - 1) + [1.0] * len(a) + [0.0]  # the last token predicts nothing
+        seqs.append(s[-max_len:])  # long prompts lose their start, never the answer
+        weights.append(w[-max_len:])
     return seqs, weights
 
 
@@ -180,7 +183,7 @@ def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_
     seqs, weights = sequences(prompts["train"], answers["train"], 0.1, cfg.max_len)
     vocab_ids = None
     if cfg.draft_vocab and cfg.draft_vocab < target.config.vocab_size:
-        vocab_ids = select_vocab([a for a in answers["train"]] + seqs, cfg.draft_vocab, target.config.vocab_size,
+        vocab_ids = select_vocab([a for a in answers["train"] if a] + seqs, cfg.draft_vocab, target.config.vocab_size,
                                  always=prompts["eos"])
     seed_everything(cfg.seed)
     draft = StreamingDraft.from_target(target, cfg.draft_layers, cfg.n_streams, cfg.stream_layers,
