@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder
-from mirror_rt.decoders.mirror_draft import max_branches_for, plan_branches
+from mirror_rt.decoders.mirror_draft import max_branches_for
 from mirror_rt.models.derive import truncated_copy
 from mirror_rt.ops.checks import MAX_TREE_NODES
 from mirror_rt.ops.reference import process_logits
@@ -119,11 +119,9 @@ def test_truncated_copy_draft_is_lossless(pair):
     assert out.tokens.tolist() == ar_tokens(target, ids, 33)
 
 
-def test_branch_plan_and_cap():
-    window = [5, 6]
-    exit_ids = [[5, 1, 2], [9, 6, 3], [4, 4, 7]]
-    assert plan_branches(window, exit_ids, 100) == [(0, 1), (0, 2), (1, 9), (1, 3), (2, 4), (2, 4), (2, 7)]
-    assert plan_branches(window, exit_ids, 3) == [(0, 1), (0, 2), (1, 9)]
+def test_branch_cap_fits_one_tree():
+    assert max_branches_for(7, 7, 10) == 10
+    assert max_branches_for(7, 7, 0) == 0
     for window_len in (1, 3, 7, 16):
         cap = max_branches_for(window_len, window_len, None)
         assert window_len + 1 + cap * window_len <= MAX_TREE_NODES < window_len + 1 + (cap + 1) * window_len

@@ -4,30 +4,18 @@ It owns the draft model and its KV cache, so it can live on any lane: this threa
 thread, a CUDA/NPU stream, or a second process (only ids, counts and q rows cross).
 
 Cache layout. Committed slots hold every committed token but the pending one. After them, the
-*region* holds uncommitted nodes: first the window chain ``[pending, w_1, ..., w_n]`` (slots
-0..n), then, during ``rollouts``, one root per branch and ``depth - 1`` extension nodes per
-branch, all attended through one tree mask (``mirror_rt.ops.tree_attention``).
+*region* holds uncommitted nodes: slot 0 the pending token, then the rollout tree of
+``mirror_rt.ops.branch_tree`` (node j in slot 1 + j): the window chain w_1..w_n, one root per
+branch and ``depth - 1`` extension nodes per branch, attended through one tree mask
+(``mirror_rt.ops.tree_attention``).
 """
 from __future__ import annotations
 
 import torch
 
 from mirror_rt.decoders.base import Sampler, check_finite, prefill
+from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
-
-
-def plan_branches(window: list[int], exit_ids: list[list[int]], max_branches: int) -> list[tuple[int, int]]:
-    """Branches (i, v): every exit candidate v at window position i = 0..n, skipping v == w_{i+1}
-    (that one is the window itself), position-major and rank-minor, at most max_branches."""
-    branches = []
-    for i, candidates in enumerate(exit_ids):
-        for v in candidates:
-            if i < len(window) and v == window[i]:
-                continue
-            if len(branches) == max_branches:
-                return branches
-            branches.append((i, int(v)))
-    return branches
 
 
 def max_branches_for(window: int, depth: int, cap: int | None) -> int:
@@ -40,10 +28,10 @@ class MirrorDraft:
     def __init__(self, model, window: int, max_branches: int | None):
         self.model = model
         self.window = window
-        self.max_branches = max_branches_for(window, window, max_branches)
+        self.max_branches = max_branches  # the user's cap; what fits one tree is applied per step
         self.cache = None
         self.pending = None
-        self.branches: dict[tuple[int, int], dict] = {}
+        self.tree = None  # the last rollout tree and each branch's sampled tokens / q rows
         self.step = 0
 
     # --- calls a lane runs ---------------------------------------------------------------------
@@ -60,7 +48,7 @@ class MirrorDraft:
         self.sampler = Sampler(temperature, top_k, top_p, None if seed is None else seed + 1, self.model.device)
         self.step = 0
         prefill(self.model, self.cache, torch.tensor(prompt, device=self.model.device))
-        self.pending, self.branches = prompt[-1], {}
+        self.pending, self.tree = prompt[-1], None
 
     @torch.inference_mode()
     def fresh_window(self, n: int):
@@ -78,73 +66,55 @@ class MirrorDraft:
 
     @torch.inference_mode()
     def rollouts(self, window: list[int], exit_ids: list[list[int]], depth: int) -> int:
-        """Branch-complete rollouts: for every branch (i, v) of plan_branches, extend the context
-        (..., w_1..w_i, v) by `depth` draft tokens, all branches as one tree, one forward per step.
-        Needs the window chain [pending, w_1..w_{n-1}] already in the region (fresh_window or an
-        adopted branch). Returns the number of branches rolled out."""
+        """Branch-complete rollouts: every branch (i, v), v in E_i, v != w_{i+1}, continues the
+        context (..., w_1..w_i, v) by `depth` draft tokens; all branches form one tree
+        (``mirror_rt.ops.branch_tree``), one draft forward per rollout step. Needs the window
+        chain [pending, w_1..w_{n-1}] in the region already. Returns the number of branches."""
         n = len(window)
-        branches = plan_branches(window, exit_ids, self.max_branches)
-        nb = len(branches)
-        self.branches = {}
-        self.window_len = n
-        if nb == 0 or depth == 0:
-            self._forward([window[-1]], n, None)  # w_n's KV, so that a fully accepted window commits
-            return 0
-        # First forward: w_n (closing the chain) and every branch root, at region offset n.
-        T = n + 1 + nb
-        ancestors = torch.zeros(T, T, dtype=torch.bool)
-        ancestors[: n + 1, : n + 1] = torch.ones(n + 1, n + 1, dtype=torch.bool).tril()
-        positions = list(range(n + 1))
-        for b, (i, _) in enumerate(branches):
-            row = n + 1 + b
-            ancestors[row, : i + 1] = True
-            ancestors[row, row] = True
-            positions.append(i + 1)
-        new = [window[-1]] + [v for _, v in branches]
-        logits = self._forward(new, n, ancestors[n:], positions[n:])
+        fit = max_branches_for(n, depth, self.max_branches)
+        tree = build_branch_tree(torch.tensor(window), torch.tensor(exit_ids), max_branches=fit,
+                                 capacity=n + fit * max(depth, 1))
+        nb = tree.num_branches
+        # Region slot 0 holds the pending token (every node's ancestor), tree node j is slot 1 + j.
+        # First forward: w_n (closing the window chain, tree node n-1) and every branch root.
+        logits = self._tree_forward(tree, n - 1)
         picks = [self.sampler.pick(logits[1 + b]) for b in range(nb)]
-        slots = [[n + 1 + b] for b in range(nb)]
-        outs = [[tok] for tok, _ in picks]
-        qs = [[q] for _, q in picks]
-        # Extensions: each branch's newest token, attending to its root's ancestors and its own path.
-        for step in range(1, depth):
-            base = T
-            T += nb
-            grown = torch.zeros(T, T, dtype=torch.bool)
-            grown[:base, :base] = ancestors
-            for b in range(nb):
-                row = base + b
-                grown[row] = grown[slots[b][-1]]
-                grown[row, row] = True
-                slots[b].append(row)
-            ancestors = grown
-            pos = [branches[b][0] + 1 + step for b in range(nb)]
-            logits = self._forward([outs[b][-1] for b in range(nb)], base, ancestors[base:], pos)
+        outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
+        for _ in range(1, depth if nb else 0):
+            extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))
+            logits = self._tree_forward(tree, tree.step_start)
             for b in range(nb):
                 tok, q = self.sampler.pick(logits[b])
                 outs[b].append(tok)
                 qs[b].append(q)
-        for b, key in enumerate(branches):
-            self.branches[key] = {"slots": slots[b], "window": outs[b], "q": qs[b]}
+        self.tree, self.outs, self.qs = tree, outs, qs
         return nb
 
     @torch.inference_mode()
     def advance(self, accepted: int, next_token: int):
         """Commit the pending token and w_1..w_A; adopt branch (A, c) if it was rolled out.
         Returns (hit, window list[int] or None, q [depth, V] or None)."""
-        chain = list(range(accepted + 1))
-        branch = self.branches.get((accepted, int(next_token)))
+        tree, self.tree = self.tree, None
+        k = tree.find_branch(accepted, int(next_token)) if tree is not None else -1
         self.pending = int(next_token)
         self.step += 1
-        if branch is None:
-            self.cache.commit_path(chain)
-            self.branches = {}
+        if k < 0:
+            self.cache.commit_path(range(accepted + 1))
             return False, None, None
-        # The branch root c and its first depth-1 tokens become the next window chain's KV.
-        self.cache.gather_region(chain + branch["slots"])
-        self.cache.commit(len(chain))
-        self.branches = {}
-        return True, branch["window"], self._stack(branch["q"])
+        # Pending + the branch's path (w_1..w_A, root c, its rollouts) become a chain; the first
+        # A + 1 are committed, the rest ([c, r_1..r_{depth-1}]) is the next window's region.
+        path = [0] + [1 + int(j) for j in tree.branch_nodes(k)]
+        self.cache.gather_region(path)
+        self.cache.commit(accepted + 1)
+        return True, self.outs[k], self._stack(self.qs[k])
+
+    def _tree_forward(self, tree, first: int):
+        """Draft forward of tree nodes [first, num_nodes) (region slots 1 + j): logits [Tq, V]."""
+        rows = slice(first, tree.num_nodes)
+        mask = tree.dense_mask(first, tree.num_nodes)
+        mask = torch.cat([torch.ones(mask.shape[0], 1, dtype=torch.bool), mask], dim=1)  # the pending slot
+        positions = (1 + tree.positions[rows]).tolist()
+        return self._forward(tree.tokens[rows].tolist(), 1 + first, mask, positions)
 
     # --- helpers -------------------------------------------------------------------------------
 
