@@ -32,6 +32,7 @@ from harness import device_name, git_commit  # noqa: E402
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder  # noqa: E402
 from mirror_rt.models.config import ModelConfig  # noqa: E402
+from mirror_rt.models.derive import ModelWrapper  # noqa: E402
 from mirror_rt.models.llama import LlamaModel  # noqa: E402
 
 SHAPES = {  # public configs (config.json of each model family)
@@ -84,20 +85,12 @@ class Oracle:
         return t + 1 if t >= right else t
 
 
-class RecordingModel(torch.nn.Module):
+class RecordingModel(ModelWrapper):
     """Wraps a model, remembering the ids and absolute positions of its last forward."""
 
     def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config, self.name = inner, inner.config, inner.name
+        super().__init__(inner)
         self.ids = self.positions = None
-
-    num_layers = property(lambda s: s.inner.num_layers)
-    device = property(lambda s: s.inner.device)
-    dtype = property(lambda s: s.inner.dtype)
-
-    def new_cache(self, *a, **k):
-        return self.inner.new_cache(*a, **k)
 
     def embed(self, ids):
         self.ids = ids[0].tolist()
@@ -109,12 +102,6 @@ class RecordingModel(torch.nn.Module):
             base = cache.length + tree_offset
             self.positions = positions[0].tolist() if positions is not None else list(range(base, base + T))
         return self.inner.run_layers(hidden, start, end, cache, positions, tree_mask, tree_offset)
-
-    def head(self, hidden):
-        return self.inner.head(hidden)
-
-    def forward(self, ids, cache, positions=None, tree_mask=None, tree_offset=0):
-        return self.head(self.run_layers(self.embed(ids), 0, self.num_layers, cache, positions, tree_mask, tree_offset))
 
 
 class OracleDraft(RecordingModel):

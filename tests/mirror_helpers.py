@@ -6,40 +6,21 @@ import time
 
 import torch
 
-from mirror_rt.models.derive import random_model
+from mirror_rt.models.derive import ModelWrapper, random_model
 
 
-class DraftWrapper(torch.nn.Module):
-    """Delegates to a draft model; subclasses hook every forward (run_layers)."""
+class DraftWrapper(ModelWrapper):
+    """Delegates to a model; subclasses hook every forward (run_layers)."""
 
     def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.config, self.name = inner.config, f"wrapped({inner.name})"
+        super().__init__(inner)
+        self.name = f"wrapped({inner.name})"
         self.calls = 0
 
-    num_layers = property(lambda self: self.inner.num_layers)
-    device = property(lambda self: self.inner.device)
-    dtype = property(lambda self: self.inner.dtype)
-
-    def new_cache(self, *a, **k):
-        return self.inner.new_cache(*a, **k)
-
-    def embed(self, ids):
-        return self.inner.embed(ids)
-
-    def head(self, h):
-        return self.inner.head(h)
-
-    def run_layers(self, *a, **k):
+    def run_layers(self, *args, **kwargs):
         self.calls += 1
         self.hook()
-        return self.inner.run_layers(*a, **k)
-
-    def forward(self, *a, **k):
-        self.calls += 1
-        self.hook()
-        return self.inner(*a, **k)
+        return super().run_layers(*args, **kwargs)
 
     def hook(self):
         pass

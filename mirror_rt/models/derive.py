@@ -40,3 +40,32 @@ def truncated_copy(model: LlamaModel, num_layers: int) -> LlamaModel:
         if hasattr(model, attr):
             setattr(draft, attr, getattr(model, attr))
     return draft.eval()
+
+
+class ModelWrapper(torch.nn.Module):
+    """Presents `inner`'s decoder-facing interface (config, caches, embed, run_layers, head);
+    subclasses override one piece: tests make drafts slow or failing, benchmarks add oracles."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.name = inner, inner.config, getattr(inner, "name", "model")
+
+    num_layers = property(lambda self: self.inner.num_layers)
+    device = property(lambda self: self.inner.device)
+    dtype = property(lambda self: self.inner.dtype)
+
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
+    def embed(self, ids):
+        return self.inner.embed(ids)
+
+    def run_layers(self, hidden, start, end, cache, positions=None, tree_mask=None, tree_offset=0):
+        return self.inner.run_layers(hidden, start, end, cache, positions, tree_mask, tree_offset)
+
+    def head(self, hidden):
+        return self.inner.head(hidden)
+
+    def forward(self, ids, cache, positions=None, tree_mask=None, tree_offset=0):
+        h = self.run_layers(self.embed(ids), 0, self.num_layers, cache, positions, tree_mask, tree_offset)
+        return self.head(h)
