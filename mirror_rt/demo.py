@@ -12,6 +12,8 @@ import sys
 
 from tqdm.auto import tqdm
 
+from mirror_rt.sim import format_prediction, predict_from_stats
+
 DECODERS = ("ar", "sd", "mirror")
 # On a 2-core CPU the draft's branch rollouts compete with the target for cores, so the demo
 # uses a smaller window and kappa than the paper's 7 / 8 (override with --window / --kappa).
@@ -50,6 +52,9 @@ def run_demo(args):
     print(f"{len(prompts)} prompts, greedy, max {args.max_new_tokens} new tokens, window {args.window}, "
           f"kappa {args.kappa}, exit layer {decoders['mirror'].config.exit_layer}, lane {args.lane}")
     print(format_table(results))
+    print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
+    for outs in results.values():
+        print(" " + format_prediction(predict_from_stats([o.stats for o in outs])))
     return results
 
 
