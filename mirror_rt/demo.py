@@ -3,7 +3,7 @@
 Every decoder runs every prompt greedily; AR is the baseline measured in the same run. One short
 warm-up generation per decoder is excluded from timing. The table reports tokens/s, speedup vs
 AR, mean accepted length, Mirror's reuse/fallback rates and overlap, and whether each decoder's
-output equals the AR output token for token.
+output equals the AR output token for token. Prompts run interleaved across decoders.
 """
 from __future__ import annotations
 
@@ -41,10 +41,14 @@ def run_demo(args):
     prompts = [encode_chat(tok, p, target.device) for p in demo_prompts(args)]
     decoders = {name: make_decoder(name, target, draft, args) for name in DECODERS}
     results = {name: [] for name in DECODERS}
-    for name, dec in decoders.items():
+    for dec in decoders.values():
         dec.generate(prompts[0], 4, eos_token_id=tok.eos_token_id)  # warm-up, not timed
-        for ids in tqdm(prompts, desc=f"{name:>6}", unit="prompt", file=sys.stderr):
+    # Interleaved (each prompt on every decoder in turn) so that a change in machine load hits
+    # all decoders alike instead of whichever happened to run then.
+    for ids in tqdm(prompts, desc="prompts x decoders", unit="prompt", file=sys.stderr):
+        for name, dec in decoders.items():
             results[name].append(dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id))
+    for dec in decoders.values():
         if hasattr(dec, "close"):
             dec.close()
     print(f"\nmirror-rt demo: target {getattr(target, 'name', target.config.arch)} "
