@@ -102,3 +102,12 @@ def test_cli_registers_commands():
     p = build_parser()
     for cmd in ("probe", "train-exit", "train-draft"):
         assert p.parse_args([cmd]).func is not None
+
+
+def test_batched_transformers_answers_equal_our_runner():
+    target = random_model(0, vocab_size=64, tie_embeddings=True, rope_theta=100000.0)
+    prompts = [[1, 2, 3], [4, 5], [9, 8, 7, 6, 5]]
+    hf = generate_answers(target, prompts, 6, [2], batch_size=2, use_hf=True)
+    assert hf == generate_answers(target, prompts, 6, [2], use_hf=False)
+    cut = generate_answers(target, prompts, 6, [2], batch_size=1, use_hf=True, time_limit=1e-9)
+    assert cut.count(None) == 3

@@ -66,6 +66,14 @@ def generate_answers(target, prompts: list[list[int]], max_new_tokens: int, eos_
                 raise
             print(f"[generate] transformers path unavailable ({type(e).__name__}: {e}); using our runner")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if hf is not None and prompts:  # the copy must compute what our runner computes
+        ids = torch.tensor([prompts[order[0]]], device=target.device)
+        ref = target(ids, target.new_cache(ids.shape[1]))[0, -1].float()
+        got = hf(input_ids=ids).logits[0, -1].float()
+        err = float((ref - got).abs().max())
+        if err > 2e-2 * max(1.0, float(ref.abs().max())):
+            print(f"[generate] transformers copy disagrees with our runner (max |dlogit| {err:.3g}); using our runner")
+            hf = None
     out: list[list[int] | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=None)
     if hf is None:
