@@ -201,6 +201,9 @@ def cmd_probe(args):
         path = default_target_path()
     print(f"loading target {path} ...", file=sys.stderr)
     target = load_model(path, device=args.device)
+    if not args.target:
+        from mirror_rt.default import DEFAULT_TARGET_NAME
+        target.name = DEFAULT_TARGET_NAME
     tok = load_tokenizer(path)
     if args.prompt_file and args.split == "all":
         with open(args.prompt_file) as f:
