@@ -152,6 +152,12 @@ def test_reduced_vocabulary_head():
     torch.testing.assert_close(logits[..., vocab], full[..., vocab].float())
     toks, _, _ = draft.propose_streams(_fresh(draft, [4, 4]), 4, 5)
     assert set(toks) <= set(vocab.tolist())
+    draft.set_context_tokens([3, 9, 0])  # prompt tokens join the draft vocabulary
+    logits = draft(torch.tensor([[1, 2, 3]]), draft.new_cache(8))
+    assert (logits[..., [3, 9]] > NEG).all() and (logits[..., 4] == NEG).all()
+    torch.testing.assert_close(logits[..., 9], full[..., 9].float())
+    draft.set_context_tokens(None)
+    assert (draft(torch.tensor([[1]]), draft.new_cache(8))[..., 9] == NEG).all()
 
 
 def test_save_load_roundtrip(tmp_path, trained):

@@ -113,6 +113,7 @@ class StreamingDraft(LlamaModel):
 
     def refresh_head(self):
         """Rebuild the reduced LM head (after attach or a device/dtype move)."""
+        self._context_ids = None
         self.sub_head = None if self.vocab_ids is None else \
             self.lm_head.weight.detach()[self.vocab_ids.to(self.lm_head.weight.device)].clone()
 
@@ -130,27 +131,50 @@ class StreamingDraft(LlamaModel):
 
     # --- heads ----------------------------------------------------------------------------------
 
+    def active_ids(self):
+        """The draft vocabulary now in use: vocab_ids plus any context tokens (None: full vocabulary)."""
+        return self.vocab_ids if getattr(self, "_context_ids", None) is None else self._context_ids
+
+    def set_context_tokens(self, ids=None):
+        """Add ``ids`` (e.g. the prompt: two thirds of a chat answer's tokens appear in its prompt)
+        to the reduced draft vocabulary until the next call; ``None`` restores the trained set.
+        Decoders call it once per generation, before the draft's prefill. No-op without vocab_ids."""
+        if self.vocab_ids is None:
+            return
+        if ids is None:
+            self._context_ids = None
+        else:
+            base = self.vocab_ids.tolist()
+            extra = sorted(set(int(i) for i in ids) - set(base))
+            self._context_ids = torch.tensor(base + extra, dtype=torch.long, device=self.vocab_ids.device) \
+                if extra else None
+        self.sub_head = None
+
     def head_draft(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + (reduced) LM head: [..., H] -> [..., Vd] logits in the draft vocabulary."""
         h = self.norm(hidden)
-        if self.vocab_ids is None:
+        ids = self.active_ids()
+        if ids is None:
             return self.lm_head(h)
-        if self.sub_head is None or self.sub_head.device != h.device or self.sub_head.dtype != h.dtype:
+        if self.sub_head is None or self.sub_head.device != h.device or self.sub_head.dtype != h.dtype \
+                or self.sub_head.shape[0] != ids.numel():
             with torch.inference_mode(False):  # a normal tensor: training may reuse it
-                self.sub_head = self.lm_head.weight.detach()[self.vocab_ids.to(h.device)].to(h.dtype).clone()
+                self.sub_head = self.lm_head.weight.detach()[ids.to(h.device)].to(h.dtype).clone()
         return F.linear(h, self.sub_head)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H] -> logits [B, T, V] float32 in the target's vocabulary."""
         logits = self.head_draft(hidden).float()
-        if self.vocab_ids is None:
+        ids = self.active_ids()
+        if ids is None:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), NEG)
-        full[..., self.vocab_ids.to(full.device)] = logits
+        full[..., ids.to(full.device)] = logits
         return full
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return draft_ids if self.vocab_ids is None else self.vocab_ids.to(draft_ids.device)[draft_ids]
+        ids = self.active_ids()
+        return draft_ids if ids is None else ids.to(draft_ids.device)[draft_ids]
 
     # --- multi-stream attention -----------------------------------------------------------------
 

@@ -195,7 +195,10 @@ def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_
         vs = set(vocab_ids.tolist())
         ev = [t for a in answers["eval"] for t in a]
         covered = sum(t in vs for t in ev) / max(len(ev), 1)
-        log(f"[draft] vocabulary {len(vs)} ids covers {covered:.1%} of held-out answer tokens")
+        with_ctx = sum(t in vs or t in set(p) for p, a in zip(prompts["eval"], answers["eval"]) for t in a)
+        covered = {"vocab": covered, "vocab_plus_prompt": with_ctx / max(len(ev), 1)}
+        log(f"[draft] vocabulary {len(vs)} ids covers {covered['vocab']:.1%} of held-out answer tokens, "
+            f"{covered['vocab_plus_prompt']:.1%} with each prompt's own tokens (set_context_tokens)")
     hist = train_draft(draft, seqs, weights, steps=cfg.draft_steps, batch_size=cfg.draft_batch, max_len=cfg.max_len,
                        lr=cfg.draft_lr, pad=pad, target=target if cfg.draft_kd > 0 else None, kd=cfg.draft_kd,
                        seed=cfg.seed, checkpoint=os.path.join(work_dir, "draft_ckpt.pt"),

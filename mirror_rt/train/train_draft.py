@@ -47,6 +47,8 @@ def ss_loss(draft, ids, weight, teacher_logits=None, kd: float = 0.0, stream_wei
     """The SS loss (see module doc). ids [B, T]; weight [B, T] float (position t's next token
     counts with weight[t]); teacher_logits [B, T, V] or None. Returns (loss, parts dict)."""
     B, T = ids.shape
+    if hasattr(draft, "set_context_tokens"):
+        draft.set_context_tokens(None)  # train over the fixed draft vocabulary
     main, streams = draft.ss_forward(ids)
     V, dev = draft.config.vocab_size, ids.device
     if draft.vocab_ids is not None:
@@ -181,6 +183,8 @@ def simulate_sd(draft, prompt: list[int], answer: list[int], window: int = 7, us
     the longest prefix equal to the answer, then the target's own token follows.
     Returns (steps [(answer index p, accepted a)], draft passes)."""
     ctx, steps, passes, p = list(prompt), [], 0, 0
+    if hasattr(draft, "set_context_tokens"):
+        draft.set_context_tokens(prompt)
     cache = draft.new_cache(min(len(prompt) + len(answer) + 2 * window + 8, draft.config.max_position))
     while p < len(answer):
         if cache.length < len(ctx) - 1:
@@ -206,6 +210,8 @@ def simulate_sd(draft, prompt: list[int], answer: list[int], window: int = 7, us
         cache.commit(min(a + 1, n))
         ctx += answer[p:p + a + 1]
         p += a + 1
+    if hasattr(draft, "set_context_tokens"):
+        draft.set_context_tokens(None)
     return steps, passes
 
 
