@@ -111,3 +111,26 @@ def test_batched_transformers_answers_equal_our_runner():
     assert hf == generate_answers(target, prompts, 6, [2], use_hf=False)
     cut = generate_answers(target, prompts, 6, [2], batch_size=1, use_hf=True, time_limit=1e-9)
     assert cut.count(None) == 3
+
+
+def test_gpu_bundle_reassembles_the_target(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from mirror_rt.train import gpu_train
+
+    blob = bytes(range(256)) * 40
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "target.part0").write_bytes(blob[:3000])
+    (tmp_path / "b" / "target.part1").write_bytes(blob[3000:])
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({
+        "gguf_name": "t.gguf", "gguf_sha256": hashlib.sha256(blob).hexdigest(), "gguf_bytes": len(blob),
+        "parts": {"a/target.part0": 3000, "b/target.part1": len(blob) - 3000}}))
+    stash = tmp_path / "stash"
+    monkeypatch.setattr(gpu_train, "STASH", str(stash))
+    stash.mkdir()
+    (stash / "target.part0").write_bytes(blob[:3000])  # part 0 stashed by an earlier call
+    (tmp_path / "a" / "target.part0").unlink()
+    out = gpu_train.assemble(str(tmp_path))
+    assert open(out, "rb").read() == blob
