@@ -57,7 +57,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     p.add_argument("--work", default="/tmp/mirror_rt_work")
     p.add_argument("--preset", default="gpu")
-    p.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run (phases scale to fit)")
+    p.add_argument("--budget", type=float, default=300.0, help="seconds of generation + training (default 300: about 6-7 minutes with loading and evaluation); "
+                        "generation and training time limits scale with it")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PipelineConfig overrides")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -71,6 +72,8 @@ def main(argv=None):
     scale = args.budget / 300.0
     cfg.exit_time *= scale
     cfg.draft_time *= scale
+    if cfg.gen_time:
+        cfg.gen_time *= scale
     gguf = assemble(args.bundle)
     print(f"[gpu_train] target {gguf} ({time.perf_counter() - t0:.0f}s)", flush=True)
     with open(os.path.join(args.bundle, "b", "prompts.json")) as f:

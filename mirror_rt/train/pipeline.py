@@ -26,7 +26,7 @@ class PipelineConfig:
     n_eval: int = 40                 # held-out Spec-Bench prompts used for the metrics
     max_new_tokens: int = 256        # target answer length (training and eval)
     gen_batch: int = 192
-    gen_time: float | None = 150.0   # seconds for the training answers at most (shortest prompts first)
+    gen_time: float | None = 120.0   # seconds for the training answers at most (shortest prompts first)
     max_len: int = 512               # training sequence cap (prompt + answer)
     exit_layers: list = field(default_factory=lambda: [15, 10, 20])  # first one is shipped
     exit_rank: int = 256
@@ -34,7 +34,7 @@ class PipelineConfig:
     exit_steps: int = 3000
     exit_batch_tokens: int = 4096
     exit_lr: float = 2e-3
-    exit_time: float = 60.0
+    exit_time: float = 45.0
     draft_layers: int = 4
     draft_intermediate: int | None = None
     n_streams: int = 3
@@ -45,7 +45,7 @@ class PipelineConfig:
     draft_batch: int = 32
     draft_lr: float = 1e-3
     draft_kd: float = 1.0
-    draft_time: float = 140.0
+    draft_time: float = 120.0
     eval_window: int = 7
     eval_sd_prompts: int = 16
     seed: int = 0
