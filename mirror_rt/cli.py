@@ -13,8 +13,10 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 
 def _add_model_args(p):
     p.add_argument("--target", help="target: HF checkpoint dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--draft", help="draft: HF checkpoint dir or .gguf, or 'truncated:N' (first N target layers; "
-                                   "the default, N=2)")
+    p.add_argument("--draft", help="draft: HF checkpoint dir, .gguf, an SS-draft .safetensors, or 'truncated:N' "
+                                   "(first N target layers); default: our trained SS draft for the default target")
+    p.add_argument("--exit-head", help="Mirror exit head .safetensors, or 'none' for the logit lens "
+                                       "(default: our trained head for the default target)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -29,30 +31,36 @@ def _add_model_args(p):
 
 
 def load_pair(args):
-    """(target, draft, tokenizer, draft_label) from --target/--draft (defaults: the embedded pair)."""
+    """(target, draft, tokenizer, draft_label) from --target/--draft (defaults: the embedded pair);
+    sets args.exit_head_fn from --exit-head (default: our trained head for the default target)."""
     import torch
 
-    from mirror_rt.default import DEFAULT_DRAFT_LAYERS, default_target_path
+    from mirror_rt import default
     from mirror_rt.models import load_model
-    from mirror_rt.models.derive import truncated_copy
+    from mirror_rt.probe import load_draft
     from mirror_rt.tokenizer import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.target or default_target_path()
+    path = args.target or default.default_target_path()
     print(f"loading target {path} ...", file=sys.stderr)
     target = load_model(path, device=args.device)
     if not args.target:
-        from mirror_rt.default import DEFAULT_TARGET_NAME
-        target.name = DEFAULT_TARGET_NAME
+        target.name = default.DEFAULT_TARGET_NAME
     tokenizer = load_tokenizer(path)
-    spec = args.draft or f"truncated:{DEFAULT_DRAFT_LAYERS}"
-    if spec.startswith("truncated:"):
-        draft = truncated_copy(target, int(spec.split(":", 1)[1]))
-        label = f"truncated copy of the target ({draft.num_layers} of {target.num_layers} layers + LM head)"
+    if args.draft:
+        draft, label = load_draft(args.draft, target), args.draft
+    elif args.target:
+        draft = load_draft(f"truncated:{default.DEFAULT_DRAFT_LAYERS}", target)
+        label = f"truncated copy of the target ({default.DEFAULT_DRAFT_LAYERS} of {target.num_layers} layers + LM head)"
     else:
-        draft = load_model(spec, device=args.device)
-        label = spec
+        draft, label = default.load_default_draft(target)
+    args.exit_head_fn = None
+    if args.exit_head and args.exit_head != "none":
+        from mirror_rt.exit_head import load_exit_head
+        args.exit_head_fn = load_exit_head(args.exit_head, target)
+    elif args.exit_head is None and not args.target:
+        args.exit_head_fn = default.load_default_exit_head(target)
     return target, draft, tokenizer, label
 
 
@@ -65,7 +73,9 @@ def make_decoder(name, target, draft, args):
     if name == "sd":
         return SpeculativeDecoder(target, draft, window)
     if name == "mirror":
-        return MirrorDecoder(target, draft, MirrorConfig(exit_layer=args.exit_layer, top_k=args.kappa or 8,
+        head = getattr(args, "exit_head_fn", None)
+        exit_layer = args.exit_layer or (head.exit_layer if head is not None else None)
+        return MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=args.kappa or 8, exit_head=head,
                                                          window=window, mode=args.mode,
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")

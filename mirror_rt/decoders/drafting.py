@@ -6,6 +6,12 @@ import torch
 from mirror_rt.decoders.base import Sampler, check_finite
 
 
+def set_draft_context(model, prompt: torch.Tensor):
+    """A reduced-vocabulary draft (the SS draft) also proposes the prompt's own tokens."""
+    if hasattr(model, "set_context_tokens"):
+        model.set_context_tokens(prompt)
+
+
 class DraftState:
     """A draft model, its KV cache, and which committed tokens the cache holds.
 
@@ -20,6 +26,7 @@ class DraftState:
     @torch.inference_mode()
     def prefill(self, prompt: torch.Tensor):
         from mirror_rt.decoders.base import prefill
+        set_draft_context(self.model, prompt)
         prefill(self.model, self.cache, prompt)
 
     @torch.inference_mode()

@@ -42,8 +42,11 @@ class MirrorConfig:
     lane_timeout: float = 120.0      # seconds before a silent draft lane counts as failed
 
     def validate(self, num_layers: int):
+        head_layer = getattr(self.exit_head, "exit_layer", None)  # a trained head knows its layer
         if self.exit_layer is None:
-            self.exit_layer = num_layers // 2
+            self.exit_layer = head_layer if head_layer is not None else num_layers // 2
+        if head_layer is not None and head_layer != self.exit_layer:
+            raise ValueError(f"exit_layer {self.exit_layer} differs from the exit head's layer {head_layer}")
         if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers - 1:
             raise ValueError(f"exit_layer must be an integer in [1, {num_layers - 1}], got {self.exit_layer!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 64:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mirror_rt.decoders.base import Sampler, check_finite, prefill
+from mirror_rt.decoders.drafting import set_draft_context
 from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
 
@@ -47,7 +48,9 @@ class MirrorDraft:
         # The draft draws its own samples: seed it apart from the target's sampler.
         self.sampler = Sampler(temperature, top_k, top_p, None if seed is None else seed + 1, self.model.device)
         self.step = 0
-        prefill(self.model, self.cache, torch.tensor(prompt, device=self.model.device))
+        prompt_ids = torch.tensor(prompt, device=self.model.device)
+        set_draft_context(self.model, prompt_ids)
+        prefill(self.model, self.cache, prompt_ids)
         self.pending, self.tree = prompt[-1], None
 
     @torch.inference_mode()
