@@ -10,14 +10,28 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
 from tqdm.auto import tqdm
 
 from mirror_rt.sim import format_prediction, predict_from_stats
 
 DECODERS = ("ar", "sd", "mirror")
 # On a 2-core CPU the draft's branch rollouts compete with the target for cores, so the demo
-# uses a smaller window and kappa than the paper's 7 / 8 (override with --window / --kappa).
-DEMO_WINDOW, DEMO_KAPPA = 4, 4
+# uses a smaller window and kappa than the paper's 7 / 8 (override with --window / --kappa);
+# 3 / 2 was the fastest of windows {2, 3, 4} x kappa {2, 4} on the built-in prompts.
+DEMO_WINDOW, DEMO_KAPPA = 3, 2
+
+
+def threads_for(name: str, args) -> int:
+    """torch threads while `name` runs: every core for AR and SD; on a CPU, Mirror's thread lane
+    shares torch's process-wide pool with its draft thread, so each side gets half the cores
+    (oversubscribed OpenMP teams spin and slow both)."""
+    import os
+
+    cores = args.threads or os.cpu_count() or 1
+    if name == "mirror" and args.device == "cpu" and args.lane in ("auto", "thread"):
+        return max(1, cores // 2)
+    return cores
 
 
 def demo_prompts(args) -> list[str]:
@@ -41,12 +55,14 @@ def run_demo(args):
     prompts = [encode_chat(tok, p, target.device) for p in demo_prompts(args)]
     decoders = {name: make_decoder(name, target, draft, args) for name in DECODERS}
     results = {name: [] for name in DECODERS}
-    for dec in decoders.values():
+    for name, dec in decoders.items():
+        torch.set_num_threads(threads_for(name, args))
         dec.generate(prompts[0], 4, eos_token_id=tok.eos_token_id)  # warm-up, not timed
     # Interleaved (each prompt on every decoder in turn) so that a change in machine load hits
     # all decoders alike instead of whichever happened to run then.
     for ids in tqdm(prompts, desc="prompts x decoders", unit="prompt", file=sys.stderr):
         for name, dec in decoders.items():
+            torch.set_num_threads(threads_for(name, args))
             results[name].append(dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id))
     for dec in decoders.values():
         if hasattr(dec, "close"):
@@ -54,7 +70,9 @@ def run_demo(args):
     print(f"\nmirror-rt demo: target {getattr(target, 'name', target.config.arch)} "
           f"({target.config.num_layers} layers), draft: {label}")
     print(f"{len(prompts)} prompts, greedy, max {args.max_new_tokens} new tokens, window {args.window}, "
-          f"kappa {args.kappa}, exit layer {decoders['mirror'].config.exit_layer}, lane {args.lane}")
+          f"kappa {args.kappa}, exit layer {decoders['mirror'].config.exit_layer} "
+          f"({'trained exit head' if decoders['mirror'].config.exit_head is not None else 'logit lens'}), "
+          f"lane {args.lane}, threads AR/SD {threads_for('ar', args)} / Mirror {threads_for('mirror', args)} per side")
     print(format_table(results))
     print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
     for outs in results.values():
