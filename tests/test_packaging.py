@@ -32,6 +32,9 @@ def test_wheel_contents(wheel_names):
     assert "mirror_rt/triton_kernels/__init__.py" in names
     assert "mirror_rt/__init__.py" in names and "mirror_rt/models/llama.py" in names
     assert "mirror_rt/decoders/speculative.py" in names
+    # The embedded default's trained parts ship inside the package.
+    for asset in ("exit_head_l15.safetensors", "ss_draft.safetensors", "ss_draft.1.safetensors"):
+        assert f"mirror_rt/assets/{asset}" in names, f"wheel lacks mirror_rt/assets/{asset}"
     top_level = {n.split("/", 1)[0] for n in names}
     assert "triton_kernels" not in top_level, "the wheel installs a top-level triton_kernels package"
     # only our package and the wheel metadata at the top level
