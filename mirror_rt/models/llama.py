@@ -49,14 +49,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, plan: "_AttentionPlan"):
+    def project(self, x, cos, sin):
+        """x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hkv, D], with q/k norm and RoPE applied."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, plan: "_AttentionPlan"):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         cache.write(layer, plan.start, k, v)
         kc, vc = cache.k[layer], cache.v[layer]
         end = plan.start + T

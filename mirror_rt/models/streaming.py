@@ -41,7 +41,7 @@ from torch import nn
 
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
-from mirror_rt.models.rope import apply_rope, rope_cos_sin
+from mirror_rt.models.rope import rope_cos_sin
 
 NEG = -1e9  # logits outside the draft vocabulary: finite, so check_finite passes; softmax gives 0
 
@@ -315,13 +315,7 @@ def _msa_layer(layer: DecoderLayer, x, cos, sin, k_main, v_main, mask):
     keys/values k_main, v_main [B, K, Hkv, D] and to the streams' own keys (mask [B, S, K + S])."""
     attn = layer.self_attn
     B, S, _ = x.shape
-    h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(B, S, attn.nh, attn.hd)
-    k = attn.k_proj(h).view(B, S, attn.nkv, attn.hd)
-    v = attn.v_proj(h).view(B, S, attn.nkv, attn.hd)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
     keys = torch.cat([k_main.to(k.dtype), k], dim=1)
     values = torch.cat([v_main.to(v.dtype), v], dim=1)
     group = attn.nh // attn.nkv
