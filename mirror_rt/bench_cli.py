@@ -30,6 +30,9 @@ def add_bench_args(p):
     p.add_argument("--categories", default=None,
                    help="comma-separated task families (mt_bench, translation, summarization, qa, math_reasoning, "
                         "rag) or raw MT-bench categories (writing, coding, ...)")
+    p.add_argument("--split", default="eval", choices=["eval", "train", "all"],
+                   help="which questions: 'eval' (default) never overlaps the prompts our draft and exit head "
+                        "were trained on")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per decoder")
     p.add_argument("--out", default=os.path.join("bench", "results", "specbench"), help="output folder")
     p.add_argument("--model-id", default=None, help="model_id prefix in the answer files (default: target name)")
@@ -83,7 +86,7 @@ def cmd_bench(args):
     from mirror_rt.tokenizer import encode_chat
 
     cats = args.categories.split(",") if args.categories else None
-    questions = load_questions(args.question_file, cats, args.limit)
+    questions = load_questions(args.question_file, cats, args.limit, args.split)
     target, draft, tok, label = load_pair(args)
     decoders = build_decoders(args.decoders.split(","), target, draft, args)
     context = min(target.config.max_position, draft.config.max_position)

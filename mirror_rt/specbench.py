@@ -25,10 +25,16 @@ def task_family(category: str) -> str:
     return "mt_bench" if category in MT_BENCH else category
 
 
-def load_questions(path, categories=None, limit: int | None = None) -> list[dict]:
+def load_questions(path, categories=None, limit: int | None = None, split: str = "all") -> list[dict]:
     """Questions from a Spec-Bench question.jsonl (fields question_id, category, turns).
     categories: names of families (mt_bench, qa, ...) or raw categories (writing, ...) to keep.
-    limit: at most this many prompts per task family, in file order (None: all)."""
+    limit: at most this many prompts per task family, in file order (None: all).
+    split: "eval" keeps only the questions our training never saw (mirror_rt.train.data's split),
+    "train" the others, "all" every question."""
+    from mirror_rt.train.data import is_eval_question
+
+    if split not in ("eval", "train", "all"):
+        raise ValueError(f"split must be 'eval', 'train' or 'all', got {split!r}")
     wanted = set(categories) if categories else None
     kept, per_family = [], {}
     with open(path, encoding="utf-8") as f:
@@ -38,6 +44,8 @@ def load_questions(path, categories=None, limit: int | None = None) -> list[dict
             q = json.loads(line)
             if not {"question_id", "category", "turns"} <= q.keys() or not q["turns"]:
                 raise ValueError(f"{path}:{n}: a Spec-Bench question needs question_id, category and turns")
+            if split != "all" and is_eval_question(q["question_id"]) != (split == "eval"):
+                continue
             fam = task_family(q["category"])
             if wanted and fam not in wanted and q["category"] not in wanted:
                 continue

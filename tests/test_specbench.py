@@ -35,6 +35,9 @@ def test_load_questions_families_and_limit(qfile):
     assert [q["question_id"] for q in load_questions(qfile, limit=1)] == [1, 2]  # per family
     assert [q["question_id"] for q in load_questions(qfile, categories=["mt_bench"])] == [1]
     assert [q["question_id"] for q in load_questions(qfile, categories=["writing"])] == [1]
+    # The eval split (never trained on) and its complement partition the file.
+    assert [q["question_id"] for q in load_questions(qfile, split="eval")] == [1]
+    assert [q["question_id"] for q in load_questions(qfile, split="train")] == [2, 3]
     with pytest.raises(ValueError):
         load_questions(qfile, categories=["rag"])
 
