@@ -10,7 +10,6 @@ measured device copy bandwidth) and speedup_vs_sdpa; `err` is the max |triton - 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, measure_copy_bandwidth  # noqa: E402
+from harness import Bench, measure_copy_bandwidth, parse_bench_args  # noqa: E402
 
 from mirror_rt.ops.reference import tree_attention_ref  # noqa: E402
 
@@ -78,13 +77,8 @@ def flashinfer_provider(q, k_cache, v_cache, seqlens, k_tree, v_tree, mask):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes (CPU-friendly)")
-    ap.add_argument("--csv", default=None, help="write the rows to this CSV file")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    args, on_gpu = parse_bench_args(__doc__, argv)
     dev = args.device
-    on_gpu = dev.startswith("cuda")
     if on_gpu and not args.quick:
         grid = [(B, T, S) for B in (1, 8) for S in (1024, 4096, 16384, 65536) for T in (8, 16, 32, 64)]
         Hq, Hkv, D, dtype = 32, 8, 128, torch.bfloat16

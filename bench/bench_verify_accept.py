@@ -10,14 +10,13 @@ copy bandwidth) and speedup_vs_reference; `same` says whether the outputs equal 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, measure_copy_bandwidth  # noqa: E402
+from harness import Bench, measure_copy_bandwidth, parse_bench_args  # noqa: E402
 
 from mirror_rt.ops.reference import verify_accept_ref  # noqa: E402
 
@@ -37,13 +36,8 @@ def inputs(B, T, V, mode, dtype, device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes (CPU-friendly)")
-    ap.add_argument("--csv", default=None, help="write the rows to this CSV file")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    args, on_gpu = parse_bench_args(__doc__, argv)
     dev = args.device
-    on_gpu = dev.startswith("cuda")
     if on_gpu and not args.quick:
         grid = [(B, T, V) for V in (32000, 151936) for T in (8, 64) for B in (1, 16)]
         dtype = torch.bfloat16

@@ -75,6 +75,18 @@ def measure_copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     return 2 * nbytes / t
 
 
+def parse_bench_args(description: str, argv=None):
+    """The options every kernel benchmark takes: --quick, --csv, --device. Returns (args, on_gpu)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU-friendly)")
+    ap.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    return args, args.device.startswith("cuda")
+
+
 class Bench:
     def __init__(self, op: str, device: str, argv=None):
         self.op, self.device = op, device
