@@ -189,3 +189,30 @@ def test_sd_decoders_stay_lossless_with_the_trained_pair(trained):
             assert torch.equal(dec.generate(ids, 20).tokens, ref)
     acc = sd_acceptance(draft, [s[:6] for s in seqs[:2]], [s[6:20] for s in seqs[:2]], window=4)
     assert acc["steps"] > 0 and 0 <= acc["mean_accepted"] <= 4
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_decoders_streams_path_equals_plain_loop(trained, temperature):
+    """DraftState.propose and MirrorDraft.fresh_window use the streams for an SS draft: same
+    window, same q rows and the same cache length as the one-token loop (n_streams hidden)."""
+    from mirror_rt.decoders.drafting import DraftState
+    from mirror_rt.decoders.mirror_draft import MirrorDraft
+
+    target, draft, seqs = trained
+    prompt = seqs[3][:9]
+    results = []
+    for streams in (True, False):
+        d = copy.copy(draft)
+        if not streams:
+            d.n_streams = 0  # the plain loop
+        state = DraftState(d, 128)
+        state.prefill(torch.tensor(prompt))
+        w, q = state.propose(prompt, 6, Sampler(temperature, 0, 1.0, 7, "cpu"), 0)
+        mirror = MirrorDraft(d, 6, None)
+        mirror.start(prompt, 64, temperature, 0, 1.0, 7)
+        mw, mq = mirror.fresh_window(6)
+        results.append((w, q, state.cache.length, mw, mq))
+    (w1, q1, len1, mw1, mq1), (w2, q2, len2, mw2, mq2) = results
+    assert w1 == w2 and len1 == len2 and mw1 == mw2
+    if temperature:
+        assert torch.allclose(q1, q2, atol=1e-5) and torch.allclose(mq1, mq2, atol=1e-5)

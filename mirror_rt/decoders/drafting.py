@@ -12,6 +12,14 @@ def set_draft_context(model, prompt: torch.Tensor):
         model.set_context_tokens(prompt)
 
 
+def checked_pick(sampler: Sampler, step: int):
+    """sampler.pick that first refuses NaN/inf draft logits."""
+    def pick(logits):
+        check_finite(logits, "draft", step)
+        return sampler.pick(logits)
+    return pick
+
+
 class DraftState:
     """A draft model, its KV cache, and which committed tokens the cache holds.
 
@@ -38,6 +46,8 @@ class DraftState:
         """
         model, cache = self.model, self.cache
         feed = tokens[cache.length:]
+        if n > 0 and getattr(model, "n_streams", 0):
+            return self._propose_streams(feed, n, sampler, step)
         window, qs = [], []
         for _ in range(n):
             logits = model(torch.tensor([feed], device=model.device), cache)[0, -1]
@@ -49,6 +59,17 @@ class DraftState:
                 qs.append(q)
             feed = [tok]
         return window, (torch.stack(qs) if qs else None)
+
+    def _propose_streams(self, feed: list[int], n: int, sampler: Sampler, step: int):
+        """The same window from a Speculative Streaming draft in fewer passes: the catch-up tokens
+        as one chain, then ``propose_streams`` (which leaves the cache exactly as the loop does)."""
+        model, cache = self.model, self.cache
+        if len(feed) > 1:
+            model(torch.tensor([feed[:-1]], device=model.device), cache)
+            cache.commit(len(feed) - 1)
+        window, qs, _ = model.propose_streams(cache, feed[-1], n, 0, pick=checked_pick(sampler, step))
+        cache.commit(n)
+        return window, (None if qs[0] is None else torch.stack(qs))
 
     def sync(self, committed_prefix_len: int):
         """Drop cached entries past the first `committed_prefix_len` tokens that are still valid."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mirror_rt.decoders.base import Sampler, check_finite, prefill
-from mirror_rt.decoders.drafting import set_draft_context
+from mirror_rt.decoders.drafting import checked_pick, set_draft_context
 from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
 
@@ -56,7 +56,12 @@ class MirrorDraft:
     @torch.inference_mode()
     def fresh_window(self, n: int):
         """Roll out n tokens as a chain after the pending token (the fallback, and the first window).
-        Returns (window list[int], q [n, V] float32 or None when greedy)."""
+        Returns (window list[int], q [n, V] float32 or None when greedy). A Speculative Streaming
+        draft gives the same tokens in fewer passes and leaves the region the same."""
+        if n > 0 and getattr(self.model, "n_streams", 0):
+            tokens, qs, _ = self.model.propose_streams(self.cache, self.pending, n, 0,
+                                                       pick=checked_pick(self.sampler, self.step))
+            return tokens, self._stack(qs)
         tokens, qs = [], []
         feed = self.pending
         for offset in range(n):
