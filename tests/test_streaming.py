@@ -193,8 +193,8 @@ def test_sd_decoders_stay_lossless_with_the_trained_pair(trained):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_decoders_streams_path_equals_plain_loop(trained, temperature):
-    """DraftState.propose and MirrorDraft.fresh_window use the streams for an SS draft: same
-    window, same q rows and the same cache length as the one-token loop (n_streams hidden)."""
+    """With stream proposals on, DraftState.propose and MirrorDraft.fresh_window give the same
+    window, same q rows and the same cache length as the one-token loop."""
     from mirror_rt.decoders.drafting import DraftState
     from mirror_rt.decoders.mirror_draft import MirrorDraft
 
@@ -203,8 +203,9 @@ def test_decoders_streams_path_equals_plain_loop(trained, temperature):
     results = []
     for streams in (True, False):
         d = copy.copy(draft)
-        if not streams:
-            d.n_streams = 0  # the plain loop
+        d.stream_proposals = streams  # off: the plain one-token loop
+        calls = []
+        d.propose_streams = lambda *a, **k: calls.append(1) or StreamingDraft.propose_streams(d, *a, **k)
         state = DraftState(d, 128)
         state.prefill(torch.tensor(prompt))
         w, q = state.propose(prompt, 6, Sampler(temperature, 0, 1.0, 7, "cpu"), 0)
@@ -212,6 +213,7 @@ def test_decoders_streams_path_equals_plain_loop(trained, temperature):
         mirror.start(prompt, 64, temperature, 0, 1.0, 7)
         mw, mq = mirror.fresh_window(6)
         results.append((w, q, state.cache.length, mw, mq))
+        assert len(calls) == (2 if streams else 0)
     (w1, q1, len1, mw1, mq1), (w2, q2, len2, mw2, mq2) = results
     assert w1 == w2 and len1 == len2 and mw1 == mw2
     if temperature:

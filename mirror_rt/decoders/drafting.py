@@ -12,6 +12,14 @@ def set_draft_context(model, prompt: torch.Tensor):
         model.set_context_tokens(prompt)
 
 
+def uses_streams(model) -> bool:
+    """Whether to propose windows with the draft's Speculative Streaming heads. Opt-in
+    (``draft.stream_proposals = True``): the same tokens in fewer passes, but each pass also
+    carries the stream guesses, and at our default draft's acceptance this measured slower on a
+    2-core CPU (demo: SD 0.70x vs 0.81x of AR, bench/RESULTS.md)."""
+    return bool(getattr(model, "n_streams", 0)) and bool(getattr(model, "stream_proposals", False))
+
+
 def checked_pick(sampler: Sampler, step: int):
     """sampler.pick that first refuses NaN/inf draft logits."""
     def pick(logits):
@@ -46,7 +54,7 @@ class DraftState:
         """
         model, cache = self.model, self.cache
         feed = tokens[cache.length:]
-        if n > 0 and getattr(model, "n_streams", 0):
+        if n > 0 and uses_streams(model):
             return self._propose_streams(feed, n, sampler, step)
         window, qs = [], []
         for _ in range(n):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mirror_rt.decoders.base import Sampler, check_finite, prefill
-from mirror_rt.decoders.drafting import checked_pick, set_draft_context
+from mirror_rt.decoders.drafting import checked_pick, set_draft_context, uses_streams
 from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
 
@@ -57,8 +57,8 @@ class MirrorDraft:
     def fresh_window(self, n: int):
         """Roll out n tokens as a chain after the pending token (the fallback, and the first window).
         Returns (window list[int], q [n, V] float32 or None when greedy). A Speculative Streaming
-        draft gives the same tokens in fewer passes and leaves the region the same."""
-        if n > 0 and getattr(self.model, "n_streams", 0):
+        draft with stream proposals on gives the same tokens in fewer passes, same region."""
+        if n > 0 and uses_streams(self.model):
             tokens, qs, _ = self.model.propose_streams(self.cache, self.pending, n, 0,
                                                        pick=checked_pick(self.sampler, self.step))
             return tokens, self._stack(qs)
