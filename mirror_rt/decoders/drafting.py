@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mirror_rt.decoders.base import Sampler, check_finite
+from mirror_rt.decoders.base import Sampler, check_finite, prefill
 
 
 def set_draft_context(model, prompt: torch.Tensor):
@@ -41,7 +41,6 @@ class DraftState:
 
     @torch.inference_mode()
     def prefill(self, prompt: torch.Tensor):
-        from mirror_rt.decoders.base import prefill
         set_draft_context(self.model, prompt)
         prefill(self.model, self.cache, prompt)
 

@@ -13,17 +13,17 @@ the overlap is real wherever the lane allows it. Output is exactly the target's 
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from mirror_rt import ops
 from mirror_rt.decoders.autoregressive import autoregressive_tail
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
 from mirror_rt.decoders.mirror_draft import MirrorDraft
-from mirror_rt.decoders.speculative import chain_parents
+from mirror_rt.decoders.speculative import verify_chain
 from mirror_rt.lanes import LANE_KINDS, LaneError, make_lane, result_of
 
 MODES = ("greedy", "match", "rejection")
@@ -171,10 +171,10 @@ class _Run:
             exit_ids = self.exit_top_k(hidden)
         rollouts = lane.submit("rollouts", window, exit_ids, self.cfg.window)
         with stats.phase("suffix"):
-            t0 = _now()
+            t0 = time.perf_counter()
             logits = target.head(target.run_layers(hidden, le, target.num_layers, self.cache))
             check_finite(logits, "target", stats.steps)
-            self.suffix_spans.append((t0, _now()))
+            self.suffix_spans.append((t0, time.perf_counter()))
         with stats.phase("verify"):
             accepted, next_token = self.verify(node_ids, logits, q)
         self.cache.commit(1 + accepted)
@@ -206,18 +206,7 @@ class _Run:
         return ids.cpu().tolist()
 
     def verify(self, node_ids, logits, q):
-        T = node_ids.shape[1]
-        draft_probs = uniforms = None
-        if self.mode != "greedy":
-            uniforms = self.sampler.uniforms(1, T).to(logits.device)
-        if self.mode == "rejection":
-            draft_probs = torch.zeros_like(logits)
-            draft_probs[0, : T - 1] = q[: T - 1].to(logits.device)
-        accept_len, _, next_token = ops.verify_accept(
-            node_ids, chain_parents(T, logits.device), logits, self.mode,
-            temperature=max(self.temperature, 1e-6), top_k=self.top_k, top_p=self.top_p,
-            draft_probs=draft_probs, uniforms=uniforms)
-        return int(accept_len[0]), int(next_token[0])
+        return verify_chain(node_ids, logits, q, self.mode, self.sampler, self.temperature, self.top_k, self.top_p)
 
     def draft_failed(self, error: LaneError):
         """Keep every committed token and finish with the target alone."""
@@ -254,7 +243,3 @@ class _Run:
 def _intersect(a, b) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
-
-def _now() -> float:
-    import time
-    return time.perf_counter()

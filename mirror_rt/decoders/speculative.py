@@ -18,6 +18,25 @@ def chain_parents(n: int, device) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.int32, device=device) - 1)[None]
 
 
+def verify_chain(node_ids, logits, q, mode: str, sampler: Sampler, temperature: float, top_k: int,
+                 top_p: float) -> tuple[int, int]:
+    """Verify the chain [pending, w_1..w_n] (node_ids [1, n+1]) against the target's logits
+    [1, n+1, V]. q: [>= n, V] rows the window was drawn from (rejection only; row j drew w_{j+1}).
+    Returns (accepted count A, next token)."""
+    T = node_ids.shape[1]
+    draft_probs = uniforms = None
+    if mode != "greedy":
+        uniforms = sampler.uniforms(1, T).to(logits.device)
+    if mode == "rejection":
+        draft_probs = torch.zeros_like(logits)  # the last node has no child: its q row stays 0
+        if q is not None:
+            draft_probs[0, : T - 1] = q[: T - 1].to(logits.device)
+    accept_len, _, next_token = ops.verify_accept(
+        node_ids, chain_parents(T, logits.device), logits, mode, temperature=max(temperature, 1e-6),
+        top_k=top_k, top_p=top_p, draft_probs=draft_probs, uniforms=uniforms)
+    return int(accept_len[0]), int(next_token[0])
+
+
 class SpeculativeDecoder:
     def __init__(self, target, draft, window: int = 7):
         if not isinstance(window, int) or not 1 <= window <= 64:
@@ -52,17 +71,10 @@ class SpeculativeDecoder:
                 logits = target(node_ids, cache)
                 check_finite(logits, "target", stats.steps)
             with stats.phase("verify"):
-                draft_probs = None if sampler.greedy else torch.zeros_like(logits)
-                if q is not None:  # row j: the q that node j's child was drawn from
-                    draft_probs[0, :n] = q.to(logits.device)
-                accept_len, _, next_token = ops.verify_accept(
-                    node_ids, chain_parents(n + 1, target.device), logits, mode,
-                    temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p, draft_probs=draft_probs,
-                    uniforms=None if sampler.greedy else sampler.uniforms(1, n + 1).to(logits.device))
-            accepted = int(accept_len[0])
+                accepted, next_token = verify_chain(node_ids, logits, q, mode, sampler, temperature, top_k, top_p)
             cache.commit(1 + accepted)
             draft.sync(len(tokens) + accepted)
-            new = window[:accepted] + [int(next_token[0])]
+            new = window[:accepted] + [next_token]
             tokens += new
             out.emit(new)
             stats.add_step(accepted)
