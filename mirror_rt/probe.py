@@ -15,7 +15,6 @@ Prints a table, writes CSV and a PNG heat map (layer x kappa). Used to choose ex
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from dataclasses import dataclass, field
 

@@ -2,7 +2,6 @@
 import importlib.util
 
 import pytest
-import torch
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
 

@@ -23,7 +23,7 @@ def tree_attention_ref(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_
     A query row that can see nothing (empty prefix and an all-False mask row) returns zeros.
     """
     B, Tq, Hq, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
     scale = D ** -0.5 if sm_scale is None else sm_scale
     group = Hq // Hkv
     out = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)
@@ -121,7 +121,6 @@ def verify_accept_ref(tokens, parents, target_logits, mode="greedy", *, temperat
     child is accepted, next_token ~ the current p (the residual, or the bonus distribution).
     """
     B, T = tokens.shape
-    V = target_logits.shape[-1]
     device = target_logits.device
     if mode != "greedy" and uniforms is None:
         uniforms = torch.rand(B, T, device=device)
