@@ -39,7 +39,7 @@ def check_invariants(tree, window, exit_ids, max_branches):
         assert set(torch.nonzero(dense[i]).flatten().tolist()) == anc
     gamma, kappa = window.shape[0], exit_ids.shape[1]
     want = [(i, r) for i in range(gamma + 1) for r in range(kappa)
-            if not (i < gamma and exit_ids[i, r] == window[i])]
+            if exit_ids[i, r] >= 0 and not (i < gamma and exit_ids[i, r] == window[i])]
     want = want if max_branches is None else want[:max_branches]
     assert list(zip(tree.branch_pos.tolist(), tree.branch_rank.tolist())) == want
     assert tree.tokens[:gamma].tolist() == window.tolist()
@@ -55,7 +55,7 @@ def check_invariants(tree, window, exit_ids, max_branches):
 def test_cpp_matches_reference(gamma, kappa, vocab, cap, steps, seed, int32):
     g = torch.Generator().manual_seed(seed)
     window = torch.randint(0, vocab, (gamma,), generator=g)
-    exit_ids = torch.randint(0, vocab, (gamma + 1, kappa), generator=g)
+    exit_ids = torch.randint(-1, vocab, (gamma + 1, kappa), generator=g)  # -1: a hole (no branch)
     if int32:
         exit_ids = exit_ids.int()  # the exit head sends int32 ids
     fast = bt.build_branch_tree(window, exit_ids, max_branches=cap)
@@ -85,6 +85,11 @@ def test_skip_rule_and_cap_order():
     assert tree.find_branch(2, 3) == 3 and tree.find_branch(0, 5) == -1
     capped = bt.build_branch_tree(window, exit_ids, max_branches=2)
     assert capped.branch_pos.tolist() == [0, 1] and capped.num_nodes == 4
+    holed = torch.tensor([[1, -1], [-1, -1], [-1, 3]])  # ranked allocation: rows of unequal length
+    for build in (bt.build_branch_tree, bt.build_branch_tree_ref):
+        tree = build(window, holed)
+        assert tree.branch_pos.tolist() == [0, 2] and tree.branch_token.tolist() == [1, 3]
+        assert tree.num_nodes == 4 and tree.find_branch(1, -1) == -1
 
 
 def test_rollout_attention_equals_causal_attention_per_branch():

@@ -27,7 +27,9 @@ int build_branch_tree(const int64_t* window, int gamma, const int64_t* exit_ids,
   for (int i = 0; i <= gamma; ++i)
     for (int r = 0; r < kappa; ++r) {
       if (max_branches >= 0 && nb >= max_branches) break;
-      if (i < gamma && exit_ids[i * kappa + r] == window[i]) continue;  // that branch IS the window
+      const int64_t v = exit_ids[i * kappa + r];
+      if (v < 0) continue;                                 // a hole: no branch chosen here
+      if (i < gamma && v == window[i]) continue;           // that branch IS the window
       branch_pos[nb] = i;
       branch_rank[nb] = r;
       ++nb;

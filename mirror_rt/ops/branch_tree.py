@@ -126,8 +126,9 @@ def _branch_list(window, exit_ids, max_branches):
     out = []
     for i in range(gamma + 1):
         for r in range(kappa):
-            if i < gamma and int(exit_ids[i, r]) == int(window[i]):
-                continue  # that branch is the window itself
+            v = int(exit_ids[i, r])
+            if v < 0 or (i < gamma and v == int(window[i])):
+                continue  # a hole (no branch chosen), or the window itself
             out.append((i, r))
     return out if max_branches is None else out[:max_branches]
 
@@ -221,12 +222,13 @@ def build_branch_tree(window, exit_ids, max_branches=None, capacity=None) -> Bra
     """Rollout tree of the window chain plus one root node per branch.
 
     window      [gamma] int32/int64   the draft's window w_1..w_gamma
-    exit_ids    [gamma+1, kappa] int32/int64   E_i, best first (row i: after w_1..w_i)
+    exit_ids    [gamma+1, kappa] int32/int64   E_i, best first (row i: after w_1..w_i); an id < 0
+                is a hole (no branch there), so rows may hold different numbers of candidates
     max_branches  keep the first branches in (position, rank) order; None = all
     capacity    node capacity for later extend_branch_tree calls; None = room for gamma steps of
                 one token per branch, at most 256 nodes (tree_attention's limit) but never fewer
                 than the built tree
-    Branch (i, r) with token v = E[i, r] is skipped when v == window[i] (it is the window itself).
+    Branch (i, r) with token v = E[i, r] is skipped when v < 0 or v == window[i] (the window itself).
     Returns a BranchTree with num_nodes = gamma + num_branches and step_start = 0.
     """
     C = _cpp()
@@ -238,7 +240,7 @@ def build_branch_tree(window, exit_ids, max_branches=None, capacity=None) -> Bra
     e = exit_ids.to(torch.int64).contiguous()
     nmax = (gamma + 1) * kappa
     if capacity is None:
-        nb = nmax - int((e[:gamma] == w.unsqueeze(1)).sum())
+        nb = nmax - int((e < 0).sum()) - int((e[:gamma] == w.unsqueeze(1)).sum())
         capacity = _default_capacity(gamma, nb if max_branches is None else min(nb, max_branches))
     tree = _empty_tree(capacity, gamma, nmax)
     nb = C.build_branch_tree(w, e, -1 if max_branches is None else int(max_branches), tree.tokens,
