@@ -25,6 +25,10 @@ def _add_model_args(p):
     p.add_argument("--kappa", type=int, default=None, help="Mirror exit top-k (default 8; the demo uses 4)")
     p.add_argument("--exit-layer", type=int, default=None, help="Mirror early-exit layer (default N/2)")
     p.add_argument("--max-branches", type=int, default=None, help="cap on Mirror branches per step")
+    p.add_argument("--branch-policy", default="ranked", choices=["ranked", "per_position"],
+                   help="Mirror branches: ranked by estimated P(A=i, c=v), or top-kappa at every position")
+    p.add_argument("--exit-vocab", default="draft", choices=["draft", "full"],
+                   help="Mirror exit scores the draft's reduced vocabulary (default) or the full one")
     p.add_argument("--mode", default="match", choices=["match", "rejection"], help="Mirror sampling rule")
     p.add_argument("--lane", default="auto", help="where the Mirror draft runs: auto|inline|thread|process|cuda|npu")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the target (default: all cores)")
@@ -77,6 +81,8 @@ def make_decoder(name, target, draft, args):
         exit_layer = args.exit_layer or (head.exit_layer if head is not None else None)
         return MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=args.kappa or 8, exit_head=head,
                                                          window=window, mode=args.mode,
+                                                         branch_policy=args.branch_policy,
+                                                         exit_vocab=args.exit_vocab,
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")
 

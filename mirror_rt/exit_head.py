@@ -64,9 +64,13 @@ class ExitHead(nn.Module):
     def lm_head(self):
         return self._lm_head[0]
 
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, H] -> the LM head's input [B, T, H] (in the LM head's dtype), so a caller
+        can multiply by a subset of the head's rows (Mirror-SD's reduced exit vocabulary)."""
+        return self.adapter(hidden.to(self.adapter.down.weight.dtype)).to(self.lm_head.weight.dtype)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = self.adapter(hidden.to(self.adapter.down.weight.dtype))
-        return F.linear(h.to(self.lm_head.weight.dtype), self.lm_head.weight).float()
+        return F.linear(self.normed(hidden), self.lm_head.weight).float()
 
 
 def new_exit_head(target, exit_layer: int, rank: int = 256, act: str = "silu") -> ExitHead:

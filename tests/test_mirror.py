@@ -64,7 +64,8 @@ def test_greedy_equals_autoregressive_on_lanes(pair, lane, exit_layer, kappa, wi
 def test_draft_equal_to_target_accepts_every_window():
     target, _ = tiny_pair()
     identity_last_layer(target)
-    dec = MirrorDecoder(target, target, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=8, window=4, lane="inline"))
+    dec = MirrorDecoder(target, target, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=8, window=4, lane="inline",
+                                                    branch_policy="per_position"))
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     out = dec.generate(ids, 41)
     assert out.tokens.tolist() == ar_tokens(target, ids, 41)
@@ -78,7 +79,8 @@ def test_draft_equal_to_target_accepts_every_window():
 def test_exact_exit_head_makes_every_correction_a_hit(pair):
     target, draft = tiny_pair(seed=3)
     identity_last_layer(target)
-    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=1, window=3, lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=1, window=3, lane="inline",
+                                                    branch_policy="per_position"))
     ids = torch.tensor([[7, 8, 9]])
     out = dec.generate(ids, 30)
     assert out.tokens.tolist() == ar_tokens(target, ids, 30)
@@ -105,7 +107,8 @@ def test_eos_inside_reused_branch_stops_exactly():
     ref = ar_tokens(target, ids, 40)[0]
     cut = next(i for i in range(12, 40) if ref[i] not in ref[:i]) + 1  # an EOS first seen late
     eos = ref[cut - 1]
-    dec = MirrorDecoder(target, target, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=8, window=5, lane="inline"))
+    dec = MirrorDecoder(target, target, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=8, window=5, lane="inline",
+                                                    branch_policy="per_position"))
     out = dec.generate(ids, 40, eos_token_id=eos)
     assert out.tokens[0].tolist() == ref[:cut]
     assert out.stats["reuse_hits"] >= 1

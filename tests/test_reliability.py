@@ -96,6 +96,8 @@ def test_nan_in_target_logits_raises(pair):
     (dict(mode="argmax"), "mode must be one of"),
     (dict(lane="gpu9"), "lane must be one of"),
     (dict(max_branches=-1), "max_branches must be None or an integer >= 0"),
+    (dict(branch_policy="best"), "branch_policy must be one of"),
+    (dict(exit_vocab="tiny"), "exit_vocab must be 'draft' or 'full'"),
 ])
 def test_bad_mirror_config(pair, kwargs, match):
     target, draft = pair

@@ -3,7 +3,8 @@
 One step, as the paper draws it:
 
     prefix    target layers [0, l_e) over [pending, w_1..w_n]
-    exit      exit head at every position -> top-kappa ids E [n+1, kappa] (int32; only E crosses)
+    exit      exit head at every position -> branch candidates E [n+1, k] (ids; only E crosses),
+              top-kappa per position or ranked by estimated P(A = i, c = v) (mirror_exit.py)
     overlap   target suffix [l_e, N)   ||   draft rolls out every branch (i, v in E_i) as one tree
     verify    verify_accept -> accepted A, next token c; commit w_1..w_A, c
     reuse     c in E_A: branch (A, c) is the next window (its draft KV adopted); else fallback
@@ -23,6 +24,7 @@ from mirror_rt.decoders.autoregressive import autoregressive_tail
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
 from mirror_rt.decoders.mirror_draft import MirrorDraft
+from mirror_rt.decoders.mirror_exit import POLICIES, ExitProposer, draft_vocabulary
 from mirror_rt.decoders.speculative import verify_chain
 from mirror_rt.lanes import LANE_KINDS, LaneError, make_lane, result_of
 
@@ -32,11 +34,13 @@ MODES = ("greedy", "match", "rejection")
 @dataclass(slots=True)
 class MirrorConfig:
     exit_layer: int | None = None    # l_e; default N // 2
-    top_k: int = 8                   # kappa: exit candidates per position
+    top_k: int = 8                   # kappa: exit candidates per position (ranked: (n+1)*kappa in all)
     window: int = 7                  # gamma: draft tokens per window (and rollout depth)
     mode: str = "match"              # acceptance rule when sampling (temperature 0 is always greedy)
     max_branches: int | None = None  # cap on branches per step (None: as many as fit one tree)
     exit_head: object = None         # callable hidden [1, T, H] -> logits [1, T, V]; None = logit lens
+    branch_policy: str = "ranked"    # "per_position" (top-kappa at every i) or "ranked" (mirror_exit.py)
+    exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
     lane: str = "auto"               # where the draft runs: one of LANE_KINDS
     draft_threads: int | None = None  # torch threads for a thread/process lane's draft
     lane_timeout: float = 120.0      # seconds before a silent draft lane counts as failed
@@ -53,6 +57,10 @@ class MirrorConfig:
             raise ValueError(f"top_k (kappa) must be an integer in [1, 64], got {self.top_k!r}")
         if not isinstance(self.window, int) or not 1 <= self.window <= 32:
             raise ValueError(f"window (gamma) must be an integer in [1, 32], got {self.window!r}")
+        if self.branch_policy not in POLICIES:
+            raise ValueError(f"branch_policy must be one of {POLICIES}, got {self.branch_policy!r}")
+        if self.exit_vocab not in ("draft", "full"):
+            raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_branches is not None and (not isinstance(self.max_branches, int) or self.max_branches < 0):
@@ -137,6 +145,9 @@ class _Run:
         self.cache = self.target.new_cache(capacity)
         self.out, self.stats = Emitter(max_new_tokens, eos, stream), Stats("mirror")
         self.suffix_spans, self.rollout_spans = [], []
+        vocab = draft_vocabulary(dec.draft, prompt) if self.cfg.exit_vocab == "draft" else None
+        self.exit = ExitProposer(self.target, self.cfg.exit_head, self.cfg.top_k, self.cfg.branch_policy, vocab,
+                                 self.cfg.max_branches)
 
     def generate(self) -> GenerationOutput:
         stats = self.stats
@@ -168,7 +179,7 @@ class _Run:
         with stats.phase("prefix"):
             hidden = target.run_layers(target.embed(node_ids), 0, le, self.cache)
         with stats.phase("exit"):
-            exit_ids = self.exit_top_k(hidden)
+            exit_ids = self.exit(hidden, window)
         rollouts = lane.submit("rollouts", window, exit_ids, self.cfg.window)
         with stats.phase("suffix"):
             t0 = time.perf_counter()
@@ -196,14 +207,6 @@ class _Run:
         stats.counters["fallbacks"] += 1
         with stats.phase("fallback"):
             return lane.call("fresh_window", self.cfg.window, timeout=self.cfg.lane_timeout)
-
-    def exit_top_k(self, hidden) -> list[list[int]]:
-        """Top-kappa ids of the exit head at each position: [n+1][kappa] ints (never bf16 ids)."""
-        head = self.cfg.exit_head
-        exit_logits = head(hidden) if head is not None else self.target.head(hidden)
-        k = min(self.cfg.top_k, exit_logits.shape[-1])
-        ids = torch.topk(exit_logits[0].float(), k, dim=-1).indices.to(torch.int32)
-        return ids.cpu().tolist()
 
     def verify(self, node_ids, logits, q):
         return verify_chain(node_ids, logits, q, self.mode, self.sampler, self.temperature, self.top_k, self.top_p)

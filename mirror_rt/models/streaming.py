@@ -141,14 +141,19 @@ class StreamingDraft(LlamaModel):
         Decoders call it once per generation, before the draft's prefill. No-op without vocab_ids."""
         if self.vocab_ids is None:
             return
-        if ids is None:
-            self._context_ids = None
-        else:
-            base = self.vocab_ids.tolist()
-            extra = sorted(set(int(i) for i in ids) - set(base))
-            self._context_ids = torch.tensor(base + extra, dtype=torch.long, device=self.vocab_ids.device) \
-                if extra else None
+        self._context_ids = None if ids is None else self.context_vocab(ids)
+        if self._context_ids is not None and self._context_ids.numel() == self.vocab_ids.numel():
+            self._context_ids = None  # nothing added: the trained set (and its cached head) serves
         self.sub_head = None
+
+    def context_vocab(self, ids):
+        """The draft vocabulary set_context_tokens(ids) would use, without setting it: int64 [Vd']
+        target ids (vocab_ids, then the new ones in ``ids`` sorted), or None for a full vocabulary."""
+        if self.vocab_ids is None:
+            return None
+        base = self.vocab_ids.tolist()
+        extra = sorted(set(int(i) for i in ids) - set(base))
+        return torch.tensor(base + extra, dtype=torch.long, device=self.vocab_ids.device)
 
     def head_draft(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + (reduced) LM head: [..., H] -> [..., Vd] logits in the draft vocabulary."""
