@@ -136,9 +136,16 @@ class OracleExit:
 
 
 def run(args):
+    """Rows (dicts) for every target: AR, then SD per acceptance and Mirror-SD per (acceptance,
+    containment). Each row is printed and appended to args.csv as soon as it is measured, so a
+    run cut short by a time limit keeps what it measured; rows that would start after
+    args.budget_s seconds are skipped and named."""
     device, dtype = torch.device(args.device), torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    rows = []
+    deadline = time.perf_counter() + args.budget_s if args.budget_s else None
+    out = RowSink(args.csv)
     for shape in args.targets:
+        if _over(deadline, f"{shape}: all rows"):
+            continue
         target = build(shape, None, device, dtype, seed=1)
         draft = build(args.draft, target.config.vocab_size, device, dtype, seed=2)
         prompt = torch.randint(0, target.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(3))
@@ -151,40 +158,73 @@ def run(args):
         _sync(device)
         ar_s = time.perf_counter() - t0
         path = prompt[0].tolist() + ref.tokens[0].tolist()
-        rows.append(_row(shape, "ar", None, None, ref, ar_s, ar_s, None))
-        print(_fmt(rows[-1]), flush=True)
+        out.add(_row(shape, "ar", None, None, ref, ar_s, ar_s, None))
         if args.profile:
             _profile(lambda: ar.generate(prompt, 16))
         for acc in args.acceptance:
-            for cont in args.containment:
-                oracle = Oracle(path, target.config.vocab_size, acc, cont, seed=4)
-                rec_target, odraft = RecordingModel(target), OracleDraft(draft, oracle)
-                decoders = {
-                    "sd": SpeculativeDecoder(target, odraft, args.window),
-                    "mirror": MirrorDecoder(rec_target, odraft, MirrorConfig(
-                        exit_layer=target.num_layers // 2, top_k=args.kappa, window=args.window,
-                        max_branches=args.max_branches, exit_head=OracleExit(rec_target, oracle), lane=args.lane)),
-                }
-                for name, dec in decoders.items():
-                    try:
-                        dec.generate(prompt, 8)  # warm-up
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        out = dec.generate(prompt, args.new_tokens)
-                        _sync(device)
-                    except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
-                        print(f"{shape} {name} acc={acc} cont={cont} FAILED: {type(e).__name__}: {e}", flush=True)
-                        continue
-                    finally:
-                        if hasattr(dec, "close"):
-                            dec.close()
-                    wall = time.perf_counter() - t0
-                    rows.append(_row(shape, name, acc, cont, out, wall, ar_s, out.tokens.tolist() == ref.tokens.tolist()))
-                    print(_fmt(rows[-1]), flush=True)
+            # SD never reads the exit head: one row per acceptance, not per containment.
+            for name, cont in [("sd", None)] + [("mirror", c) for c in args.containment]:
+                if _over(deadline, f"{shape} {name} acc={acc} cont={cont}"):
+                    continue
+                dec = _decoder(name, target, draft, Oracle(path, target.config.vocab_size, acc, cont or 0.0, seed=4),
+                               args)
+                try:
+                    dec.generate(prompt, 8)  # warm-up
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    res = dec.generate(prompt, args.new_tokens)
+                    _sync(device)
+                except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
+                    print(f"{shape} {name} acc={acc} cont={cont} FAILED: {type(e).__name__}: {e}", flush=True)
+                    continue
+                finally:
+                    if hasattr(dec, "close"):
+                        dec.close()
+                wall = time.perf_counter() - t0
+                out.add(_row(shape, name, acc, cont, res, wall, ar_s, res.tokens.tolist() == ref.tokens.tolist()))
         del target, draft
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return out.rows
+
+
+def _decoder(name, target, draft, oracle, args):
+    odraft = OracleDraft(draft, oracle)
+    if name == "sd":
+        return SpeculativeDecoder(target, odraft, args.window)
+    rec_target = RecordingModel(target)
+    # per_position: the oracle controls membership of the true token in every position's
+    # top-kappa, which is what "containment" means here (the ranked policy would re-weigh it).
+    return MirrorDecoder(rec_target, odraft, MirrorConfig(
+        exit_layer=target.num_layers // 2, top_k=args.kappa, window=args.window, max_branches=args.max_branches,
+        exit_head=OracleExit(rec_target, oracle), branch_policy="per_position", lane=args.lane))
+
+
+def _over(deadline, what: str) -> bool:
+    if deadline is not None and time.perf_counter() > deadline:
+        print(f"# skipped (time budget): {what}", flush=True)
+        return True
+    return False
+
+
+class RowSink:
+    """Prints each row and appends it to a CSV file (header first), flushing as it goes."""
+
+    def __init__(self, path):
+        self.path, self.rows = path, []
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(path, "w").close()
+
+    def add(self, row: dict):
+        self.rows.append(row)
+        print(_fmt(row), flush=True)
+        if self.path:
+            with open(self.path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row))
+                if len(self.rows) == 1:
+                    w.writeheader()
+                w.writerow(row)
 
 
 def _profile(fn):
@@ -237,6 +277,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of the same code")
     p.add_argument("--csv", default=None)
     p.add_argument("--profile", action="store_true", help="print a profile of 16 AR tokens per target")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new row after this many seconds (rows so far are kept)")
     args = p.parse_args(argv)
     if args.tiny:
         args.targets, args.draft, args.new_tokens, args.prompt_len = ["tiny"], "tiny-draft", 40, 16
@@ -245,12 +287,7 @@ def main(argv=None):
     print(f"# reproduce: python {' '.join(sys.argv)}")
     rows = run(args)
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        print(f"# wrote {args.csv}")
+        print(f"# wrote {args.csv} ({len(rows)} rows)")
     return rows
 
 

@@ -53,7 +53,7 @@ class _FixedExit(ExitProposer):
     """A proposer whose exit distribution is given (log-probabilities [n+1, V])."""
 
     def __init__(self, logp, kappa, max_branches=None):
-        self.vocab_ids, self.kappa, self.policy, self.max_branches = None, kappa, "ranked", max_branches
+        self.vocab_ids, self.kappa, self.policy, self.max_branches, self.depth = None, kappa, "ranked", max_branches, 3
         self.logp = logp
 
     def log_probs(self, hidden):
@@ -82,6 +82,16 @@ def test_ranked_spends_the_budget_where_the_step_ends():
     # The exit is sure the window is accepted: the bonus position gets the branches.
     late = _dist([{5: 0.98, 1: 0.01}, {6: 0.98, 2: 0.01}, {9: 0.5, 10: 0.3, 11: 0.1}])
     assert _branches(_FixedExit(late, kappa=1)(None, [5, 6])) == [(2, 9), (2, 10), (2, 11)]
+
+
+def test_ranked_budget_fits_one_rollout_tree():
+    from mirror_rt.decoders.mirror_draft import max_branches_for
+
+    logp = torch.log_softmax(torch.randn(8, V), dim=-1)
+    prop = _FixedExit(logp, kappa=8)
+    prop.depth = 7
+    rows = prop(None, list(range(7)))
+    assert len(_branches(rows)) == max_branches_for(7, 7, None) < 8 * 8
 
 
 def test_ranked_scores_are_reach_times_correction_probability():
