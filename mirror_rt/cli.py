@@ -116,7 +116,7 @@ def cmd_generate(args):
 def cmd_demo(args):
     from mirror_rt.demo import run_demo
 
-    run_demo(args)
+    return run_demo(args)
 
 
 def build_parser():
@@ -129,8 +129,10 @@ def build_parser():
     g.set_defaults(func=cmd_generate)
     d = sub.add_parser("demo", help="AR, vanilla SD and Mirror-SD side by side on the embedded default")
     _add_model_args(d)
-    d.add_argument("--prompts", type=int, default=None, help="how many built-in prompts (default all)")
-    d.add_argument("--prompt-file", help="Spec-Bench question.jsonl to take prompts from instead")
+    d.add_argument("--prompts", type=int, default=None, help="use only the first N prompts")
+    d.add_argument("--prompt-file", help="Spec-Bench question.jsonl (default: $MIRROR_RT_SPEC_BENCH or the shared "
+                                         "dev half); its evaluation split, 1 prompt per task family")
+    d.add_argument("--builtin-prompts", action="store_true", help="use the 4 built-in prompts instead")
     d.set_defaults(func=cmd_demo)
     for register in _extra_commands():
         register(sub)

@@ -34,15 +34,26 @@ def threads_for(name: str, args) -> int:
     return cores
 
 
-def demo_prompts(args) -> list[str]:
-    from mirror_rt.default import DEMO_PROMPTS
+def demo_prompts(args) -> tuple[list[str], str]:
+    """(prompts, where they come from). Held-out Spec-Bench prompts (the evaluation split, one per
+    task family) when a question file is found: --prompt-file, $MIRROR_RT_SPEC_BENCH, or the
+    shared dev half. Otherwise, or with --builtin-prompts, the built-in prompts."""
+    import os
 
-    if args.prompt_file:
-        with open(args.prompt_file) as f:
-            prompts = [json.loads(line)["turns"][0] for line in f if line.strip()]
+    from mirror_rt.default import DEMO_PROMPTS
+    from mirror_rt.specbench import load_questions
+    from mirror_rt.train.data import SPEC_BENCH_DEFAULT, SPEC_BENCH_ENV
+
+    path = args.prompt_file or os.environ.get(SPEC_BENCH_ENV) or SPEC_BENCH_DEFAULT
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} not found")
+    if args.builtin_prompts or not os.path.isfile(path):
+        prompts, source = list(DEMO_PROMPTS), "built-in prompts"
     else:
-        prompts = list(DEMO_PROMPTS)
-    return prompts[: args.prompts] if args.prompts else prompts
+        questions = load_questions(path, limit=1, split="eval")
+        prompts = [q["turns"][0] for q in questions]
+        source = f"held-out Spec-Bench prompts (evaluation split, 1 per task family, {path})"
+    return (prompts[: args.prompts] if args.prompts else prompts), source
 
 
 def run_demo(args):
@@ -52,7 +63,8 @@ def run_demo(args):
     args.window = args.window or DEMO_WINDOW
     args.kappa = args.kappa or DEMO_KAPPA
     target, draft, tok, label = load_pair(args)
-    prompts = [encode_chat(tok, p, target.device) for p in demo_prompts(args)]
+    texts, source = demo_prompts(args)
+    prompts = [encode_chat(tok, p, target.device) for p in texts]
     decoders = {name: make_decoder(name, target, draft, args) for name in DECODERS}
     results = {name: [] for name in DECODERS}
     for name, dec in decoders.items():
@@ -69,7 +81,7 @@ def run_demo(args):
             dec.close()
     print(f"\nmirror-rt demo: target {getattr(target, 'name', target.config.arch)} "
           f"({target.config.num_layers} layers), draft: {label}")
-    print(f"{len(prompts)} prompts, greedy, max {args.max_new_tokens} new tokens, window {args.window}, "
+    print(f"{len(prompts)} {source}, greedy, max {args.max_new_tokens} new tokens, window {args.window}, "
           f"kappa {args.kappa}, exit layer {decoders['mirror'].config.exit_layer} "
           f"({'trained exit head' if decoders['mirror'].config.exit_head is not None else 'logit lens'}), "
           f"lane {args.lane}, threads AR/SD {threads_for('ar', args)} / Mirror {threads_for('mirror', args)} per side")

@@ -34,3 +34,44 @@ def test_trained_pair_is_lossless(pair):
             out = dec.generate(ids, 24, eos_token_id=tok.eos_token_id)
         assert out.tokens.tolist() == ref
         assert out.stats["exit_layer"] == 15
+
+
+def test_demo_runs_end_to_end_and_reports_equality(tmp_path, capsys):
+    """`mirror-rt demo` itself (one built-in prompt, a few tokens): the table names every decoder
+    and every output equals AR's."""
+    from mirror_rt.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--builtin-prompts", "--prompts", "1", "--max-new-tokens", "6",
+                                      "--lane", "inline"])
+    results = args.func(args)
+    table = capsys.readouterr().out
+    assert "1 built-in prompts" in table
+    ref = results["ar"][0].tokens.tolist()
+    for name in ("sd", "mirror"):
+        assert results[name][0].tokens.tolist() == ref
+        assert f"{name:>8}" in table
+    assert " NO" not in table
+
+
+def test_demo_takes_the_evaluation_split_one_per_family(tmp_path):
+    import json
+
+    from mirror_rt.cli import build_parser
+    from mirror_rt.demo import demo_prompts
+    from mirror_rt.train.data import is_eval_question
+
+    path = tmp_path / "question.jsonl"
+    cats = ["writing", "qa", "summarization", "math_reasoning"]
+    with open(path, "w") as f:
+        for qid in range(1, 17):
+            f.write(json.dumps({"question_id": qid, "category": cats[qid // 4 % 4], "turns": [f"q{qid}"]}) + "\n")
+    args = build_parser().parse_args(["demo", "--prompt-file", str(path)])
+    prompts, source = demo_prompts(args)
+    ids = [int(p[1:]) for p in prompts]
+    assert all(is_eval_question(i) for i in ids) and ids == [1, 4, 8, 12]
+    assert "held-out Spec-Bench" in source
+    args = build_parser().parse_args(["demo", "--prompt-file", str(path), "--builtin-prompts"])
+    assert demo_prompts(args)[1] == "built-in prompts"
+    args = build_parser().parse_args(["demo", "--prompt-file", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        demo_prompts(args)

@@ -147,7 +147,7 @@ class _Run:
         self.suffix_spans, self.rollout_spans = [], []
         vocab = draft_vocabulary(dec.draft, prompt) if self.cfg.exit_vocab == "draft" else None
         self.exit = ExitProposer(self.target, self.cfg.exit_head, self.cfg.top_k, self.cfg.branch_policy, vocab,
-                                 self.cfg.max_branches)
+                                 self.cfg.max_branches, self.cfg.window)
 
     def generate(self) -> GenerationOutput:
         stats = self.stats

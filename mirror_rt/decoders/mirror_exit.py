@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mirror_rt.decoders.mirror_draft import max_branches_for
+
 POLICIES = ("per_position", "ranked")
 
 
@@ -47,15 +49,18 @@ class ExitProposer:
     head        None (logit lens), an ``ExitHead``, or any callable hidden [1, T, H] -> logits [1, T, V]
     kappa       candidates per position ("per_position"); the budget is (n + 1) * kappa ("ranked")
     vocab_ids   int64 [Vc] target ids the exit may propose, or None for the full vocabulary
-    max_branches  the user's cap (None: none); "ranked" keeps the best that many, "per_position"
-                leaves the cap to the tree builder (first positions first)
+    max_branches  the user's cap (None: none); "ranked" keeps the best that many (and no more than
+                fit one rollout tree of ``depth``), "per_position" leaves the cap to the tree
+                builder (first positions first)
+    depth       rollout depth per branch (the window), for what fits one tree
     """
 
-    def __init__(self, target, head, kappa: int, policy: str = "ranked", vocab_ids=None, max_branches=None):
+    def __init__(self, target, head, kappa: int, policy: str = "ranked", vocab_ids=None, max_branches=None,
+                 depth: int = 7):
         if policy not in POLICIES:
             raise ValueError(f"branch_policy must be one of {POLICIES}, got {policy!r}")
         self.target, self.head, self.kappa, self.policy = target, head, kappa, policy
-        self.max_branches = max_branches
+        self.max_branches, self.depth = max_branches, depth
         restrictable = head is None or hasattr(head, "normed")
         self.vocab_ids = vocab_ids.to(target.device) if vocab_ids is not None and restrictable else None
         self.sub_weight = None
@@ -86,9 +91,7 @@ class ExitProposer:
 
     def ranked(self, logp: torch.Tensor, window: list[int]) -> list[list[int]]:
         n = len(window)
-        budget = (n + 1) * self.kappa
-        if self.max_branches is not None:
-            budget = min(budget, self.max_branches)
+        budget = min((n + 1) * self.kappa, max_branches_for(n, self.depth, self.max_branches))
         if budget == 0:
             return [[-1] for _ in range(n + 1)]
         k = min(budget + 1, logp.shape[-1])  # +1: one of a row's top ids may be the window's own token
