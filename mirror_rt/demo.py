@@ -7,7 +7,6 @@ output equals the AR output token for token. Prompts run interleaved across deco
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import torch

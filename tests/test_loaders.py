@@ -43,6 +43,7 @@ def test_gguf_weights_and_logits_match_source(tmp_path, tied):
     write_tiny_gguf(path, hf.state_dict(), tied=tied, **_gguf_kwargs(hf))
     ours = load_model(path)
     assert ours.config.tie_embeddings == tied and ours.config.num_kv_heads == 2
+    assert ours.tokenizer_tokens == tuple(f"t{i}" for i in range(hf.config.vocab_size))
     assert ours.config.eos_token_ids == [2]
     source = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     for name, param in ours.named_parameters():
@@ -89,6 +90,14 @@ def test_load_dtype_keeps_rope_frequencies_fp32(tmp_path):
 def hf_dir(tmp_path):
     save_hf_checkpoint(tmp_path, "llama", seed=1)
     return tmp_path
+
+
+def test_tokenizer_tokens_from_tokenizer_json(hf_dir):
+    assert load_model(hf_dir).tokenizer_tokens is None  # no tokenizer.json: unknown, not checked
+    spec = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "Ġc": 3}},
+            "added_tokens": [{"id": 4, "content": "<|end|>"}, {"id": 1, "content": "b"}]}
+    (hf_dir / "tokenizer.json").write_text(json.dumps(spec))
+    assert load_model(hf_dir).tokenizer_tokens == ("a", "b", None, "Ġc", "<|end|>")
 
 
 @pytest.mark.parametrize("cut", [4, 50, 0.5, -1])

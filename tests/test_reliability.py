@@ -120,6 +120,25 @@ def test_bad_generate_arguments(pair):
         MirrorDecoder(target, random_model(0, vocab_size=65), MirrorConfig())
 
 
+@pytest.mark.parametrize("decoder", ["sd", "mirror"])
+def test_same_size_but_different_tokenizer_is_refused(pair, decoder):
+    target, draft = pair
+    make = (lambda t, d: SpeculativeDecoder(t, d, 3)) if decoder == "sd" else \
+        (lambda t, d: MirrorDecoder(t, d, MirrorConfig(lane="inline")))
+    V = target.config.vocab_size
+    target.tokenizer_tokens = tuple(f"t{i}" for i in range(V))
+    try:
+        draft.tokenizer_tokens = tuple(f"t{i}" if i != 7 else "other" for i in range(V))
+        with pytest.raises(ValueError, match="token id 7 is 'other' in the draft and 't7' in the target"):
+            make(target, draft)
+        # The same tokens, or a tokenizer with extra ids past the other's end, or an unknown one: fine.
+        for tokens in (target.tokenizer_tokens, target.tokenizer_tokens[:-3], None):
+            draft.tokenizer_tokens = tokens
+            make(target, draft)
+    finally:
+        target.tokenizer_tokens = draft.tokenizer_tokens = None
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20

@@ -116,14 +116,18 @@ def eos_set(eos_token_id) -> frozenset:
 
 
 def check_pair(target, draft):
-    """Draft and target must share a vocabulary (and tokenizer, where both are known)."""
+    """Draft and target must share a vocabulary: the same size and, where both loaders read the
+    tokenizer (``tokenizer_tokens``), the same token at every id both tokenizers define."""
     tv, dv = target.config.vocab_size, draft.config.vocab_size
     if tv != dv:
         raise ValueError(f"draft vocabulary ({dv} tokens) differs from the target's ({tv}); "
                          "speculative decoding needs the same tokenizer")
-    t_tok, d_tok = getattr(target, "tokenizer_id", None), getattr(draft, "tokenizer_id", None)
-    if t_tok and d_tok and t_tok != d_tok:
-        raise ValueError(f"draft tokenizer {d_tok!r} differs from the target's {t_tok!r}")
+    t_tok, d_tok = getattr(target, "tokenizer_tokens", None), getattr(draft, "tokenizer_tokens", None)
+    if t_tok and d_tok and t_tok is not d_tok:
+        for i, (t, d) in enumerate(zip(t_tok, d_tok)):
+            if t != d and t is not None and d is not None:
+                raise ValueError(f"draft tokenizer differs from the target's: token id {i} is {d!r} in the draft "
+                                 f"and {t!r} in the target; speculative decoding needs the same tokenizer")
 
 
 def check_finite(logits: torch.Tensor, model_name: str, step: int):

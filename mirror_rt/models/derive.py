@@ -36,7 +36,7 @@ def truncated_copy(model: LlamaModel, num_layers: int) -> LlamaModel:
     draft.norm, draft.lm_head = model.norm, model.lm_head
     draft.inv_freq = model.inv_freq
     draft.name = f"truncated-copy({num_layers} of {model.num_layers} layers)"
-    for attr in ("source", "tokenizer_id"):
+    for attr in ("source", "tokenizer_tokens"):
         if hasattr(model, attr):
             setattr(draft, attr, getattr(model, attr))
     return draft.eval()

@@ -24,7 +24,8 @@ def load_model(path, device="cpu", dtype=None) -> LlamaModel:
     path:   a Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not)
             or a ``.gguf`` file (quantised tensors are dequantised).
     device: torch device; dtype: parameter dtype (default float32 on CPU, bfloat16 on CUDA).
-    The returned model has ``.source`` (the path, for the tokenizer) and is in eval mode.
+    The returned model has ``.source`` (the path, for the tokenizer), ``.tokenizer_tokens`` (see
+    ``tokenizer_tokens``) and is in eval mode.
     """
     path = os.fspath(path)
     device = torch.device(device)
@@ -32,18 +33,46 @@ def load_model(path, device="cpu", dtype=None) -> LlamaModel:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if os.path.isdir(path):
         cfg, tensors = _read_hf_dir(path)
+        tokens = tokenizer_tokens(path)
     elif os.path.isfile(path) and path.endswith(".gguf"):
-        cfg, tensors = _read_gguf(path)
+        cfg, tensors, tokens = _read_gguf(path)
     else:
         raise ValueError(f"model path {path!r} is neither a checkpoint directory nor a .gguf file")
     with torch.device("meta"):
         model = LlamaModel(cfg)
     _assign(model, tensors, path)
     model.source = path
+    model.tokenizer_tokens = tokens
     model = model.to(device=device, dtype=dtype).eval()
     c = model.config  # .to(dtype) cast the rotary buffer too: rebuild it in fp32
     model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
     return model
+
+
+def tokenizer_tokens(path) -> tuple | None:
+    """Token strings by id (None for an id without one) from a checkpoint directory's
+    tokenizer.json or a GGUF file's token list; None when there is neither. ``check_pair`` compares
+    the draft's and the target's, so a same-sized but different vocabulary is refused."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            return None
+        with open(file, encoding="utf-8") as f:
+            spec = json.load(f)
+        vocab = spec.get("model", {}).get("vocab") or {}
+        pairs = vocab.items() if isinstance(vocab, dict) else ((tok, i) for i, (tok, _) in enumerate(vocab))
+        by_id = {int(i): tok for tok, i in pairs}
+        by_id.update({int(t["id"]): t["content"] for t in spec.get("added_tokens", [])})
+        return tuple(by_id.get(i) for i in range(max(by_id) + 1)) if by_id else None
+    from gguf import GGUFReader
+
+    return _gguf_tokens(GGUFReader(path))
+
+
+def _gguf_tokens(reader) -> tuple | None:
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    return tuple(field.contents()) if field is not None else None
 
 
 def _assign(model: LlamaModel, tensors: dict, path: str):
@@ -182,4 +211,4 @@ def _read_gguf(path):
                                  f"{heads * cfg.head_dim} rows ({heads} heads x head_dim {cfg.head_dim})")
             arr = _unpermute_rope(arr, heads)
         tensors[name] = torch.from_numpy(arr.copy())  # own, writable memory
-    return cfg, tensors
+    return cfg, tensors, _gguf_tokens(reader)

@@ -103,7 +103,7 @@ class StreamingDraft(LlamaModel):
         self.inv_freq = target.inv_freq
         for p in (*self.embed_tokens.parameters(), *self.norm.parameters(), *self.lm_head.parameters()):
             p.requires_grad_(False)
-        for attr in ("source", "tokenizer_id"):
+        for attr in ("source", "tokenizer_tokens"):
             if hasattr(target, attr):
                 setattr(self, attr, getattr(target, attr))
         if vocab_ids is not None:
