@@ -113,3 +113,11 @@ def test_simulator_reads_our_csv_and_stats(tmp_path, capsys):
     assert sim.main(["--from-csv", str(path), "--targets", "qwen3-14b"]) == 0
     out = capsys.readouterr().out
     assert "PREDICTION" in out and "Qwen3-14B" in out and "not available" in out
+
+
+def test_paper_column_is_the_abstracts_range_and_never_invented(monkeypatch):
+    sim = load_simulate()
+    assert sim.paper_speedup("all") == "2.8-5.8*"
+    assert sim.paper_speedup("qa") == "n/a"  # per-family numbers unknown: not made up
+    monkeypatch.setattr(sim, "PAPER_TABLE1", {"qa": 3.25})
+    assert sim.paper_speedup("qa") == "3.25"
