@@ -93,6 +93,8 @@ def test_prompt_split_is_disjoint_and_documented(tmp_path):
     prompts = D.training_prompts(5, spec_bench=str(f))
     assert not set(prompts) & set(D.first_turns(ev))
     assert D.template_prompts(5, seed=1) == D.template_prompts(5, seed=1)
+    many = D.template_prompts(2000, seed=0)
+    assert len(many) == len(set(many)) == 2000  # distinct: a repeated prompt adds no data
     assert len(D.pydoc_paragraphs()) > 100
 
 

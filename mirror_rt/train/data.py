@@ -92,8 +92,11 @@ _FORMS = ["poem", "story", "haiku", "letter", "blog post", "speech", "product de
 
 
 def template_prompts(n: int, seed: int = 0, paragraphs: list[str] | None = None) -> list[str]:
-    """n hand-written instruction prompts (explanations, comparisons, creative writing, math word
-    problems, translation, summarisation and questions about pydoc paragraphs), seeded."""
+    """n distinct hand-written instruction prompts (explanations, comparisons, creative writing,
+    math word problems, translation, summarisation and questions about pydoc paragraphs), seeded.
+    Distinct because a repeated prompt gets the same greedy answer: duplicates cost generation time
+    and add no data (drawing with repeats, 2000 draws held only 942 distinct prompts). Fewer than n
+    come back only when the templates run out of new prompts."""
     rng = random.Random(seed)
     paragraphs = paragraphs if paragraphs is not None else pydoc_paragraphs()
 
@@ -119,7 +122,15 @@ def template_prompts(n: int, seed: int = 0, paragraphs: list[str] | None = None)
         lambda: f"Give me a brief history of {rng.choice(_TOPICS)}.",
         lambda: f"Pretend you are a {rng.choice(['tour guide', 'chef', 'teacher', 'detective', 'pirate'])}. Introduce yourself.",
     ]
-    return [rng.choice(makers)() for _ in range(n)]
+    out, seen = [], set()
+    for _ in range(50 * n):  # the pydoc-based templates alone give thousands of distinct prompts
+        if len(out) == n:
+            break
+        prompt = rng.choice(makers)()
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
 
 
 def training_prompts(n_templates: int, seed: int = 0, spec_bench: str | None = None) -> list[str]:
