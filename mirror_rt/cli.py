@@ -27,6 +27,8 @@ def _add_model_args(p):
     p.add_argument("--max-branches", type=int, default=None, help="cap on Mirror branches per step")
     p.add_argument("--branch-policy", default="ranked", choices=["ranked", "per_position"],
                    help="Mirror branches: ranked by estimated P(A=i, c=v), or top-kappa at every position")
+    p.add_argument("--min-branch-prob", type=float, default=0.0,
+                   help="ranked Mirror branches: skip those the exit head puts below this probability")
     p.add_argument("--exit-vocab", default="draft", choices=["draft", "full"],
                    help="Mirror exit scores the draft's reduced vocabulary (default) or the full one")
     p.add_argument("--mode", default="match", choices=["match", "rejection"], help="Mirror sampling rule")
@@ -82,6 +84,7 @@ def make_decoder(name, target, draft, args):
         return MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=args.kappa or 8, exit_head=head,
                                                          window=window, mode=args.mode,
                                                          branch_policy=args.branch_policy,
+                                                         min_branch_prob=args.min_branch_prob,
                                                          exit_vocab=args.exit_vocab,
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")

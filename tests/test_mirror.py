@@ -48,6 +48,22 @@ def test_greedy_equals_autoregressive_inline(pair, exit_layer, kappa, window):
     check_consistent(out, 29)
 
 
+@pytest.mark.parametrize("policy,floor", [("per_position", 0.0), ("ranked", 0.05), ("ranked", 0.99)])
+def test_every_branch_policy_is_lossless(pair, policy, floor):
+    target, draft = pair
+    branches = []
+    for exit_layer, kappa, window in [(1, 2, 3), (3, 8, 7)]:
+        ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(window))
+        dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=kappa, window=window,
+                                                        branch_policy=policy, min_branch_prob=floor, lane="inline"))
+        out = dec.generate(ids, 29)
+        assert out.tokens.tolist() == ar_tokens(target, ids, 29)
+        check_consistent(out, 29)
+        branches.append(out.stats["branches_per_step"])
+    if floor == 0.99:  # a random model's exit is never that sure: no branch, every step falls back
+        assert branches == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("lane", ["thread", "process"])
 @pytest.mark.parametrize("exit_layer,kappa,window", [(2, 8, 7), (1, 2, 3)])
 def test_greedy_equals_autoregressive_on_lanes(pair, lane, exit_layer, kappa, window):

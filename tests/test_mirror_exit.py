@@ -1,6 +1,8 @@
 """Mirror-SD's exit side (decoders/mirror_exit.py): the reduced exit vocabulary scores exactly the
 full head's columns, per_position is the exit's top-kappa, and the ranked policy spends its
 budget where the step is estimated to end, never on the window's own tokens."""
+import math
+
 import pytest
 import torch
 
@@ -52,8 +54,9 @@ def test_per_position_is_top_kappa_in_target_ids():
 class _FixedExit(ExitProposer):
     """A proposer whose exit distribution is given (log-probabilities [n+1, V])."""
 
-    def __init__(self, logp, kappa, max_branches=None):
+    def __init__(self, logp, kappa, max_branches=None, min_prob=0.0):
         self.vocab_ids, self.kappa, self.policy, self.max_branches, self.depth = None, kappa, "ranked", max_branches, 3
+        self.log_floor = math.log(min_prob) if min_prob else -math.inf
         self.logp = logp
 
     def log_probs(self, hidden):
@@ -82,6 +85,9 @@ def test_ranked_spends_the_budget_where_the_step_ends():
     # The exit is sure the window is accepted: the bonus position gets the branches.
     late = _dist([{5: 0.98, 1: 0.01}, {6: 0.98, 2: 0.01}, {9: 0.5, 10: 0.3, 11: 0.1}])
     assert _branches(_FixedExit(late, kappa=1)(None, [5, 6])) == [(2, 9), (2, 10), (2, 11)]
+    # A probability floor drops the unlikely ones instead of filling the budget.
+    assert _branches(_FixedExit(early, kappa=1, min_prob=0.25)(None, [5, 6])) == [(0, 1), (0, 2)]
+    assert _FixedExit(early, kappa=1, min_prob=0.9)(None, [5, 6]) == [[-1], [-1], [-1]]
 
 
 def test_ranked_budget_fits_one_rollout_tree():

@@ -40,6 +40,7 @@ class MirrorConfig:
     max_branches: int | None = None  # cap on branches per step (None: as many as fit one tree)
     exit_head: object = None         # callable hidden [1, T, H] -> logits [1, T, V]; None = logit lens
     branch_policy: str = "ranked"    # "per_position" (top-kappa at every i) or "ranked" (mirror_exit.py)
+    min_branch_prob: float = 0.0     # ranked: skip branches the exit estimates below this probability
     exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
     lane: str = "auto"               # where the draft runs: one of LANE_KINDS
     draft_threads: int | None = None  # torch threads for a thread/process lane's draft
@@ -59,6 +60,8 @@ class MirrorConfig:
             raise ValueError(f"window (gamma) must be an integer in [1, 32], got {self.window!r}")
         if self.branch_policy not in POLICIES:
             raise ValueError(f"branch_policy must be one of {POLICIES}, got {self.branch_policy!r}")
+        if not isinstance(self.min_branch_prob, (int, float)) or not 0 <= self.min_branch_prob < 1:
+            raise ValueError(f"min_branch_prob must be in [0, 1), got {self.min_branch_prob!r}")
         if self.exit_vocab not in ("draft", "full"):
             raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
         if self.mode not in MODES:
@@ -147,7 +150,7 @@ class _Run:
         self.suffix_spans, self.rollout_spans = [], []
         vocab = draft_vocabulary(dec.draft, prompt) if self.cfg.exit_vocab == "draft" else None
         self.exit = ExitProposer(self.target, self.cfg.exit_head, self.cfg.top_k, self.cfg.branch_policy, vocab,
-                                 self.cfg.max_branches, self.cfg.window)
+                                 self.cfg.max_branches, self.cfg.window, self.cfg.min_branch_prob)
 
     def generate(self) -> GenerationOutput:
         stats = self.stats

@@ -28,6 +28,8 @@ callable exit head is used as given (full vocabulary).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,14 +55,17 @@ class ExitProposer:
                 fit one rollout tree of ``depth``), "per_position" leaves the cap to the tree
                 builder (first positions first)
     depth       rollout depth per branch (the window), for what fits one tree
+    min_prob    "ranked" drops branches whose estimated P(A = i, c = v) is below this: a rollout
+                that is almost never adopted still costs draft time (0: fill the budget)
     """
 
     def __init__(self, target, head, kappa: int, policy: str = "ranked", vocab_ids=None, max_branches=None,
-                 depth: int = 7):
+                 depth: int = 7, min_prob: float = 0.0):
         if policy not in POLICIES:
             raise ValueError(f"branch_policy must be one of {POLICIES}, got {policy!r}")
         self.target, self.head, self.kappa, self.policy = target, head, kappa, policy
         self.max_branches, self.depth = max_branches, depth
+        self.log_floor = math.log(min_prob) if min_prob > 0 else -math.inf
         restrictable = head is None or hasattr(head, "normed")
         self.vocab_ids = vocab_ids.to(target.device) if vocab_ids is not None and restrictable else None
         self.sub_weight = None
@@ -108,7 +113,7 @@ class ExitProposer:
         flat = torch.topk(score.flatten(), min(budget, score.numel()))
         rows = [[] for _ in range(n + 1)]
         for s, f in sorted(zip(flat.values.tolist(), flat.indices.tolist()), key=lambda t: t[1]):
-            if s > -torch.inf:
+            if s > self.log_floor:
                 rows[f // k].append(int(top_ids[f // k, f % k]))  # row order = rank order (index-sorted)
         width = max(1, max(len(r) for r in rows))
         return [r + [-1] * (width - len(r)) for r in rows]
