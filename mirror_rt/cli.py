@@ -29,6 +29,9 @@ def _add_model_args(p):
                    help="Mirror branches: ranked by estimated P(A=i, c=v), or top-kappa at every position")
     p.add_argument("--min-branch-prob", type=float, default=0.0,
                    help="ranked Mirror branches: skip those the exit head puts below this probability")
+    p.add_argument("--fallback", default="recompute", choices=["recompute", "exit"],
+                   help="Mirror after a miss: recompute a window (the paper), or run the next step with an "
+                        "empty window whose exit branches give the draft its next one")
     p.add_argument("--exit-vocab", default="draft", choices=["draft", "full"],
                    help="Mirror exit scores the draft's reduced vocabulary (default) or the full one")
     p.add_argument("--mode", default="match", choices=["match", "rejection"], help="Mirror sampling rule")
@@ -85,6 +88,7 @@ def make_decoder(name, target, draft, args):
                                                          window=window, mode=args.mode,
                                                          branch_policy=args.branch_policy,
                                                          min_branch_prob=args.min_branch_prob,
+                                                         fallback=args.fallback,
                                                          exit_vocab=args.exit_vocab,
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")

@@ -64,6 +64,39 @@ def test_every_branch_policy_is_lossless(pair, policy, floor):
         assert branches == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("lane", ["inline", "thread", "process"])
+def test_exit_fallback_is_lossless_and_runs_empty_windows(pair, lane):
+    """fallback="exit": after a miss the next step has no window; the exit's branches still give
+    the draft its next window. Greedy output is AR's, every miss is followed by an empty step."""
+    target, draft = pair
+    for exit_layer, kappa, window, policy in [(1, 2, 3, "ranked"), (3, 8, 7, "per_position"), (2, 1, 1, "ranked")]:
+        with MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=kappa, window=window, lane=lane,
+                                                       branch_policy=policy, fallback="exit")) as dec:
+            for length in (1, 6):
+                ids = torch.arange(3, 3 + length)[None] % 64
+                out = dec.generate(ids, 31)
+                assert out.tokens.tolist() == ar_tokens(target, ids, 31), (lane, window, length)
+                check_consistent(out, 31)
+                s = out.stats
+                assert s["fallbacks"] >= 1 and "fallback" not in s["phase_s"]  # no serial recompute
+                assert s["empty_steps"] >= s["fallbacks"] - 1  # the last miss may end the run
+                assert s["accepted_hist"].get(0, 0) >= s["empty_steps"]
+
+
+def test_exit_fallback_with_exact_exit_never_waits(pair):
+    """An exact exit head (identity last layer) contains every correction: after the first window,
+    every step reuses a branch, empty-window steps included."""
+    target, _ = tiny_pair(seed=3)
+    identity_last_layer(target)
+    _, draft = tiny_pair(seed=4)
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=N_LAYERS - 1, top_k=1, window=3, lane="inline",
+                                                    branch_policy="per_position", fallback="exit"))
+    ids = torch.tensor([[7, 8, 9]])
+    out = dec.generate(ids, 30)
+    assert out.tokens.tolist() == ar_tokens(target, ids, 30)
+    assert out.stats["fallbacks"] == 0 and out.stats["empty_steps"] == 0
+
+
 @pytest.mark.parametrize("lane", ["thread", "process"])
 @pytest.mark.parametrize("exit_layer,kappa,window", [(2, 8, 7), (1, 2, 3)])
 def test_greedy_equals_autoregressive_on_lanes(pair, lane, exit_layer, kappa, window):
@@ -206,6 +239,30 @@ def test_stochastic_modes_follow_target_distribution(small_vocab_pair, mode):
     probs = exact_two_token_distribution(target, ids)
     dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=2, window=2, mode=mode, lane="inline"))
     stat, dof = chi_square(sample_counts(dec, ids, 5, 1500), probs)
+    assert stat < CHI2_999[dof], f"{mode}: chi-square {stat:.1f} with {dof} dof"
+
+
+@pytest.mark.parametrize("mode", ["match", "rejection"])
+def test_exit_fallback_follows_target_distribution(small_vocab_pair, mode):
+    """fallback="exit" when sampling: the joint of tokens 2 and 3 (drawn after a miss by an
+    empty-window step, or from a reused branch) is the target's."""
+    target, draft = small_vocab_pair
+    ids, V = torch.tensor([[1, 3]]), 5
+    p1 = process_logits(target(ids, target.new_cache(16))[0, -1]).double()
+    tail = torch.zeros(V, V, dtype=torch.float64)  # P(y2, y3) = sum_a p(a) p(y2 | a) p(y3 | a, y2)
+    for a in range(V):
+        pa = exact_two_token_distribution(target, torch.cat([ids, torch.tensor([[a]])], 1))
+        tail += p1[a] * pa
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=1, window=1, mode=mode, lane="inline",
+                                                    branch_policy="per_position", fallback="exit"))
+    counts, empty = torch.zeros(V, V, dtype=torch.int64), 0
+    for seed in range(1500):
+        out = dec.generate(ids, 3, temperature=1.0, seed=seed)
+        _, b, c = out.tokens[0].tolist()
+        counts[b, c] += 1
+        empty += out.stats["empty_steps"]
+    assert empty > 100  # the empty-window steps really ran
+    stat, dof = chi_square(counts, tail)
     assert stat < CHI2_999[dof], f"{mode}: chi-square {stat:.1f} with {dof} dof"
 
 

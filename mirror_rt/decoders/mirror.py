@@ -7,7 +7,10 @@ One step, as the paper draws it:
               top-kappa per position or ranked by estimated P(A = i, c = v) (mirror_exit.py)
     overlap   target suffix [l_e, N)   ||   draft rolls out every branch (i, v in E_i) as one tree
     verify    verify_accept -> accepted A, next token c; commit w_1..w_A, c
-    reuse     c in E_A: branch (A, c) is the next window (its draft KV adopted); else fallback
+    reuse     c in E_A: branch (A, c) is the next window (its draft KV adopted); else fallback:
+              "recompute" (the paper) waits for the draft to roll out a fresh window from c;
+              "exit" starts the next step at once with an empty window, whose exit branches give
+              the draft its next window while the target computes c's successor
 
 The draft lives behind a lane (same thread, worker thread, device stream or second process), so
 the overlap is real wherever the lane allows it. Output is exactly the target's (lossless).
@@ -29,6 +32,7 @@ from mirror_rt.decoders.speculative import verify_chain
 from mirror_rt.lanes import LANE_KINDS, LaneError, make_lane, result_of
 
 MODES = ("greedy", "match", "rejection")
+FALLBACKS = ("recompute", "exit")
 
 
 @dataclass(slots=True)
@@ -41,6 +45,7 @@ class MirrorConfig:
     exit_head: object = None         # callable hidden [1, T, H] -> logits [1, T, V]; None = logit lens
     branch_policy: str = "ranked"    # "per_position" (top-kappa at every i) or "ranked" (mirror_exit.py)
     min_branch_prob: float = 0.0     # ranked: skip branches the exit estimates below this probability
+    fallback: str = "recompute"      # after a miss: "recompute" a window (serial) or "exit" (see above)
     exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
     lane: str = "auto"               # where the draft runs: one of LANE_KINDS
     draft_threads: int | None = None  # torch threads for a thread/process lane's draft
@@ -62,6 +67,8 @@ class MirrorConfig:
             raise ValueError(f"branch_policy must be one of {POLICIES}, got {self.branch_policy!r}")
         if not isinstance(self.min_branch_prob, (int, float)) or not 0 <= self.min_branch_prob < 1:
             raise ValueError(f"min_branch_prob must be in [0, 1), got {self.min_branch_prob!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.exit_vocab not in ("draft", "full"):
             raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
         if self.mode not in MODES:
@@ -172,12 +179,15 @@ class _Run:
     def step(self, lane, window, q):
         """One Mirror-SD step; returns the next window and its q rows."""
         target, stats, le = self.target, self.stats, self.cfg.exit_layer
-        n = min(len(window), self.max_new - len(self.out.tokens) - 1)
-        window = window[:n]
-        if n == 0:  # one token left: the target alone
+        remaining = self.max_new - len(self.out.tokens)
+        if remaining == 1:  # one token left: the target alone
             self.tokens.append(autoregressive_tail(target, self.cache, self.tokens[-1], self.sampler, self.out,
                                                    stats))
             return [], None
+        window = window[: remaining - 1]
+        n = len(window)
+        if n == 0:  # after a miss with fallback="exit": no window, the exit's branches still roll out
+            stats.counters["empty_steps"] += 1
         node_ids = torch.tensor([[self.tokens[-1]] + window], device=target.device)
         with stats.phase("prefix"):
             hidden = target.run_layers(target.embed(node_ids), 0, le, self.cache)
@@ -208,6 +218,8 @@ class _Run:
             stats.counters["reuse_hits"] += 1
             return next_window, next_q
         stats.counters["fallbacks"] += 1
+        if self.cfg.fallback == "exit":
+            return [], None
         with stats.phase("fallback"):
             return lane.call("fresh_window", self.cfg.window, timeout=self.cfg.lane_timeout)
 
@@ -234,6 +246,7 @@ class _Run:
     def finish(self) -> dict:
         s = self.stats
         steps = max(s.steps, 1)
+        empty = s.counters["empty_steps"]  # steps with no draft window (fallback="exit")
         overlap = sum(_intersect(a, b) for a, b in zip(self.suffix_spans, self.rollout_spans))
         rollout_total = sum(b - a for a, b in self.rollout_spans)
         return s.finish(
@@ -242,7 +255,8 @@ class _Run:
             reuse_hits=s.counters["reuse_hits"], fallbacks=s.counters["fallbacks"],
             reuse_rate=s.counters["reuse_hits"] / steps, fallback_rate=s.counters["fallbacks"] / steps,
             overlap_fraction=overlap / rollout_total if rollout_total > 0 else 0.0,
-            branches_per_step=s.counters["branches"] / steps,
+            branches_per_step=s.counters["branches"] / steps, empty_steps=empty,
+            mean_accepted_per_window=sum(k * v for k, v in s.accepted.items()) / max(steps - empty, 1),
         )
 
 

@@ -77,16 +77,21 @@ class MirrorDraft:
         """Branch-complete rollouts: every branch (i, v), v in E_i, v != w_{i+1}, continues the
         context (..., w_1..w_i, v) by `depth` draft tokens; all branches form one tree
         (``mirror_rt.ops.branch_tree``), one draft forward per rollout step. Needs the window
-        chain [pending, w_1..w_{n-1}] in the region already. Returns the number of branches."""
+        chain [pending, w_1..w_{n-1}] in the region already; with an empty window (n = 0, the step
+        after a miss under ``fallback="exit"``) the pending token is fed here first. Returns the
+        number of branches."""
         n = len(window)
         fit = max_branches_for(n, depth, self.max_branches)
-        tree = build_branch_tree(torch.tensor(window), torch.tensor(exit_ids), max_branches=fit,
+        tree = build_branch_tree(torch.tensor(window, dtype=torch.long), torch.tensor(exit_ids), max_branches=fit,
                                  capacity=n + fit * max(depth, 1))
         nb = tree.num_branches
         # Region slot 0 holds the pending token (every node's ancestor), tree node j is slot 1 + j.
         # First forward: w_n (closing the window chain, tree node n-1) and every branch root.
-        logits = self._tree_forward(tree, n - 1)
-        picks = [self.sampler.pick(logits[1 + b]) for b in range(nb)]
+        if n == 0:
+            self._forward([self.pending], 0, None)  # region slot 0: the parent of every branch root
+        logits = self._tree_forward(tree, max(n - 1, 0))
+        first_root = 1 if n else 0
+        picks = [self.sampler.pick(logits[first_root + b]) for b in range(nb)]
         outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
         for _ in range(1, depth if nb else 0):
             extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))

@@ -96,7 +96,9 @@ class ExitProposer:
 
     def ranked(self, logp: torch.Tensor, window: list[int]) -> list[list[int]]:
         n = len(window)
-        budget = min((n + 1) * self.kappa, max_branches_for(n, self.depth, self.max_branches))
+        # (window + 1) * kappa even when this step's window is shorter (the last step, or an empty
+        # window after a miss): the draft has the same time for them under the target's suffix.
+        budget = min((self.depth + 1) * self.kappa, max_branches_for(n, self.depth, self.max_branches))
         if budget == 0:
             return [[-1] for _ in range(n + 1)]
         k = min(budget + 1, logp.shape[-1])  # +1: one of a row's top ids may be the window's own token
