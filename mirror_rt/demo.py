@@ -96,8 +96,9 @@ def summarize(outputs) -> dict:
     wall = sum(o.stats["wall_s"] for o in outputs)
     steps = sum(o.stats["steps"] for o in outputs)
     accepted = sum(o.stats["mean_accepted"] * o.stats["steps"] for o in outputs)
+    windows = steps - sum(o.stats.get("empty_steps", 0) for o in outputs)  # steps that verified a window
     row = {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall else 0.0,
-           "mean_accepted": accepted / steps if steps else 0.0}
+           "mean_accepted": accepted / windows if windows else 0.0}
     if "reuse_hits" in outputs[0].stats:
         row["reuse"] = sum(o.stats["reuse_hits"] for o in outputs) / steps
         row["fallback"] = sum(o.stats["fallbacks"] for o in outputs) / steps

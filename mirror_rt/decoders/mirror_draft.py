@@ -87,11 +87,8 @@ class MirrorDraft:
         nb = tree.num_branches
         # Region slot 0 holds the pending token (every node's ancestor), tree node j is slot 1 + j.
         # First forward: w_n (closing the window chain, tree node n-1) and every branch root.
-        if n == 0:
-            self._forward([self.pending], 0, None)  # region slot 0: the parent of every branch root
-        logits = self._tree_forward(tree, max(n - 1, 0))
-        first_root = 1 if n else 0
-        picks = [self.sampler.pick(logits[first_root + b]) for b in range(nb)]
+        logits = self._tree_forward(tree, n - 1) if n else self._pending_and_roots_forward(tree)
+        picks = [self.sampler.pick(logits[1 + b]) for b in range(nb)]
         outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
         for _ in range(1, depth if nb else 0):
             extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))
@@ -130,6 +127,17 @@ class MirrorDraft:
         return self._forward(tree.tokens[rows].tolist(), 1 + first, mask, positions)
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _pending_and_roots_forward(self, tree):
+        """An empty window: one forward of the pending token (region slot 0, every root's parent)
+        and the branch roots after it. Logits [1 + nb, V]: row 0 the pending token's, 1 + b root b's."""
+        nb = tree.num_nodes
+        mask = torch.zeros(1 + nb, 1 + nb, dtype=torch.bool)
+        mask[:, 0] = True
+        mask[1:, 1:] = tree.dense_mask(0, nb)
+        positions = [0] + (1 + tree.positions[:nb]).tolist()
+        return self._forward([self.pending] + tree.tokens[:nb].tolist(), 0, mask, positions)
+
 
     def _forward(self, ids, offset, mask, positions=None):
         """Feed ids at region offset `offset` (chain when mask is None); logits [len(ids), V]."""
