@@ -27,11 +27,12 @@ def _add_model_args(p):
     p.add_argument("--max-branches", type=int, default=None, help="cap on Mirror branches per step")
     p.add_argument("--branch-policy", default="ranked", choices=["ranked", "per_position"],
                    help="Mirror branches: ranked by estimated P(A=i, c=v), or top-kappa at every position")
-    p.add_argument("--min-branch-prob", type=float, default=0.0,
-                   help="ranked Mirror branches: skip those the exit head puts below this probability")
-    p.add_argument("--fallback", default="recompute", choices=["recompute", "exit"],
-                   help="Mirror after a miss: recompute a window (the paper), or run the next step with an "
-                        "empty window whose exit branches give the draft its next one")
+    p.add_argument("--min-branch-prob", type=float, default=None,
+                   help="ranked Mirror branches: skip those the exit head puts below this probability (default 0; "
+                        "the demo uses 0.05)")
+    p.add_argument("--fallback", default=None, choices=["recompute", "exit"],
+                   help="Mirror after a miss: recompute a window (the paper; the default), or run the next step "
+                        "with an empty window whose exit branches give the draft its next one (the demo's)")
     p.add_argument("--exit-vocab", default="draft", choices=["draft", "full"],
                    help="Mirror exit scores the draft's reduced vocabulary (default) or the full one")
     p.add_argument("--mode", default="match", choices=["match", "rejection"], help="Mirror sampling rule")
@@ -87,8 +88,8 @@ def make_decoder(name, target, draft, args):
         return MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=args.kappa or 8, exit_head=head,
                                                          window=window, mode=args.mode,
                                                          branch_policy=args.branch_policy,
-                                                         min_branch_prob=args.min_branch_prob,
-                                                         fallback=args.fallback,
+                                                         min_branch_prob=args.min_branch_prob or 0.0,
+                                                         fallback=args.fallback or "recompute",
                                                          exit_vocab=args.exit_vocab,
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")

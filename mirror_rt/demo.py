@@ -19,6 +19,11 @@ DECODERS = ("ar", "sd", "mirror")
 # uses a smaller window and kappa than the paper's 7 / 8 (override with --window / --kappa);
 # 3 / 2 was the fastest of windows {2, 3, 4} x kappa {2, 4} on the built-in prompts.
 DEMO_WINDOW, DEMO_KAPPA = 3, 2
+# After a miss, the next step starts at once with an empty window (fallback "exit") instead of
+# waiting for the draft to recompute one, and ranked branches under 5% are not rolled out: at
+# this CPU's acceptance both measured faster (bench/RESULTS.md). Override with --fallback recompute
+# / --min-branch-prob 0.
+DEMO_FALLBACK, DEMO_MIN_BRANCH_PROB = "exit", 0.05
 
 
 def threads_for(name: str, args) -> int:
@@ -61,6 +66,8 @@ def run_demo(args):
 
     args.window = args.window or DEMO_WINDOW
     args.kappa = args.kappa or DEMO_KAPPA
+    args.fallback = args.fallback or DEMO_FALLBACK
+    args.min_branch_prob = DEMO_MIN_BRANCH_PROB if args.min_branch_prob is None else args.min_branch_prob
     target, draft, tok, label = load_pair(args)
     texts, source = demo_prompts(args)
     prompts = [encode_chat(tok, p, target.device) for p in texts]
@@ -81,7 +88,8 @@ def run_demo(args):
     print(f"\nmirror-rt demo: target {getattr(target, 'name', target.config.arch)} "
           f"({target.config.num_layers} layers), draft: {label}")
     print(f"{len(prompts)} {source}, greedy, max {args.max_new_tokens} new tokens, window {args.window}, "
-          f"kappa {args.kappa}, exit layer {decoders['mirror'].config.exit_layer} "
+          f"kappa {args.kappa}, Mirror branches {args.branch_policy} (floor {args.min_branch_prob}), fallback "
+          f"{args.fallback}, exit layer {decoders['mirror'].config.exit_layer} "
           f"({'trained exit head' if decoders['mirror'].config.exit_head is not None else 'logit lens'}), "
           f"lane {args.lane}, threads AR/SD {threads_for('ar', args)} / Mirror {threads_for('mirror', args)} per side")
     print(format_table(results))
