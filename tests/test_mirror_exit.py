@@ -55,7 +55,8 @@ class _FixedExit(ExitProposer):
     """A proposer whose exit distribution is given (log-probabilities [n+1, V])."""
 
     def __init__(self, logp, kappa, max_branches=None, min_prob=0.0):
-        self.vocab_ids, self.kappa, self.policy, self.max_branches, self.depth = None, kappa, "ranked", max_branches, 3
+        self.vocab_ids, self.kappa, self.policy, self.max_branches = None, kappa, "ranked", max_branches
+        self.depth = 2  # the window length, as in a decoder: the budget is (depth + 1) * kappa
         self.log_floor = math.log(min_prob) if min_prob else -math.inf
         self.logp = logp
 
