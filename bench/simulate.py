@@ -213,7 +213,8 @@ def main(argv=None):
             ms = lambda x: f"{x * 1e3:6.2f}"  # noqa: E731
             print(f"{target.name:>18} {r['family']:>14} {r['mean_accepted']:5.2f} {r['fallback_rate']:6.0%} "
                   f"{ms(m['ar_s'])} {ms(s['sd_s'])} {ms(m['mirror_s'])} {ms(m['terms']['suffix'])} "
-                  f"{ms(m['terms']['draft_gen'])} {s['sd_speedup']:5.2f} {m['mirror_speedup']:8.2f} {paper_speedup(r['family']):>8}")
+                  f"{ms(m['terms']['draft_gen'])} {s['sd_speedup']:5.2f} {m['mirror_speedup']:8.2f} "
+                  f"{paper_speedup(r['family']):>8}")
     print("\nshapes: " + "; ".join(f"{t.name} {t.layers}L h{t.hidden} ffn{t.intermediate} {t.heads}/{t.kv_heads} "
                                     f"heads V{t.vocab} [{t.source}]" for t in TARGETS.values()))
     print(f"draft: {DRAFT_BODY.name} {DRAFT_BODY.layers}L h{DRAFT_BODY.hidden} ffn{DRAFT_BODY.intermediate} "

@@ -23,7 +23,8 @@ struct BranchTreeBuffers {
 
 // Branches are (i, v) for i = 0..gamma and v = exit_ids[i][r], r = 0..kappa-1 (position-major,
 // rank-minor), skipping v == window[i] (that branch is the window itself) and v < 0 (a hole: the
-// caller chose no branch there), keeping the first max_branches (< 0: all). Writes branch_pos[k] = i, branch_rank[k] = r and the tree into `buf`.
+// caller chose no branch there), keeping the first max_branches (< 0: all). Writes
+// branch_pos[k] = i, branch_rank[k] = r and the tree into `buf`.
 // Returns the number of branches, or -1 when gamma + branches exceeds buf.capacity.
 int build_branch_tree(const int64_t* window, int gamma, const int64_t* exit_ids, int kappa,
                       int max_branches, BranchTreeBuffers buf, int32_t* branch_pos,

@@ -38,7 +38,7 @@ FALLBACKS = ("recompute", "exit")
 @dataclass(slots=True)
 class MirrorConfig:
     exit_layer: int | None = None    # l_e; default N // 2
-    top_k: int = 8                   # kappa: exit candidates per position (ranked: (n+1)*kappa in all)
+    top_k: int = 8                   # kappa: exit candidates per position (ranked: (window+1)*kappa in all)
     window: int = 7                  # gamma: draft tokens per window (and rollout depth)
     mode: str = "match"              # acceptance rule when sampling (temperature 0 is always greedy)
     max_branches: int | None = None  # cap on branches per step (None: as many as fit one tree)

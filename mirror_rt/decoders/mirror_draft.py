@@ -87,7 +87,7 @@ class MirrorDraft:
         nb = tree.num_branches
         # Region slot 0 holds the pending token (every node's ancestor), tree node j is slot 1 + j.
         # First forward: w_n (closing the window chain, tree node n-1) and every branch root.
-        logits = self._tree_forward(tree, n - 1) if n else self._pending_and_roots_forward(tree)
+        logits = self._tree_forward(tree, n - 1) if n else self._tree_forward(tree, 0, with_pending=True)
         picks = [self.sampler.pick(logits[1 + b]) for b in range(nb)]
         outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
         for _ in range(1, depth if nb else 0):
@@ -118,26 +118,21 @@ class MirrorDraft:
         self.cache.commit(accepted + 1)
         return True, self.outs[k], self._stack(self.qs[k])
 
-    def _tree_forward(self, tree, first: int):
-        """Draft forward of tree nodes [first, num_nodes) (region slots 1 + j): logits [Tq, V]."""
+    def _tree_forward(self, tree, first: int, with_pending: bool = False):
+        """Draft forward of tree nodes [first, num_nodes) (region slots 1 + j): logits [Tq, V].
+        with_pending: an empty window; the pending token (region slot 0, every root's parent) is fed
+        in the same forward, as row 0 of the logits."""
         rows = slice(first, tree.num_nodes)
         mask = tree.dense_mask(first, tree.num_nodes)
         mask = torch.cat([torch.ones(mask.shape[0], 1, dtype=torch.bool), mask], dim=1)  # the pending slot
-        positions = (1 + tree.positions[rows]).tolist()
-        return self._forward(tree.tokens[rows].tolist(), 1 + first, mask, positions)
+        ids, positions = tree.tokens[rows].tolist(), (1 + tree.positions[rows]).tolist()
+        if not with_pending:
+            return self._forward(ids, 1 + first, mask, positions)
+        pending_row = torch.zeros(1, mask.shape[1], dtype=torch.bool)
+        pending_row[0, 0] = True
+        return self._forward([self.pending] + ids, first, torch.cat([pending_row, mask]), [0] + positions)
 
     # --- helpers -------------------------------------------------------------------------------
-
-    def _pending_and_roots_forward(self, tree):
-        """An empty window: one forward of the pending token (region slot 0, every root's parent)
-        and the branch roots after it. Logits [1 + nb, V]: row 0 the pending token's, 1 + b root b's."""
-        nb = tree.num_nodes
-        mask = torch.zeros(1 + nb, 1 + nb, dtype=torch.bool)
-        mask[:, 0] = True
-        mask[1:, 1:] = tree.dense_mask(0, nb)
-        positions = [0] + (1 + tree.positions[:nb]).tolist()
-        return self._forward([self.pending] + tree.tokens[:nb].tolist(), 0, mask, positions)
-
 
     def _forward(self, ids, offset, mask, positions=None):
         """Feed ids at region offset `offset` (chain when mask is None); logits [len(ids), V]."""

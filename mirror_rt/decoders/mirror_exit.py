@@ -6,8 +6,9 @@ target's correction is v"; the draft precomputes its continuation while the targ
 Two policies choose the branches (``MirrorConfig.branch_policy``):
 
 * ``"per_position"`` -- the paper's M_t: the exit's top-kappa ids at every position.
-* ``"ranked"`` -- the same budget of (n + 1) * kappa branches, given to the pairs (i, v) with the
-  highest estimated probability that the step ends exactly there,
+* ``"ranked"`` -- a budget of (window + 1) * kappa branches (what per_position spends on a full
+  window), given to the pairs (i, v) with the highest estimated probability that the step ends
+  exactly there,
 
       P(A = i, c = v)  ~  reach_i * p_i(v),   reach_i = prod_{j < i} p_j(w_{j+1}),
 
@@ -49,7 +50,7 @@ class ExitProposer:
 
     target      the target model (its final norm and LM head serve the logit lens)
     head        None (logit lens), an ``ExitHead``, or any callable hidden [1, T, H] -> logits [1, T, V]
-    kappa       candidates per position ("per_position"); the budget is (n + 1) * kappa ("ranked")
+    kappa       candidates per position ("per_position"); the budget is (depth + 1) * kappa ("ranked")
     vocab_ids   int64 [Vc] target ids the exit may propose, or None for the full vocabulary
     max_branches  the user's cap (None: none); "ranked" keeps the best that many (and no more than
                 fit one rollout tree of ``depth``), "per_position" leaves the cap to the tree
@@ -105,13 +106,14 @@ class ExitProposer:
         top_lp, top_col = torch.topk(logp, k, dim=-1)
         top_ids = self.to_target_ids(top_col)
         log_reach = torch.zeros(n + 1)
+        score = top_lp.cpu()
         if n:
-            cols = self.columns_of(torch.tensor(window, device=logp.device))
+            w = torch.tensor(window, device=logp.device)
+            cols = self.columns_of(w)
             accept_lp = torch.where(cols >= 0, logp[torch.arange(n), cols.clamp(min=0)], -torch.inf)
             log_reach[1:] = torch.cumsum(accept_lp.cpu(), 0)
-        score = log_reach[:, None] + top_lp.cpu()
-        if n:  # branch (i, w_{i+1}) is the window itself
-            score[:n][top_ids[:n].cpu() == torch.tensor(window)[:, None]] = -torch.inf
+            score[:n][(top_ids[:n] == w[:, None]).cpu()] = -torch.inf  # branch (i, w_{i+1}) is the window itself
+        score += log_reach[:, None]
         flat = torch.topk(score.flatten(), min(budget, score.numel()))
         rows = [[] for _ in range(n + 1)]
         for s, f in sorted(zip(flat.values.tolist(), flat.indices.tolist()), key=lambda t: t[1]):
