@@ -43,13 +43,14 @@ class MirrorConfig:
     mode: str = "match"              # acceptance rule when sampling (temperature 0 is always greedy)
     max_branches: int | None = None  # cap on branches per step (None: as many as fit one tree)
     exit_head: object = None         # callable hidden [1, T, H] -> logits [1, T, V]; None = logit lens
+    lane: str = "auto"               # where the draft runs: one of LANE_KINDS
+    draft_threads: int | None = None  # torch threads for a thread/process lane's draft
+    lane_timeout: float = 120.0      # seconds before a silent draft lane counts as failed
+    # Added after the first release's fields, so positional construction keeps its meaning:
     branch_policy: str = "ranked"    # "per_position" (top-kappa at every i) or "ranked" (mirror_exit.py)
     min_branch_prob: float = 0.0     # ranked: skip branches the exit estimates below this probability
     fallback: str = "recompute"      # after a miss: "recompute" a window (serial) or "exit" (see above)
     exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
-    lane: str = "auto"               # where the draft runs: one of LANE_KINDS
-    draft_threads: int | None = None  # torch threads for a thread/process lane's draft
-    lane_timeout: float = 120.0      # seconds before a silent draft lane counts as failed
 
     def validate(self, num_layers: int):
         head_layer = getattr(self.exit_head, "exit_layer", None)  # a trained head knows its layer
