@@ -2,11 +2,13 @@
 
     python -m mirror_rt.train.pack [--out .gpu_bundle] [--n-templates 2000]
 
-Writes (ignored by git; the device tool carries at most 64 MiB per call, the target GGUF is 98 MB,
-so it travels in two calls on the same warm machine):
+Writes (ignored by git; the device tool carries at most 64 MiB per call *including the working
+tree*, the target GGUF is 98 MB, so it travels in several calls on the same warm machine; the part
+size is what the tracked tree leaves free, so the number of calls grows with the tree):
 
-    .gpu_bundle/a/target.part0        first 56 MiB of the target GGUF   (call 1 carries a/)
-    .gpu_bundle/b/target.part1        the rest                          (call 2 carries b/)
+    .gpu_bundle/a0/target.part0       first part of the target GGUF     (call 1 carries a0/)
+    .gpu_bundle/a1/target.part1       ...                               (call 2 carries a1/, ...)
+    .gpu_bundle/b/target.partN        the last part                     (the last call carries b/)
     .gpu_bundle/b/prompts.json        chat-templated token ids: train-allowed prompts + held-out eval
     .gpu_bundle/b/manifest.json       sizes and sha256 of the GGUF and its parts
     .gpu_bundle/b/gguf-*.whl          the GGUF reader (absent from the GPU image), if found here
@@ -24,7 +26,31 @@ import shutil
 import subprocess
 import sys
 
-PART_BYTES = 56 * 2 ** 20
+CALL_LIMIT = 64 * 2 ** 20   # what one device call may carry, working tree included
+MARGIN = 2 * 2 ** 20        # headroom for files that appear between packing and the calls
+
+
+def tree_bytes(repo: str) -> int:
+    """Bytes of the working tree that travels with every device call (tracked + untracked-not-ignored)."""
+    try:
+        out = subprocess.run(["git", "-C", repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        print("pack: not a git checkout; assuming an empty working tree for the part size")
+        return 0
+    files = {f for f in out.decode().split("\0") if f}
+    return sum(os.path.getsize(os.path.join(repo, f)) for f in files if os.path.isfile(os.path.join(repo, f)))
+
+
+def part_sizes(total: int, room: int, last_room: int) -> list[int]:
+    """Split `total` bytes into parts of at most `room` bytes, the last one at most `last_room`."""
+    if room <= 0 or last_room <= 0:
+        raise SystemExit(f"pack: the working tree leaves no room under the {CALL_LIMIT >> 20} MiB per-call limit")
+    sizes = []
+    while total > last_room:
+        sizes.append(min(room, total))
+        total -= sizes[-1]
+    return sizes + [total]
 
 
 def sha256(path: str) -> str:
@@ -61,26 +87,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     repo = os.getcwd()
     ensure_ignored(repo, args.out)
-    a, b = os.path.join(args.out, "a"), os.path.join(args.out, "b")
-    for d in (a, b):
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
+    shutil.rmtree(args.out, ignore_errors=True)
+    b = os.path.join(args.out, "b")
+    os.makedirs(b)
     target = args.target or default_target_path()
-    with open(target, "rb") as f:
-        head = f.read(PART_BYTES)
-        rest = f.read()
-    for path, blob in ((os.path.join(a, "target.part0"), head), (os.path.join(b, "target.part1"), rest)):
-        with open(path, "wb") as f:
-            f.write(blob)
     cfg = PipelineConfig(n_templates=args.n_templates, n_eval=args.n_eval)
     prompts = prepare_prompts(load_tokenizer(target), cfg, args.spec_bench)
     with open(os.path.join(b, "prompts.json"), "w") as f:
         json.dump(prompts, f)
-    manifest = {"gguf_name": os.path.basename(target), "gguf_sha256": sha256(target), "gguf_bytes": os.path.getsize(target),
-                "parts": {"a/target.part0": len(head), "b/target.part1": len(rest)},
-                "n_train": len(prompts["train"]), "n_eval": len(prompts["eval"])}
-    with open(os.path.join(b, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
     wheels = glob.glob(os.path.join(args.wheel_dir, "gguf-*.whl")) if args.wheel_dir else []
     if not wheels:
         import gguf
@@ -89,9 +103,27 @@ def main(argv=None):
                        check=False)
     for w in wheels:
         shutil.copy(w, b)
-    sizes = {d: sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d)) / 2 ** 20 for d in (a, b)}
-    print(json.dumps({"bundle": args.out, "MiB": sizes, **manifest}, indent=1))
-    print(f"call 1: carry [{a}] ; call 2: carry [{b}] and run  bash mirror_rt/train/gpu_train.sh {args.out}")
+    room = CALL_LIMIT - tree_bytes(repo) - MARGIN
+    extras = sum(os.path.getsize(os.path.join(b, x)) for x in os.listdir(b)) + 4096  # + manifest
+    sizes = part_sizes(os.path.getsize(target), room, room - extras)
+    dirs = [os.path.join(args.out, f"a{i}") for i in range(len(sizes) - 1)] + [b]
+    parts = {}
+    with open(target, "rb") as f:
+        for i, (d, n) in enumerate(zip(dirs, sizes)):
+            os.makedirs(d, exist_ok=True)
+            rel = f"{os.path.basename(d)}/target.part{i}"
+            with open(os.path.join(args.out, rel), "wb") as out:
+                out.write(f.read(n))
+            parts[rel] = n
+    manifest = {"gguf_name": os.path.basename(target), "gguf_sha256": sha256(target), "gguf_bytes": os.path.getsize(target),
+                "parts": parts, "n_train": len(prompts["train"]), "n_eval": len(prompts["eval"])}
+    with open(os.path.join(b, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    mib = {d: round(sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d)) / 2 ** 20, 1) for d in dirs}
+    print(json.dumps({"bundle": args.out, "MiB": mib, "room_per_call_MiB": round(room / 2 ** 20, 1), **manifest}, indent=1))
+    for i, d in enumerate(dirs[:-1]):
+        print(f"call {i + 1}: carry [{d}] and run  mkdir -p /tmp/mirror_rt_bundle && cp {d}/target.part{i} /tmp/mirror_rt_bundle/")
+    print(f"call {len(dirs)}: carry [{b}] and run  bash mirror_rt/train/gpu_train.sh {args.out}")
 
 
 if __name__ == "__main__":
