@@ -306,3 +306,24 @@ def test_inline_lane_has_no_overlap(pair):
     target, draft = pair
     out = MirrorDecoder(target, draft, MirrorConfig(lane="inline")).generate(torch.tensor([[1, 2]]), 10)
     assert out.stats["overlap_fraction"] == 0.0
+
+
+def test_draft_prefill_overlaps_the_target_prefill():
+    """The draft's prefill and first window are submitted before the target prefills, so on a
+    thread lane their time hides under the target's prefill; prefill_threads is restored after."""
+    target, draft = tiny_pair()
+    slow_target = SlowTarget(target, 0.3)  # prefill: one run_layers call, 300 ms
+    slow_draft = SlowDraft(draft, 0.04)  # start + a 3-token window: a few forwards, ~160 ms serial
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    threads = torch.get_num_threads()
+    cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane="thread", prefill_threads=1)
+    with MirrorDecoder(slow_target, slow_draft, cfg) as dec:
+        dec.generate(ids, 2)  # builds the lane (not timed)
+        calls = slow_draft.calls
+        out = dec.generate(ids, 2)
+    assert torch.get_num_threads() == threads
+    assert out.tokens.tolist() == ar_tokens(target, ids, 2)
+    s = out.stats["phase_s"]
+    assert s["prefill"] >= 0.3
+    assert slow_draft.calls - calls >= 3  # the draft did >= 120 ms of work before the first step...
+    assert s["first_window"] < 0.05, s  # ...all of it while the target prefilled
