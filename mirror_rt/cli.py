@@ -91,8 +91,7 @@ def make_decoder(name, target, draft, args):
                                                          min_branch_prob=args.min_branch_prob or 0.0,
                                                          fallback=args.fallback or "recompute",
                                                          exit_vocab=args.exit_vocab,
-                                                         max_branches=args.max_branches, lane=args.lane,
-                                                         prefill_threads=getattr(args, "prefill_threads", None)))
+                                                         max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")
 
 

@@ -68,9 +68,6 @@ def run_demo(args):
     args.kappa = args.kappa or DEMO_KAPPA
     args.fallback = args.fallback or DEMO_FALLBACK
     args.min_branch_prob = DEMO_MIN_BRANCH_PROB if args.min_branch_prob is None else args.min_branch_prob
-    # The draft lane is nearly idle while the target prefills the prompt (the draft's own prefill is
-    # 4 layers to the target's 30), so Mirror's prefill gets every core, as AR's and SD's do.
-    args.prefill_threads = threads_for("ar", args) if threads_for("mirror", args) < threads_for("ar", args) else None
     target, draft, tok, label = load_pair(args)
     texts, source = demo_prompts(args)
     prompts = [encode_chat(tok, p, target.device) for p in texts]

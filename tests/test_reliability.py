@@ -99,7 +99,6 @@ def test_nan_in_target_logits_raises(pair):
     (dict(branch_policy="best"), "branch_policy must be one of"),
     (dict(exit_vocab="tiny"), "exit_vocab must be 'draft' or 'full'"),
     (dict(min_branch_prob=1.0), "min_branch_prob must be in \\[0, 1\\)"),
-    (dict(prefill_threads=0), "prefill_threads must be None or an integer >= 1"),
 ])
 def test_bad_mirror_config(pair, kwargs, match):
     target, draft = pair

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +51,6 @@ class MirrorConfig:
     min_branch_prob: float = 0.0     # ranked: skip branches the exit estimates below this probability
     fallback: str = "recompute"      # after a miss: "recompute" a window (serial) or "exit" (see above)
     exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
-    prefill_threads: int | None = None  # CPU: torch threads for the target's prompt prefill (None: as set)
 
     def validate(self, num_layers: int):
         head_layer = getattr(self.exit_head, "exit_layer", None)  # a trained head knows its layer
@@ -74,8 +72,6 @@ class MirrorConfig:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.exit_vocab not in ("draft", "full"):
             raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
-        if self.prefill_threads is not None and (not isinstance(self.prefill_threads, int) or self.prefill_threads < 1):
-            raise ValueError(f"prefill_threads must be None or an integer >= 1, got {self.prefill_threads!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_branches is not None and (not isinstance(self.max_branches, int) or self.max_branches < 0):
@@ -139,20 +135,6 @@ class MirrorDecoder:
         return run.generate()
 
 
-@contextmanager
-def _torch_threads(n, device):
-    """torch's CPU thread count set to n inside the block (no-op for None or a non-CPU device)."""
-    if n is None or torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _DraftFactory:
     """Builds the draft worker inside its lane (picklable, for the process lane)."""
 
@@ -188,7 +170,7 @@ class _Run:
             started = lane.submit("start", self.tokens, self.capacity, self.temperature, self.top_k, self.top_p,
                                   self.seed)
             first = lane.submit("fresh_window", self.cfg.window)
-            with stats.phase("prefill"), _torch_threads(self.cfg.prefill_threads, self.target.device):
+            with stats.phase("prefill"):
                 prefill(self.target, self.cache, self.prompt)
             with stats.phase("first_window"):
                 result_of(started, timeout)
