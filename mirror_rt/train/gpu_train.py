@@ -2,10 +2,11 @@
 
     python -m mirror_rt.train.gpu_train --bundle .gpu_bundle --out $OUT [--budget 300]
 
-Reassembles the target GGUF from the bundle (``mirror_rt.train.pack``; part 0 may already sit in
-/tmp/mirror_rt_bundle from an earlier call on the same machine), then runs the pipeline with the
-"gpu" preset. Writes to --out: exit_head.safetensors, draft.safetensors (+ draft.1.safetensors),
-metrics.json, exit_loss.png, draft_loss.png (and log.txt from the shell wrapper).
+Reassembles the target GGUF from the bundle (``mirror_rt.train.pack``; the parts before the last
+may already sit in /tmp/mirror_rt_bundle from earlier calls on the same machine), then runs the
+pipeline with the "gpu" preset. Writes to --out: exit_head.safetensors, draft.safetensors
+(+ draft.1.safetensors), metrics.json, exit_loss.png, draft_loss.png, answers.json (the target's
+greedy answers, so that later training can skip generation) and log.txt (from the shell wrapper).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -61,7 +63,7 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PipelineConfig overrides")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    from mirror_rt.train.pipeline import PipelineConfig, run_pipeline
+    from mirror_rt.train.pipeline import PipelineConfig, answers_file, run_pipeline
 
     overrides = {}
     for kv in args.set:
@@ -79,6 +81,7 @@ def main(argv=None):
         prompts = json.load(f)
     os.makedirs(args.out, exist_ok=True)
     metrics = run_pipeline(gguf, prompts, cfg, args.out, args.work)
+    shutil.copy(answers_file(args.work), os.path.join(args.out, "answers.json"))
     import torch
     metrics["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     with open(os.path.join(args.out, "metrics.json"), "w") as f:

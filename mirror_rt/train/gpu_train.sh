@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One-shot GPU training of the embedded default's exit head + Speculative Streaming draft.
 #
-# Here (CPU machine, repo root), once:   python -m mirror_rt.train.pack        # writes .gpu_bundle/{a,b}
-# Device call 1 (carry [".gpu_bundle/a"]):
-#     mkdir -p /tmp/mirror_rt_bundle && cp .gpu_bundle/a/target.part0 /tmp/mirror_rt_bundle/
-# Device call 2, right after (same warm machine; carry [".gpu_bundle/b"]):
-#     bash mirror_rt/train/gpu_train.sh .gpu_bundle
+# Here (CPU machine, repo root), once:   python -m mirror_rt.train.pack
+#     It splits the target GGUF into .gpu_bundle/a0, a1, ..., b so that each device call (working
+#     tree included) stays under 64 MiB, and prints the calls. With 30 MB of tracked assets that is:
+# Device calls 1..k-1 (carry [".gpu_bundle/aI"]), back to back on the same warm machine:
+#     mkdir -p /tmp/mirror_rt_bundle && cp .gpu_bundle/aI/target.partI /tmp/mirror_rt_bundle/
+# Device call k (carry [".gpu_bundle/b"]):
+#     bash mirror_rt/train/gpu_train.sh .gpu_bundle --budget 400
+# A further call on the same machine resumes both trainings from /tmp/mirror_rt_work (answers cached).
 # Files come back from $OUT: exit_head.safetensors, draft.safetensors, draft.1.safetensors,
-# metrics.json, exit_loss.png, draft_loss.png, log.txt (7 files, each < 16 MB).
+# metrics.json, exit_loss.png, draft_loss.png, answers.json, log.txt (8 files, each < 16 MB).
 set -uo pipefail
 BUNDLE=${1:-.gpu_bundle}
 shift || true
