@@ -13,6 +13,7 @@ import torch
 
 from mirror_helpers import FailingDraft, tiny_pair
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+from mirror_rt.lanes import LaneError
 from mirror_rt.models.derive import random_model
 
 IDS = torch.tensor([[4, 8, 15, 16, 23, 42]])
@@ -38,6 +39,35 @@ def test_draft_that_raises_falls_back_to_target(pair, reference, lane):
     assert out.stats["draft_failures"] == 1 and "injected draft failure" in out.stats["draft_error"]
     assert dec.lane is None  # cleaned up
     dec.close()
+
+
+@pytest.mark.parametrize("after", [0, 1])
+def test_lane_that_fails_before_the_prefill_falls_back_to_target(pair, reference, monkeypatch, after):
+    """A lane that cannot even be built (after=0) or take the first call (after=1): the target
+    still prefills and finishes alone."""
+    target, draft = pair
+    dec = MirrorDecoder(target, draft, MirrorConfig(window=3, lane="inline"))
+
+    class DeadLane:
+        kind = "dead"
+
+        def submit(self, *args):
+            raise LaneError("draft process died (exit code -9)")
+
+        def close(self, wait=True):
+            pass
+
+    def broken_lane():
+        if after == 0:
+            raise LaneError("draft process failed to start: OSError: no memory")
+        dec.lane = DeadLane()
+        return dec.lane
+
+    monkeypatch.setattr(dec, "_lane", broken_lane)
+    with pytest.warns(RuntimeWarning, match="draft lane failed"):
+        out = dec.generate(IDS, 40)
+    assert out.tokens.tolist() == reference
+    assert out.stats["draft_failures"] == 1
 
 
 def test_killed_draft_process_loses_nothing(pair, reference):

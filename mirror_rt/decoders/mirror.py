@@ -164,14 +164,16 @@ class _Run:
         stats, timeout = self.stats, self.cfg.lane_timeout
         self.tokens = self.prompt.tolist()
         try:
-            # The draft's prefill and first window go to the lane first, so that on a thread, process or
-            # stream lane they overlap the target's prefill (an inline lane runs them right here).
-            lane = self.dec._lane()
-            started = lane.submit("start", self.tokens, self.capacity, self.temperature, self.top_k, self.top_p,
-                                  self.seed)
-            first = lane.submit("fresh_window", self.cfg.window)
-            with stats.phase("prefill"):
-                prefill(self.target, self.cache, self.prompt)
+            try:
+                # The draft's prefill and first window go to the lane first, so that on a thread, process
+                # or stream lane they overlap the target's prefill (an inline lane runs them right here).
+                lane = self.dec._lane()
+                started = lane.submit("start", self.tokens, self.capacity, self.temperature, self.top_k,
+                                      self.top_p, self.seed)
+                first = lane.submit("fresh_window", self.cfg.window)
+            finally:  # even when the lane failed: the target alone then finishes from this cache
+                with stats.phase("prefill"):
+                    prefill(self.target, self.cache, self.prompt)
             with stats.phase("first_window"):
                 result_of(started, timeout)
                 window, q = result_of(first, timeout)[0]
