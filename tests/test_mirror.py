@@ -8,7 +8,7 @@ import torch
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder
 from mirror_rt.decoders.mirror_draft import max_branches_for
-from mirror_rt.models.derive import truncated_copy
+from mirror_rt.models.derive import random_model, truncated_copy
 from mirror_rt.ops.checks import MAX_TREE_NODES
 from mirror_rt.ops.reference import process_logits
 from mirror_helpers import SlowDraft, SlowTarget, identity_last_layer, tiny_pair
@@ -325,3 +325,19 @@ def test_draft_prefill_overlaps_the_target_prefill():
     assert s["prefill"] >= 0.3
     assert slow_draft.calls - calls >= 3  # the draft did >= 120 ms of work before the first step...
     assert s["first_window"] < 0.05, s  # ...all of it while the target prefilled
+
+
+def test_rollouts_shrink_to_the_draft_cache_near_the_end_of_its_context():
+    """A draft whose context nearly runs out (its cache cannot hold a full rollout tree on top of
+    the committed tokens) rolls out fewer branches instead of failing the lane."""
+    import warnings
+
+    target = random_model(seed=0, num_layers=4, max_position=64)
+    draft = truncated_copy(target, 1)
+    ids = torch.randint(0, 64, (1, 37), generator=torch.Generator().manual_seed(0))
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, top_k=2, window=3, lane="inline"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed lane warns: make it fail the test
+        out = dec.generate(ids, 20)  # 37 + 20 + 4 slack: 3 context slots left, a tree needs more
+    assert out.tokens.tolist() == ar_tokens(target, ids, 20)
+    assert "draft_failures" not in out.stats and out.stats["branches"] > 0

@@ -19,9 +19,9 @@ from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
 
 
-def max_branches_for(window: int, depth: int, cap: int | None) -> int:
-    """How many branches fit one tree of at most MAX_TREE_NODES nodes (window chain + depth per branch)."""
-    fit = (MAX_TREE_NODES - (window + 1)) // max(depth, 1)
+def max_branches_for(window: int, depth: int, cap: int | None, nodes: int = MAX_TREE_NODES) -> int:
+    """How many branches fit one tree of at most `nodes` nodes (window chain + depth per branch)."""
+    fit = (min(nodes, MAX_TREE_NODES) - (window + 1)) // max(depth, 1)
     return max(0, min(fit, cap if cap is not None else fit))
 
 
@@ -81,7 +81,8 @@ class MirrorDraft:
         after a miss under ``fallback="exit"``) the pending token is fed here first. Returns the
         number of branches."""
         n = len(window)
-        fit = max_branches_for(n, depth, self.max_branches)
+        # Near the end of the draft's context the cache's free slots, not MAX_TREE_NODES, bound the tree.
+        fit = max_branches_for(n, depth, self.max_branches, self.cache.max_len - self.cache.length)
         tree = build_branch_tree(torch.tensor(window, dtype=torch.long), torch.tensor(exit_ids), max_branches=fit,
                                  capacity=n + fit * max(depth, 1))
         nb = tree.num_branches
