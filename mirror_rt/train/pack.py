@@ -42,6 +42,10 @@ def tree_bytes(repo: str) -> int:
     return sum(os.path.getsize(os.path.join(repo, f)) for f in files if os.path.isfile(os.path.join(repo, f)))
 
 
+def dir_bytes(d: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d))
+
+
 def part_sizes(total: int, room: int, last_room: int) -> list[int]:
     """Split `total` bytes into parts of at most `room` bytes, the last one at most `last_room`."""
     if room <= 0 or last_room <= 0:
@@ -104,7 +108,7 @@ def main(argv=None):
     for w in wheels:
         shutil.copy(w, b)
     room = CALL_LIMIT - tree_bytes(repo) - MARGIN
-    extras = sum(os.path.getsize(os.path.join(b, x)) for x in os.listdir(b)) + 4096  # + manifest
+    extras = dir_bytes(b) + 4096  # + manifest
     sizes = part_sizes(os.path.getsize(target), room, room - extras)
     dirs = [os.path.join(args.out, f"a{i}") for i in range(len(sizes) - 1)] + [b]
     parts = {}
@@ -119,7 +123,7 @@ def main(argv=None):
                 "parts": parts, "n_train": len(prompts["train"]), "n_eval": len(prompts["eval"])}
     with open(os.path.join(b, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
-    mib = {d: round(sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d)) / 2 ** 20, 1) for d in dirs}
+    mib = {d: round(dir_bytes(d) / 2 ** 20, 1) for d in dirs}
     print(json.dumps({"bundle": args.out, "MiB": mib, "room_per_call_MiB": round(room / 2 ** 20, 1), **manifest}, indent=1))
     for i, d in enumerate(dirs[:-1]):
         print(f"call {i + 1}: carry [{d}] and run  mkdir -p /tmp/mirror_rt_bundle && cp {d}/target.part{i} /tmp/mirror_rt_bundle/")
