@@ -71,3 +71,5 @@ def test_containment_definition():
     assert c[1][0] == 0.0 and c[2][0] == 0.0 and c[4][0] == 1.0
     p = torch.softmax(final, -1)
     assert abs(c[1][1] - float((p[0, 2] + p[1, 3]) / 2)) < 1e-6
+    wide = containment(exit_logits, final, kappas=(2, 16))  # kappa above the vocabulary: all of it
+    assert wide[2] == c[2] and wide[16][0] == 1.0 and abs(wide[16][1] - 1.0) < 1e-6

@@ -1,6 +1,7 @@
 """``mirror-rt train-exit`` and ``mirror-rt train-draft`` (registered into mirror_rt.cli).
 
-Both share the data step: the train-allowed prompts (``mirror_rt.train.data``) are answered
+Both share the data step: the train-allowed prompts (``mirror_rt.train.data``) and prompts the
+target writes itself (``mirror_rt.train.self_prompts``) are answered
 greedily by the target, cached in ``<work-dir>/answers.json`` (so the second command and a
 resumed run reuse them), and each command trains its part with a progress bar, a loss-curve
 PNG, a resumable checkpoint in the work dir and a fixed seed, on CUDA when present.
@@ -24,6 +25,8 @@ def _common(p):
     p.add_argument("--prompts-json", default=None, help="prepared prompt ids (mirror_rt.train.pack's prompts.json)")
     p.add_argument("--spec-bench", default=None, help="Spec-Bench question.jsonl (train-allowed half is used)")
     p.add_argument("--n-templates", type=int, default=None, help="template prompts added to the Spec-Bench ones")
+    p.add_argument("--self-prompts", type=int, default=None,
+                   help="user prompts the target writes itself (Magpie-style; 0: none)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="length of the target's answers")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--time-limit", type=float, default=None, help="seconds of training at most")
@@ -38,7 +41,7 @@ def _config(args, part: str):
     from mirror_rt.train.pipeline import PipelineConfig
 
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    ov = dict(n_templates=args.n_templates, max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
+    ov = dict(n_templates=args.n_templates, n_self_prompts=args.self_prompts, max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
     if part == "exit":
         layers = [args.exit_layer] + [int(x) for x in (args.also_layers or "").split(",") if x]
         ov.update(exit_layers=layers if args.exit_layer else None, exit_rank=args.rank, exit_steps=args.steps,

@@ -1,4 +1,5 @@
 """The target's own greedy answers to prompts: the training (and probe/eval) sequences.
+(Sampled continuations too: ``mirror_rt.train.self_prompts`` draws user turns this way.)
 
 ``generate_answers`` batches prompts through transformers' ``generate`` (left padding) when
 transformers is importable, with the target's weights copied from our runner (Llama-family),
@@ -50,10 +51,12 @@ def to_hf(target):
 @torch.inference_mode()
 def generate_answers(target, prompts: list[list[int]], max_new_tokens: int, eos_ids, batch_size: int = 64,
                      use_hf: bool | None = None, desc: str = "target answers",
-                     time_limit: float | None = None) -> list[list[int] | None]:
+                     time_limit: float | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 0) -> list[list[int] | None]:
     """Greedy answers (generated ids only, EOS kept if produced) for each prompt's ids.
     Prompts go shortest first; after time_limit seconds no new batch starts and the prompts
-    left unanswered get None."""
+    left unanswered get None. temperature > 0 samples instead (nucleus top_p), seeded by `seed`;
+    the two paths then draw different (equally distributed) samples."""
     import time
     t0 = time.perf_counter()
     eos_ids = [int(e) for e in (eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids])]
@@ -83,11 +86,15 @@ def generate_answers(target, prompts: list[list[int]], max_new_tokens: int, eos_
             if time_limit and time.perf_counter() - t0 > time_limit:
                 break
             ids = torch.tensor([prompts[i]], device=target.device)
-            out[i] = dec.generate(ids, max_new_tokens, eos_token_id=eos_ids).tokens[0].tolist()
+            out[i] = dec.generate(ids, max_new_tokens, eos_token_id=eos_ids, temperature=temperature, top_p=top_p,
+                                  seed=seed + i).tokens[0].tolist()
             bar.update(1)
         bar.close()
         return out
     pad = eos_ids[0]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    torch.manual_seed(seed)
     for s in range(0, len(order), batch_size):
         if time_limit and time.perf_counter() - t0 > time_limit:
             print(f"[generate] time limit {time_limit:.0f}s: {len(order) - s} prompts left unanswered")
@@ -100,8 +107,8 @@ def generate_answers(target, prompts: list[list[int]], max_new_tokens: int, eos_
             ids[r, L - len(prompts[i]):] = torch.tensor(prompts[i])
             att[r, L - len(prompts[i]):] = 1
         gen = hf.generate(input_ids=ids.to(target.device), attention_mask=att.to(target.device),
-                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids, pad_token_id=pad,
-                          num_beams=1)
+                          max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad, num_beams=1,
+                          **sampling)
         new = gen[:, L:].tolist()
         for r, i in enumerate(idx):
             seq = new[r]

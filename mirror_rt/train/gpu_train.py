@@ -6,7 +6,8 @@ Reassembles the target GGUF from the bundle (``mirror_rt.train.pack``; the parts
 may already sit in /tmp/mirror_rt_bundle from earlier calls on the same machine), then runs the
 pipeline with the "gpu" preset. Writes to --out: exit_head.safetensors, draft.safetensors
 (+ draft.1.safetensors), metrics.json, exit_loss.png, draft_loss.png, answers.json (the target's
-greedy answers, so that later training can skip generation) and log.txt (from the shell wrapper).
+greedy answers, so that later training can skip generation), self_prompts.json (the prompts the
+target wrote, which the answers follow) and log.txt (from the shell wrapper).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PipelineConfig overrides")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    from mirror_rt.train.pipeline import PipelineConfig, answers_file, run_pipeline
+    from mirror_rt.train.pipeline import PipelineConfig, answers_file, run_pipeline, self_prompts_file
 
     overrides = {}
     for kv in args.set:
@@ -73,6 +74,8 @@ def main(argv=None):
     scale = args.budget / 300.0
     cfg.exit_time *= scale
     cfg.draft_time *= scale
+    if cfg.self_prompt_time:
+        cfg.self_prompt_time *= scale
     if cfg.gen_time:
         cfg.gen_time *= scale
     gguf = assemble(args.bundle)
@@ -81,7 +84,9 @@ def main(argv=None):
         prompts = json.load(f)
     os.makedirs(args.out, exist_ok=True)
     metrics = run_pipeline(gguf, prompts, cfg, args.out, args.work)
-    shutil.copy(answers_file(args.work), os.path.join(args.out, "answers.json"))
+    for path in (answers_file(args.work), self_prompts_file(args.work)):
+        if os.path.isfile(path):
+            shutil.copy(path, args.out)
     import torch
     metrics["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     with open(os.path.join(args.out, "metrics.json"), "w") as f:

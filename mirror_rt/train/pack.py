@@ -9,7 +9,8 @@ size is what the tracked tree leaves free, so the number of calls grows with the
     .gpu_bundle/a0/target.part0       first part of the target GGUF     (call 1 carries a0/)
     .gpu_bundle/a1/target.part1       ...                               (call 2 carries a1/, ...)
     .gpu_bundle/b/target.partN        the last part                     (the last call carries b/)
-    .gpu_bundle/b/prompts.json        chat-templated token ids: train-allowed prompts + held-out eval
+    .gpu_bundle/b/prompts.json        chat-templated token ids: train-allowed prompts + held-out eval,
+                                      and the chat frame the target writes its own prompts in
     .gpu_bundle/b/manifest.json       sizes and sha256 of the GGUF and its parts
     .gpu_bundle/b/gguf-*.whl          the GGUF reader (absent from the GPU image), if found here
 

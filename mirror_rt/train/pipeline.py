@@ -5,7 +5,8 @@ Used by ``mirror-rt train-exit`` / ``train-draft`` (one part each), by the one-s
 phase is seeded, resumable through files in ``work_dir`` and capped in time.
 
 Data never includes an evaluation prompt: training prompts are ``data.training_prompts``
-(train-allowed Spec-Bench + templates); evaluation uses ``data.eval_questions``.
+(train-allowed Spec-Bench + templates) and prompts the target writes itself (``self_prompts``,
+evaluation prompts excluded); evaluation uses ``data.eval_questions``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from mirror_rt.train.common import seed_everything, write_json
 
 @dataclass(slots=True)
 class PipelineConfig:
-    n_templates: int = 4000          # distinct template prompts on top of the train-allowed Spec-Bench ones
+    n_templates: int = 1000          # distinct template prompts on top of the train-allowed Spec-Bench ones
+    n_self_prompts: int = 4000       # user prompts the target writes itself (self_prompts.py): the varied part
+    self_prompt_tokens: int = 96     # longest user turn sampled
+    self_prompt_time: float | None = 40.0  # seconds for sampling them at most
     n_eval: int = 40                 # held-out Spec-Bench prompts used for the metrics
     max_new_tokens: int = 256        # target answer length (training and eval)
     gen_batch: int = 512             # H200: 4.3k answer tokens/s at 512 vs 3.0k at 192 (bench/RESULTS.md)
@@ -58,11 +62,11 @@ class PipelineConfig:
     def preset(cls, name: str, **overrides):
         presets = {
             "gpu": {},
-            "cpu": dict(n_templates=40, n_eval=12, max_new_tokens=96, gen_batch=16, gen_time=900, max_len=256,
+            "cpu": dict(n_templates=40, n_self_prompts=24, self_prompt_time=300, n_eval=12, max_new_tokens=96, gen_batch=16, gen_time=900, max_len=256,
                         exit_layers=[15], exit_steps=300, exit_batch_tokens=256, exit_time=240,
                         draft_layers=2, draft_vocab=4096, draft_steps=400, draft_batch=4, draft_kd=0.0,
                         draft_time=480, eval_sd_prompts=6),
-            "tiny": dict(n_templates=8, n_eval=4, max_new_tokens=16, gen_batch=4, gen_time=None, max_len=96, exit_layers=[2],
+            "tiny": dict(n_templates=8, n_self_prompts=4, self_prompt_tokens=8, n_eval=4, max_new_tokens=16, gen_batch=4, gen_time=None, max_len=96, exit_layers=[2],
                          exit_rank=8, exit_steps=20, exit_batch_tokens=64, draft_layers=1, draft_vocab=0,
                          draft_steps=10, draft_batch=4, draft_kd=0.5, eval_sd_prompts=2, eval_window=3),
         }
@@ -80,7 +84,10 @@ def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def prepare_prompts(tokenizer, cfg: PipelineConfig, spec_bench: str | None = None) -> dict:
     """Token ids of the training prompts and the held-out evaluation prompts (chat template),
-    plus the EOS ids: everything the GPU run needs, so it needs no tokenizer."""
+    plus the EOS ids and the chat frame for self-written prompts: everything the GPU run needs, so
+    it needs no tokenizer."""
+    from mirror_rt.train.self_prompts import chat_frame
+
     train_texts = D.training_prompts(cfg.n_templates, cfg.seed, spec_bench)
     evals = D.eval_questions(spec_bench)
     evals = evals[:: max(1, len(evals) // max(cfg.n_eval, 1))][: cfg.n_eval]  # spread over the categories
@@ -89,7 +96,39 @@ def prepare_prompts(tokenizer, cfg: PipelineConfig, spec_bench: str | None = Non
             "eval": encode_prompts(tokenizer, D.first_turns(evals)),
             "eval_ids": [q["question_id"] for q in evals],
             "eos": [int(eos)] if eos is not None else [],
-            "split": "eval = Spec-Bench question_id with (id // 2) % 2 == 0; train = the rest + templates"}
+            "frame": chat_frame(tokenizer),
+            "split": "eval = Spec-Bench question_id with (id // 2) % 2 == 0; "
+                     "train = the rest + templates + the target's own prompts"}
+
+
+def self_prompts_file(work_dir: str) -> str:
+    return os.path.join(work_dir, "self_prompts.json")
+
+
+def add_self_prompts(target, prompts: dict, cfg: PipelineConfig, work_dir: str, log=print) -> int:
+    """Append cfg.n_self_prompts prompts written by the target (self_prompts.py) to prompts["train"],
+    sampled once and cached in work_dir/self_prompts.json. Returns how many were added (0 without
+    a chat frame: a target with no chat template)."""
+    from mirror_rt.train.self_prompts import sample_self_prompts
+
+    frame = prompts.get("frame")
+    if not cfg.n_self_prompts or not frame:
+        return 0
+    path = self_prompts_file(work_dir)
+    key = {"n": cfg.n_self_prompts, "seed": cfg.seed, "max_tokens": cfg.self_prompt_tokens, "frame": frame}
+    cached = json.load(open(path)) if os.path.isfile(path) else {}
+    if cached.get("key") == key:
+        extra = cached["prompts"]
+        log(f"[data] reusing {len(extra)} self-written prompts from {path}")
+    else:
+        t0 = time.perf_counter()
+        extra = sample_self_prompts(target, frame, cfg.n_self_prompts, cfg.self_prompt_tokens,
+                                    batch_size=4 * cfg.gen_batch, seed=cfg.seed, time_limit=cfg.self_prompt_time,
+                                    exclude=prompts["eval"])
+        write_json(path, {"key": key, "prompts": extra})
+        log(f"[data] the target wrote {len(extra)} distinct prompts in {time.perf_counter() - t0:.0f}s")
+    prompts["train"] = prompts["train"] + extra
+    return len(extra)
 
 
 def answers_file(work_dir: str) -> str:
@@ -213,9 +252,14 @@ def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_
     acc = sd_acceptance(draft, prompts["eval"][:n], answers["eval"][:n], cfg.eval_window, use_streams=True)
     log(f"[draft] held-out greedy SD (window {cfg.eval_window}): mean accepted {acc['mean_accepted']:.2f}, "
         f"draft passes/window {acc['passes_per_window']:.2f} ({time.perf_counter() - t1:.0f}s)")
+    # The same on training prompts (train-split Spec-Bench first): far above held-out = memorised answers.
+    seen = [(p, a) for p, a in zip(prompts["train"], answers["train"]) if a][:n]
+    acc_train = sd_acceptance(draft, [p for p, _ in seen], [a for _, a in seen], cfg.eval_window, use_streams=True)
+    log(f"[draft] the same on {len(seen)} training prompts: mean accepted {acc_train['mean_accepted']:.2f} "
+        f"(held-out {acc['mean_accepted']:.2f}; the gap is what the draft memorised)")
     return {"files": [os.path.basename(f) for f in files], "vocab_coverage": covered,
             "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in hist.items() if v},
-            "steps": len(hist.get("loss", [])), "sd_eval": acc, "seconds": time.perf_counter() - t0,
+            "steps": len(hist.get("loss", [])), "sd_eval": acc, "sd_train": acc_train, "seconds": time.perf_counter() - t0,
             "config": {"layers": cfg.draft_layers, "n_streams": cfg.n_streams, "stream_layers": cfg.stream_layers,
                        "vocab": draft.draft_vocab_size}}
 
@@ -226,6 +270,7 @@ def run_pipeline(target_path: str, prompts: dict, cfg: PipelineConfig, out_dir: 
 
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
+    prompts = dict(prompts)  # self-written prompts join "train" in this copy
     dev = pick_device(cfg.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # greedy answers as close to fp32 CPU as possible
@@ -233,12 +278,13 @@ def run_pipeline(target_path: str, prompts: dict, cfg: PipelineConfig, out_dir: 
     t0 = time.perf_counter()
     target = load_target(target_path, dev, cfg.dtype)
     log(f"[pipeline] target {target_path} on {dev} ({time.perf_counter() - t0:.0f}s)")
+    n_self = add_self_prompts(target, prompts, cfg, work_dir, log)
     answers = get_answers(target, prompts, cfg, work_dir, log)
     old = os.path.join(out_dir, "metrics.json")
     metrics = json.load(open(old)) if os.path.isfile(old) else {}
     metrics.update({"config": asdict(cfg), "device": str(dev), "gen_s": answers.get("gen_s"),
                "gen_tokens": answers.get("gen_tokens"), "n_train_prompts": len(prompts["train"]),
-               "n_eval_prompts": len(prompts["eval"]), "eval_question_ids": prompts.get("eval_ids"),
+               "n_self_prompts": n_self, "n_eval_prompts": len(prompts["eval"]), "eval_question_ids": prompts.get("eval_ids"),
                "split": prompts.get("split")})
     if cfg.draft_kd > 0 or "exit" in parts:
         target.float()  # training forwards in fp32 (autocast handles speed on GPU)

@@ -125,10 +125,11 @@ def train_exit_heads(target, hiddens: dict, final: torch.Tensor, *, rank: int = 
 @torch.inference_mode()
 def containment(exit_logits: torch.Tensor, final_logits: torch.Tensor, kappas=(1, 2, 4, 8, 16)) -> dict:
     """Over rows: fraction whose final argmax is in the exit top-kappa, and the mean final
-    probability mass inside the exit top-kappa (Omega_kappa). {kappa: (contain, omega)}."""
+    probability mass inside the exit top-kappa (Omega_kappa). {kappa: (contain, omega)}.
+    A kappa above the vocabulary size counts the whole vocabulary (containment 1)."""
     f = final_logits.float().argmax(-1)
     p = F.softmax(final_logits.float(), -1)
-    top = torch.topk(exit_logits.float(), max(kappas), -1).indices
+    top = torch.topk(exit_logits.float(), min(max(kappas), exit_logits.shape[-1]), -1).indices
     out = {}
     for k in kappas:
         tk = top[..., :k]
