@@ -26,16 +26,15 @@ DEMO_WINDOW, DEMO_KAPPA = 3, 2
 DEMO_FALLBACK, DEMO_MIN_BRANCH_PROB = "exit", 0.05
 
 
-def threads_for(name: str, args) -> int:
-    """torch threads while `name` runs: every core for AR and SD; on a CPU, Mirror's thread lane
-    shares torch's process-wide pool with its draft thread, so each side gets half the cores
-    (oversubscribed OpenMP teams spin and slow both)."""
-    import os
-
-    cores = args.threads or os.cpu_count() or 1
-    if name == "mirror" and args.device == "cpu" and args.lane in ("auto", "thread"):
-        return max(1, cores // 2)
-    return cores
+def threads_note(mirror) -> str:
+    """How the decoders use torch's threads: every one for AR, SD and the target's prefill; on a CPU
+    worker-thread lane Mirror's draft keeps its share and the target steps with the rest (on 2
+    cores, 1 + 1: oversubscribed OpenMP teams spin and slow both sides)."""
+    total = torch.get_num_threads()
+    if not mirror.draft_threads or mirror.lane is None or mirror.lane.kind != "thread":
+        return f"threads {total}"
+    return (f"threads {total} (Mirror: prefill {total}, then target {max(1, total - mirror.draft_threads)} "
+            f"+ draft {mirror.draft_threads})")
 
 
 def demo_prompts(args) -> tuple[list[str], str]:
@@ -74,14 +73,13 @@ def run_demo(args):
     decoders = {name: make_decoder(name, target, draft, args) for name in DECODERS}
     results = {name: [] for name in DECODERS}
     for name, dec in decoders.items():
-        torch.set_num_threads(threads_for(name, args))
         dec.generate(prompts[0], 4, eos_token_id=tok.eos_token_id)  # warm-up, not timed
     # Interleaved (each prompt on every decoder in turn) so that a change in machine load hits
     # all decoders alike instead of whichever happened to run then.
     for ids in tqdm(prompts, desc="prompts x decoders", unit="prompt", file=sys.stderr):
         for name, dec in decoders.items():
-            torch.set_num_threads(threads_for(name, args))
             results[name].append(dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id))
+    threads = threads_note(decoders["mirror"])
     for dec in decoders.values():
         if hasattr(dec, "close"):
             dec.close()
@@ -91,7 +89,7 @@ def run_demo(args):
           f"kappa {args.kappa}, Mirror branches {args.branch_policy} (floor {args.min_branch_prob}), fallback "
           f"{args.fallback}, exit layer {decoders['mirror'].config.exit_layer} "
           f"({'trained exit head' if decoders['mirror'].config.exit_head is not None else 'logit lens'}), "
-          f"lane {args.lane}, threads AR/SD {threads_for('ar', args)} / Mirror {threads_for('mirror', args)} per side")
+          f"lane {args.lane}, {threads}")
     print(format_table(results))
     print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
     for outs in results.values():

@@ -81,3 +81,14 @@ def identity_last_layer(model):
         last.self_attn.o_proj.weight.zero_()
         last.mlp.down_proj.weight.zero_()
     return model
+
+
+class ThreadCounting(DraftWrapper):
+    """Records torch's intra-op thread count of the calling thread at every forward."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.threads = []
+
+    def hook(self):
+        self.threads.append(torch.get_num_threads())

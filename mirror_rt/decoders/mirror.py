@@ -44,7 +44,7 @@ class MirrorConfig:
     max_branches: int | None = None  # cap on branches per step (None: as many as fit one tree)
     exit_head: object = None         # callable hidden [1, T, H] -> logits [1, T, V]; None = logit lens
     lane: str = "auto"               # where the draft runs: one of LANE_KINDS
-    draft_threads: int | None = None  # torch threads for a thread/process lane's draft
+    draft_threads: int | None = None  # draft's torch threads on a thread/process lane (None: see _lane)
     lane_timeout: float = 120.0      # seconds before a silent draft lane counts as failed
     # Added after the first release's fields, so positional construction keeps its meaning:
     branch_policy: str = "ranked"    # "per_position" (top-kappa at every i) or "ranked" (mirror_exit.py)
@@ -89,14 +89,21 @@ class MirrorDecoder:
         self.target, self.draft = target, draft
         self.config = (config or MirrorConfig()).validate(target.num_layers)
         self.lane = None
+        self.draft_threads = None  # what the lane's draft got (a CPU thread lane's share of the cores)
 
     # --- lane lifetime: one draft worker per decoder, reused across generate() calls -------------
 
     def _lane(self):
+        """The draft's lane, built on first use. On the CPU with a worker thread the two sides share
+        the caller's cores: the draft takes draft_threads (default half), the steps the rest."""
         if self.lane is None:
             cfg = self.config
             maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches)
-            self.lane = make_lane(cfg.lane, maker, self.draft.device, cfg.draft_threads)
+            threads = cfg.draft_threads
+            if threads is None and cfg.lane in ("auto", "thread") and self.draft.device.type == "cpu":
+                threads = max(1, torch.get_num_threads() // 2)
+            self.lane = make_lane(cfg.lane, maker, self.draft.device, threads)
+            self.draft_threads = threads
         return self.lane
 
     def close(self):
@@ -163,6 +170,7 @@ class _Run:
     def generate(self) -> GenerationOutput:
         stats, timeout = self.stats, self.cfg.lane_timeout
         self.tokens = self.prompt.tolist()
+        self.caller_threads = torch.get_num_threads()
         try:
             try:
                 # The draft's prefill and first window go to the lane first, so that on a thread, process
@@ -172,8 +180,9 @@ class _Run:
                                       self.top_p, self.seed)
                 first = lane.submit("fresh_window", self.cfg.window)
             finally:  # even when the lane failed: the target alone then finishes from this cache
-                with stats.phase("prefill"):
+                with stats.phase("prefill"):  # with all the caller's threads (the draft's prefill is short)
                     prefill(self.target, self.cache, self.prompt)
+            self.share_cores(lane)
             with stats.phase("first_window"):
                 result_of(started, timeout)
                 window, q = result_of(first, timeout)[0]
@@ -181,7 +190,15 @@ class _Run:
                 window, q = self.step(lane, window, q)
         except LaneError as e:
             self.draft_failed(e)
+        finally:
+            torch.set_num_threads(self.caller_threads)
         return GenerationOutput(self.out.result(self.target.device), self.finish())
+
+    def share_cores(self, lane):
+        """On a CPU worker-thread lane the steps run beside the draft's rollouts: this thread keeps
+        the cores the draft did not take (torch's thread count is per thread; restored at the end)."""
+        if lane.kind == "thread" and self.dec.draft_threads:
+            torch.set_num_threads(max(1, self.caller_threads - self.dec.draft_threads))
 
     def step(self, lane, window, q):
         """One Mirror-SD step; returns the next window and its q rows."""
@@ -239,6 +256,7 @@ class _Run:
                       stacklevel=3)
         self.stats.counters["draft_failures"] += 1
         self.stats.counters["draft_error"] = str(error)
+        torch.set_num_threads(self.caller_threads)  # the target alone: every core again
         self.dec.lane, lane = None, self.dec.lane
         if lane is not None:
             try:

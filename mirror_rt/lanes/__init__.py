@@ -11,8 +11,9 @@ LANE_KINDS = ("auto", "inline", "thread", "process", "cuda", "npu")
 
 
 def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None):
-    """Build a lane of `kind` running make_worker()'s object. threads: torch threads of a
-    process lane's draft (default 1); thread lanes share the process-wide setting.
+    """Build a lane of `kind` running make_worker()'s object. threads: torch threads of the draft
+    on a process lane (default 1) or a thread lane (default: what the process uses when the
+    worker starts).
 
     auto: a CUDA stream for a CUDA draft, a worker thread otherwise. process: make_worker must
     be picklable. npu: torch.npu streams (untested on hardware; see README).
@@ -25,7 +26,7 @@ def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None):
     if kind == "inline":
         return InlineLane(make_worker)
     if kind == "thread":
-        return ThreadLane(make_worker)
+        return ThreadLane(make_worker, threads)
     if kind == "process":
         return ProcessLane(make_worker, threads)
     if kind in ("cuda", "npu"):

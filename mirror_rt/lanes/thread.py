@@ -17,13 +17,18 @@ from mirror_rt.lanes.base import result_of, timed_call
 class ThreadLane:
     kind = "thread"
 
-    def __init__(self, make_worker):
-        # torch's intra-op thread count is process-wide: the caller sets it for both threads
-        # (on a small CPU, cores // 2 each avoids oversubscribed, spinning OpenMP teams).
+    def __init__(self, make_worker, threads: int | None = None):
+        """threads: torch intra-op threads of the worker thread, set in that thread (None: it takes
+        the process-wide default at its first op). torch's count is per thread once a thread has
+        run an op or set it, so the caller can then change its own count without touching the
+        draft's (MirrorDecoder prefills with more threads than it steps with)."""
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-draft")
+        self.threads = threads
         self.worker = self.pool.submit(self._init, make_worker).result()
 
     def _init(self, make_worker):
+        if self.threads:
+            torch.set_num_threads(self.threads)
         return make_worker()
 
     def _run(self, method, args, event):
