@@ -28,10 +28,10 @@ DEMO_FALLBACK, DEMO_MIN_BRANCH_PROB = "exit", 0.05
 
 def threads_note(mirror) -> str:
     """How the decoders use torch's threads: every one for AR, SD and the target's prefill; on a CPU
-    worker-thread lane Mirror's draft keeps its share and the target steps with the rest (on 2
-    cores, 1 + 1: oversubscribed OpenMP teams spin and slow both sides)."""
+    worker-thread or process lane Mirror's draft keeps its share and the target steps with the
+    rest (on 2 cores, 1 + 1: oversubscribed OpenMP teams spin and slow both sides)."""
     total = torch.get_num_threads()
-    if not mirror.draft_threads or mirror.lane is None or mirror.lane.kind != "thread":
+    if not mirror.draft_threads or mirror.lane is None or mirror.lane.kind not in ("thread", "process"):
         return f"threads {total}"
     return (f"threads {total} (Mirror: prefill {total}, then target {max(1, total - mirror.draft_threads)} "
             f"+ draft {mirror.draft_threads})")

@@ -11,7 +11,7 @@ from mirror_rt.decoders.mirror_draft import max_branches_for
 from mirror_rt.models.derive import random_model, truncated_copy
 from mirror_rt.ops.checks import MAX_TREE_NODES
 from mirror_rt.ops.reference import process_logits
-from mirror_helpers import SlowDraft, SlowTarget, ThreadCounting, identity_last_layer, tiny_pair
+from mirror_helpers import FailingDraft, SlowDraft, SlowTarget, ThreadCounting, identity_last_layer, tiny_pair
 
 N_LAYERS = 4
 
@@ -327,25 +327,45 @@ def test_draft_prefill_overlaps_the_target_prefill():
     assert s["first_window"] < 0.05, s  # ...all of it while the target prefilled
 
 
-@pytest.mark.parametrize("draft_threads, steps", [(None, 2), (1, 3)])
-def test_cpu_thread_lane_prefills_with_every_thread_then_shares_them(draft_threads, steps):
-    """torch's thread count is per thread: the worker pins the draft's share in its own thread, the
-    target prefills with all the caller's threads and steps with the rest, and the caller gets
-    its count back (also after a lane failure would: the same finally)."""
+@pytest.mark.parametrize("lane, draft_threads, steps", [("thread", None, 2), ("thread", 1, 3), ("process", None, 2)])
+def test_cpu_lane_prefills_with_every_thread_then_shares_them(lane, draft_threads, steps):
+    """torch's thread count is per thread: the draft's worker (thread or process) takes its share,
+    the target prefills with all the caller's threads and steps with the rest, and the caller
+    gets its count back."""
     target, draft = tiny_pair()
     counted_target, counted_draft = ThreadCounting(target), ThreadCounting(draft)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane="thread", draft_threads=draft_threads)
+        cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane=lane, draft_threads=draft_threads)
         with MirrorDecoder(counted_target, counted_draft, cfg) as dec:
             out = dec.generate(ids, 12)
             assert torch.get_num_threads() == 4
         assert out.tokens.tolist() == ar_tokens(target, ids, 12)
         prefill, *step_calls = counted_target.threads
         assert prefill == 4 and step_calls and set(step_calls) == {steps}
-        assert set(counted_draft.threads) == {4 - steps}
+        if lane == "thread":  # a process lane's draft counts in its own process
+            assert set(counted_draft.threads) == {4 - steps}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_target_alone_after_a_lane_failure_gets_every_thread_back():
+    target, draft = tiny_pair()
+    counted = ThreadCounting(target)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane="thread")
+        with MirrorDecoder(counted, FailingDraft(draft, after=4), cfg) as dec:
+            with pytest.warns(RuntimeWarning, match="draft lane failed"):
+                out = dec.generate(ids, 16)
+            assert torch.get_num_threads() == 4
+        assert out.tokens.tolist() == ar_tokens(target, ids, 16)
+        assert out.stats["draft_failures"] == 1 and counted.threads[-1] == 4  # the AR tail: all threads
+        assert 2 in counted.threads  # steps before the failure shared the cores
     finally:
         torch.set_num_threads(before)
 

@@ -94,13 +94,14 @@ class MirrorDecoder:
     # --- lane lifetime: one draft worker per decoder, reused across generate() calls -------------
 
     def _lane(self):
-        """The draft's lane, built on first use. On the CPU with a worker thread the two sides share
-        the caller's cores: the draft takes draft_threads (default half), the steps the rest."""
+        """The draft's lane, built on first use. With a CPU draft on a worker thread or a second
+        process the two sides share the caller's cores: the draft takes draft_threads (default
+        half), the steps the rest."""
         if self.lane is None:
             cfg = self.config
             maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches)
             threads = cfg.draft_threads
-            if threads is None and cfg.lane in ("auto", "thread") and self.draft.device.type == "cpu":
+            if threads is None and cfg.lane in ("auto", "thread", "process") and self.draft.device.type == "cpu":
                 threads = max(1, torch.get_num_threads() // 2)
             self.lane = make_lane(cfg.lane, maker, self.draft.device, threads)
             self.draft_threads = threads
@@ -195,9 +196,10 @@ class _Run:
         return GenerationOutput(self.out.result(self.target.device), self.finish())
 
     def share_cores(self, lane):
-        """On a CPU worker-thread lane the steps run beside the draft's rollouts: this thread keeps
-        the cores the draft did not take (torch's thread count is per thread; restored at the end)."""
-        if lane.kind == "thread" and self.dec.draft_threads:
+        """On a CPU thread or process lane the steps run beside the draft's rollouts: this thread
+        keeps the cores the draft did not take (torch's thread count is per thread; restored at
+        the end)."""
+        if lane.kind in ("thread", "process") and self.dec.draft_threads:
             torch.set_num_threads(max(1, self.caller_threads - self.dec.draft_threads))
 
     def step(self, lane, window, q):
