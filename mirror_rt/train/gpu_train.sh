@@ -7,10 +7,15 @@
 # Device calls 1..k-1 (carry [".gpu_bundle/aI"]), back to back on the same warm machine:
 #     mkdir -p /tmp/mirror_rt_bundle && cp .gpu_bundle/aI/target.partI /tmp/mirror_rt_bundle/
 # Device call k (carry [".gpu_bundle/b"]):
-#     bash mirror_rt/train/gpu_train.sh .gpu_bundle --budget 400
-# A further call on the same machine resumes both trainings from /tmp/mirror_rt_work (answers cached).
+#     bash mirror_rt/train/gpu_train.sh .gpu_bundle --budget 350
+#     (time limits scale with --budget/300: self-written prompts 40 s, answers 150 s, exit 40 s,
+#     draft 110 s; with loading and evaluation --budget 350 should end in about 8 minutes, under the
+#     10-minute call limit)
+# A further call on the same machine resumes both trainings from /tmp/mirror_rt_work (prompts and
+# answers cached), e.g. --budget 300 --set exit_time=25 draft_time=200.
 # Files come back from $OUT: exit_head.safetensors, draft.safetensors, draft.1.safetensors,
-# metrics.json, exit_loss.png, draft_loss.png, answers.json, log.txt (8 files, each < 16 MB).
+# metrics.json, exit_loss.png, draft_loss.png, answers.json, self_prompts.json, log.txt (9 files,
+# each < 16 MB).
 set -uo pipefail
 BUNDLE=${1:-.gpu_bundle}
 shift || true
