@@ -44,7 +44,7 @@ class MirrorConfig:
     max_branches: int | None = None  # cap on branches per step (None: as many as fit one tree)
     exit_head: object = None         # callable hidden [1, T, H] -> logits [1, T, V]; None = logit lens
     lane: str = "auto"               # where the draft runs: one of LANE_KINDS
-    draft_threads: int | None = None  # draft's torch threads on a thread/process lane (None: see _lane)
+    draft_threads: int | None = None  # draft's torch threads on a thread/process lane (None: half the caller's)
     lane_timeout: float = 120.0      # seconds before a silent draft lane counts as failed
     # Added after the first release's fields, so positional construction keeps its meaning:
     branch_policy: str = "ranked"    # "per_position" (top-kappa at every i) or "ranked" (mirror_exit.py)
@@ -89,7 +89,7 @@ class MirrorDecoder:
         self.target, self.draft = target, draft
         self.config = (config or MirrorConfig()).validate(target.num_layers)
         self.lane = None
-        self.draft_threads = None  # what the lane's draft got (a CPU thread lane's share of the cores)
+        self.draft_threads = None  # what the lane's draft got (its share of the caller's cores)
 
     # --- lane lifetime: one draft worker per decoder, reused across generate() calls -------------
 

@@ -62,11 +62,13 @@ class PipelineConfig:
     def preset(cls, name: str, **overrides):
         presets = {
             "gpu": {},
-            "cpu": dict(n_templates=40, n_self_prompts=24, self_prompt_time=300, n_eval=12, max_new_tokens=96, gen_batch=16, gen_time=900, max_len=256,
+            "cpu": dict(n_templates=40, n_self_prompts=24, self_prompt_time=300, n_eval=12, max_new_tokens=96,
+                        gen_batch=16, gen_time=900, max_len=256,
                         exit_layers=[15], exit_steps=300, exit_batch_tokens=256, exit_time=240,
                         draft_layers=2, draft_vocab=4096, draft_steps=400, draft_batch=4, draft_kd=0.0,
                         draft_time=480, eval_sd_prompts=6),
-            "tiny": dict(n_templates=8, n_self_prompts=4, self_prompt_tokens=8, n_eval=4, max_new_tokens=16, gen_batch=4, gen_time=None, max_len=96, exit_layers=[2],
+            "tiny": dict(n_templates=8, n_self_prompts=4, self_prompt_tokens=8, n_eval=4, max_new_tokens=16, gen_batch=4,
+                         gen_time=None, max_len=96, exit_layers=[2],
                          exit_rank=8, exit_steps=20, exit_batch_tokens=64, draft_layers=1, draft_vocab=0,
                          draft_steps=10, draft_batch=4, draft_kd=0.5, eval_sd_prompts=2, eval_window=3),
         }

@@ -38,7 +38,7 @@ def sample_self_prompts(target, frame: dict, n: int, max_tokens: int = 96, batch
                         temperature: float = 1.0, top_p: float = 0.98) -> list[list[int]]:
     """Up to n distinct chat prompts (prefix + sampled user turn + suffix, int ids) whose user turn
     the target closed within max_tokens and that are at least min_tokens long. Prompts equal to
-    one in `exclude` (the evaluation prompts) are dropped. Seeded; each of ceil(1.25 n) draws is one
+    one in `exclude` (the evaluation prompts) are dropped. Seeded; each of n + n // 4 draws is one
     sampled sequence, so fewer than n come back when turns run long or repeat."""
     from mirror_rt.train.generate import generate_answers
 
