@@ -211,7 +211,7 @@ def cmd_probe(args):
         qs = D.eval_questions(args.prompt_file) if args.split == "eval" else \
             D.train_questions(args.prompt_file) if args.split == "train" else D.load_questions(args.prompt_file)
         texts = D.first_turns(qs)
-    texts = texts[: args.prompts]
+    texts = D.spread(texts, args.prompts)
     if not texts:
         raise ValueError("no prompts to probe")
     prompts = [encode_chat(tok, t)[0].tolist() for t in texts]
@@ -242,7 +242,7 @@ def register(sub):
     p.add_argument("--prompt-file", help="Spec-Bench question.jsonl (default: the shared dev half)")
     p.add_argument("--split", default="eval", choices=["eval", "train", "all"],
                    help="which prompts (mirror_rt.train.data split; default: the held-out eval half)")
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8, help="how many, taken evenly across the file's families")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--layers", default="all", help="'all' or a comma list")
     p.add_argument("--kappas", default=",".join(map(str, KAPPAS)))

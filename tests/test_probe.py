@@ -136,3 +136,10 @@ def test_gpu_bundle_reassembles_the_target(tmp_path, monkeypatch):
     (tmp_path / "a" / "target.part0").unlink()
     out = gpu_train.assemble(str(tmp_path))
     assert open(out, "rb").read() == blob
+
+
+def test_spread_takes_prompts_across_the_families():
+    rows = [f"{fam}{i}" for fam in "abcd" for i in range(5)]  # grouped by family, like Spec-Bench
+    assert D.spread(rows, 4) == ["a0", "b0", "c0", "d0"]
+    assert D.spread(rows, 8) == ["a0", "a2", "b0", "b2", "c0", "c2", "d0", "d2"]
+    assert D.spread(rows, 50) == rows and D.spread(rows, 0) == []

@@ -52,6 +52,14 @@ def eval_questions(path: str | None = None) -> list[dict]:
     return [q for q in load_questions(path) if is_eval_question(q["question_id"])]
 
 
+def spread(items: list, n: int) -> list:
+    """n items taken evenly across the list, in order (all of them when n >= len): Spec-Bench files
+    are grouped by category, so the first n would all come from the first family."""
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(max(n, 0))]
+
+
 def first_turns(questions: list[dict]) -> list[str]:
     return [q["turns"][0] for q in questions]
 

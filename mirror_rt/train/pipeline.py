@@ -92,7 +92,7 @@ def prepare_prompts(tokenizer, cfg: PipelineConfig, spec_bench: str | None = Non
 
     train_texts = D.training_prompts(cfg.n_templates, cfg.seed, spec_bench)
     evals = D.eval_questions(spec_bench)
-    evals = evals[:: max(1, len(evals) // max(cfg.n_eval, 1))][: cfg.n_eval]  # spread over the categories
+    evals = D.spread(evals, cfg.n_eval)
     eos = tokenizer.eos_token_id
     return {"train": encode_prompts(tokenizer, train_texts),
             "eval": encode_prompts(tokenizer, D.first_turns(evals)),
