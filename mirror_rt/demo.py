@@ -35,10 +35,10 @@ def threads_note(mirror) -> str:
     worker-thread or process lane Mirror's draft keeps its share and the target steps with the
     rest (on 2 cores, 1 + 1: oversubscribed OpenMP teams spin and slow both sides)."""
     total = torch.get_num_threads()
-    if not mirror.draft_threads or mirror.lane is None or mirror.lane.kind not in ("thread", "process"):
+    steps = mirror.step_threads(total)
+    if steps is None:
         return f"threads {total}"
-    return (f"threads {total} (Mirror: prefill {total}, then target {max(1, total - mirror.draft_threads)} "
-            f"+ draft {mirror.draft_threads})")
+    return f"threads {total} (Mirror: prefill {total}, then target {steps} + draft {mirror.draft_threads})"
 
 
 def demo_prompts(args) -> tuple[list[str], str]:

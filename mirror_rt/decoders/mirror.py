@@ -107,6 +107,13 @@ class MirrorDecoder:
             self.draft_threads = threads
         return self.lane
 
+    def step_threads(self, caller_threads: int) -> int | None:
+        """torch threads for the target's steps beside a draft that took its share of the caller's
+        cores on a thread or process lane; None when the caller's count stays as it is."""
+        if not self.draft_threads or self.lane is None or self.lane.kind not in ("thread", "process"):
+            return None
+        return max(1, caller_threads - self.draft_threads)
+
     def close(self):
         if self.lane is not None:
             self.lane.close()
@@ -183,7 +190,7 @@ class _Run:
             finally:  # even when the lane failed: the target alone then finishes from this cache
                 with stats.phase("prefill"):  # with all the caller's threads (the draft's prefill is short)
                     prefill(self.target, self.cache, self.prompt)
-            self.share_cores(lane)
+            self.share_cores()
             with stats.phase("first_window"):
                 result_of(started, timeout)
                 window, q = result_of(first, timeout)[0]
@@ -195,12 +202,13 @@ class _Run:
             torch.set_num_threads(self.caller_threads)
         return GenerationOutput(self.out.result(self.target.device), self.finish())
 
-    def share_cores(self, lane):
+    def share_cores(self):
         """On a CPU thread or process lane the steps run beside the draft's rollouts: this thread
         keeps the cores the draft did not take (torch's thread count is per thread; restored at
         the end)."""
-        if lane.kind in ("thread", "process") and self.dec.draft_threads:
-            torch.set_num_threads(max(1, self.caller_threads - self.dec.draft_threads))
+        steps = self.dec.step_threads(self.caller_threads)
+        if steps is not None:
+            torch.set_num_threads(steps)
 
     def step(self, lane, window, q):
         """One Mirror-SD step; returns the next window and its q rows."""

@@ -41,7 +41,8 @@ def _config(args, part: str):
     from mirror_rt.train.pipeline import PipelineConfig
 
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    ov = dict(n_templates=args.n_templates, n_self_prompts=args.self_prompts, max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
+    ov = dict(n_templates=args.n_templates, n_self_prompts=args.self_prompts, max_new_tokens=args.max_new_tokens,
+              device=args.device, seed=args.seed)
     if part == "exit":
         layers = [args.exit_layer] + [int(x) for x in (args.also_layers or "").split(",") if x]
         ov.update(exit_layers=layers if args.exit_layer else None, exit_rank=args.rank, exit_steps=args.steps,

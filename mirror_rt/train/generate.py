@@ -92,9 +92,10 @@ def generate_answers(target, prompts: list[list[int]], max_new_tokens: int, eos_
         bar.close()
         return out
     pad = eos_ids[0]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False)
-    torch.manual_seed(seed)
+    sampling = dict(do_sample=False)
+    if temperature > 0:  # greedy leaves the caller's RNG alone
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        torch.manual_seed(seed)
     for s in range(0, len(order), batch_size):
         if time_limit and time.perf_counter() - t0 > time_limit:
             print(f"[generate] time limit {time_limit:.0f}s: {len(order) - s} prompts left unanswered")
