@@ -2,8 +2,8 @@
 
 Every decoder runs every prompt greedily; AR is the baseline measured in the same run. One short
 warm-up generation per decoder is excluded from timing. The table reports tokens/s, speedup vs
-AR, mean accepted length, Mirror's reuse/fallback rates and overlap, and whether each decoder's
-output equals the AR output token for token. Prompts run interleaved across decoders.
+AR, mean accepted length, Mirror's reuse/fallback rates and overlap, the share of windows the
+context lookup copied, and whether each decoder's output equals the AR output token for token. Prompts run interleaved across decoders.
 """
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def run_demo(args):
           f"kappa {args.kappa}, Mirror branches {args.branch_policy} (floor {args.min_branch_prob}), fallback "
           f"{args.fallback}, exit layer {decoders['mirror'].config.exit_layer} "
           f"({'trained exit head' if decoders['mirror'].config.exit_head is not None else 'logit lens'}), "
-          f"lane {args.lane}, {threads}")
+          f"lane {args.lane}, {threads}, context lookup "
+          f"{f'up to {args.lookup}-grams' if args.lookup else 'off'}")
     print(format_table(results))
     print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
     for outs in results.values():
@@ -111,6 +112,8 @@ def summarize(outputs) -> dict:
     windows = steps - sum(o.stats.get("empty_steps", 0) for o in outputs)  # steps that verified a window
     row = {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall else 0.0,
            "mean_accepted": accepted / windows if windows else 0.0}
+    if "lookup_windows" in outputs[0].stats:  # windows copied from the context (decoders/lookup.py)
+        row["lookup"] = sum(o.stats["lookup_windows"] for o in outputs) / steps
     if "reuse_hits" in outputs[0].stats:
         row["reuse"] = sum(o.stats["reuse_hits"] for o in outputs) / steps
         row["fallback"] = sum(o.stats["fallbacks"] for o in outputs) / steps
@@ -123,13 +126,13 @@ def format_table(results: dict) -> str:
     base = summarize(results["ar"])
     ref = [o.tokens.tolist() for o in results["ar"]]
     head = f"{'decoder':>8} {'tokens':>7} {'tok/s':>8} {'speedup':>8} {'accepted':>9} {'reuse':>6} " \
-           f"{'fallback':>9} {'overlap':>8} {'==AR':>5}"
+           f"{'fallback':>9} {'lookup':>7} {'overlap':>8} {'==AR':>5}"
     lines = [head, "-" * len(head)]
     for name, outs in results.items():
         r = summarize(outs)
         same = all(o.tokens.tolist() == t for o, t in zip(outs, ref))
         pct = (lambda k: f"{r[k]:.0%}" if k in r else "-")
         lines.append(f"{name:>8} {r['tokens']:>7} {r['tok_s']:>8.2f} {r['tok_s'] / base['tok_s']:>7.2f}x "
-                     f"{r['mean_accepted']:>9.2f} {pct('reuse'):>6} {pct('fallback'):>9} {pct('overlap'):>8} "
+                     f"{r['mean_accepted']:>9.2f} {pct('reuse'):>6} {pct('fallback'):>9} {pct('lookup'):>7} {pct('overlap'):>8} "
                      f"{'yes' if same else 'NO':>5}")
     return "\n".join(lines)

@@ -11,6 +11,8 @@ One step, as the paper draws it:
               "recompute" (the paper) waits for the draft to roll out a fresh window from c;
               "exit" starts the next step at once with an empty window, whose exit branches give
               the draft its next window while the target computes c's successor
+    lookup    (greedy, ``lookup`` > 0) before any of that, a window copied from the context
+              (lookup.py) is the next window when there is one; the draft skips those branches
 
 The draft lives behind a lane (same thread, worker thread, device stream or second process), so
 the overlap is real wherever the lane allows it. Output is exactly the target's (lossless).
@@ -27,6 +29,7 @@ from mirror_rt.decoders.autoregressive import autoregressive_tail
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
 from mirror_rt.decoders.mirror_draft import MirrorDraft
+from mirror_rt.decoders.lookup import ContextLookup
 from mirror_rt.decoders.mirror_exit import POLICIES, ExitProposer, draft_vocabulary
 from mirror_rt.decoders.speculative import verify_chain
 from mirror_rt.lanes import LANE_KINDS, LaneError, make_lane, result_of
@@ -51,6 +54,7 @@ class MirrorConfig:
     min_branch_prob: float = 0.0     # ranked: skip branches the exit estimates below this probability
     fallback: str = "recompute"      # after a miss: "recompute" a window (serial) or "exit" (see above)
     exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
+    lookup: int = 0                  # context lookup's longest n-gram, tried before the draft (greedy; 0: off)
 
     def validate(self, num_layers: int):
         head_layer = getattr(self.exit_head, "exit_layer", None)  # a trained head knows its layer
@@ -72,6 +76,8 @@ class MirrorConfig:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.exit_vocab not in ("draft", "full"):
             raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
+        if self.lookup:
+            ContextLookup(self.lookup)  # raises on a bad n-gram length
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_branches is not None and (not isinstance(self.max_branches, int) or self.max_branches < 0):
@@ -99,7 +105,7 @@ class MirrorDecoder:
         half), the steps the rest."""
         if self.lane is None:
             cfg = self.config
-            maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches)
+            maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches, cfg.lookup)
             threads = cfg.draft_threads
             if threads is None and cfg.lane in ("auto", "thread", "process") and self.draft.device.type == "cpu":
                 threads = max(1, torch.get_num_threads() // 2)
@@ -153,11 +159,11 @@ class MirrorDecoder:
 class _DraftFactory:
     """Builds the draft worker inside its lane (picklable, for the process lane)."""
 
-    def __init__(self, draft, window, max_branches):
-        self.draft, self.window, self.max_branches = draft, window, max_branches
+    def __init__(self, draft, window, max_branches, lookup):
+        self.draft, self.window, self.max_branches, self.lookup = draft, window, max_branches, lookup
 
     def __call__(self):
-        return MirrorDraft(self.draft, self.window, self.max_branches)
+        return MirrorDraft(self.draft, self.window, self.max_branches, self.lookup)
 
 
 class _Run:
@@ -247,9 +253,12 @@ class _Run:
         stats.counters["branches"] += n_branches
         if self.out.done:
             return [], None
-        hit, next_window, next_q = lane.call("advance", accepted, next_token, timeout=self.cfg.lane_timeout)
-        if hit:
+        source, next_window, next_q = lane.call("advance", accepted, next_token, timeout=self.cfg.lane_timeout)
+        if source == "branch":
             stats.counters["reuse_hits"] += 1
+            return next_window, next_q
+        if source == "lookup":
+            stats.counters["lookup_windows"] += 1
             return next_window, next_q
         stats.counters["fallbacks"] += 1
         if self.cfg.fallback == "exit":
@@ -289,6 +298,7 @@ class _Run:
             mode=self.mode, lane=self.dec.lane.kind if self.dec.lane else "none",
             reuse_hits=s.counters["reuse_hits"], fallbacks=s.counters["fallbacks"],
             reuse_rate=s.counters["reuse_hits"] / steps, fallback_rate=s.counters["fallbacks"] / steps,
+            lookup_windows=s.counters["lookup_windows"], lookup_rate=s.counters["lookup_windows"] / steps,
             overlap_fraction=overlap / rollout_total if rollout_total > 0 else 0.0,
             branches_per_step=s.counters["branches"] / steps, empty_steps=empty,
             mean_accepted_per_window=sum(k * v for k, v in s.accepted.items()) / max(steps - empty, 1),

@@ -7,7 +7,12 @@ Cache layout. Committed slots hold every committed token but the pending one. Af
 *region* holds uncommitted nodes: slot 0 the pending token, then the rollout tree of
 ``mirror_rt.ops.branch_tree`` (node j in slot 1 + j): the window chain w_1..w_n, one root per
 branch and ``depth - 1`` extension nodes per branch, attended through one tree mask
-(``mirror_rt.ops.tree_attention``).
+(``mirror_rt.ops.tree_attention``). A window the draft did not roll out (a context lookup) is
+not in the region: the next rollout feeds it first, with the tree.
+
+Context lookup (``lookup.py``, greedy only). Before the draft model is asked for a window, the
+context is looked up; a branch whose context the lookup covers is not rolled out, because
+``advance`` prefers the lookup's window there anyway.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from mirror_rt.decoders.base import Sampler, check_finite, prefill
 from mirror_rt.decoders.drafting import checked_pick, set_draft_context, uses_streams
+from mirror_rt.decoders.lookup import ContextLookup
 from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
 
@@ -26,10 +32,11 @@ def max_branches_for(window: int, depth: int, cap: int | None, nodes: int = MAX_
 
 
 class MirrorDraft:
-    def __init__(self, model, window: int, max_branches: int | None):
+    def __init__(self, model, window: int, max_branches: int | None, lookup: int = 0):
         self.model = model
         self.window = window
         self.max_branches = max_branches  # the user's cap; what fits one tree is applied per step
+        self.lookup_ngram = lookup  # 0: no context lookup
         self.cache = None
         self.pending = None
         self.tree = None  # the last rollout tree and each branch's sampled tokens / q rows
@@ -52,12 +59,21 @@ class MirrorDraft:
         set_draft_context(self.model, prompt_ids)
         prefill(self.model, self.cache, prompt_ids)
         self.pending, self.tree = prompt[-1], None
+        self.tokens = list(prompt)  # committed, the pending token last
+        self.rolled = []  # the window the last rollouts extended
+        self.chain_fed = False  # whether the region holds [pending, w_1..w_{n-1}] of the current window
+        self.lookup = ContextLookup(self.lookup_ngram) if self.lookup_ngram and self.sampler.greedy else None
 
     @torch.inference_mode()
     def fresh_window(self, n: int):
         """Roll out n tokens as a chain after the pending token (the fallback, and the first window).
         Returns (window list[int], q [n, V] float32 or None when greedy). A Speculative Streaming
-        draft with stream proposals on gives the same tokens in fewer passes, same region."""
+        draft with stream proposals on gives the same tokens in fewer passes, same region.
+        A context lookup's window comes first when there is one (q None: greedy)."""
+        copied = self._look_up([], n)
+        if copied:
+            return copied, None
+        self.chain_fed = True
         if n > 0 and uses_streams(self.model):
             tokens, qs, _ = self.model.propose_streams(self.cache, self.pending, n, 0,
                                                        pick=checked_pick(self.sampler, self.step))
@@ -77,19 +93,25 @@ class MirrorDraft:
         """Branch-complete rollouts: every branch (i, v), v in E_i, v != w_{i+1}, continues the
         context (..., w_1..w_i, v) by `depth` draft tokens; all branches form one tree
         (``mirror_rt.ops.branch_tree``), one draft forward per rollout step. Needs the window
-        chain [pending, w_1..w_{n-1}] in the region already; with an empty window (n = 0, the step
-        after a miss under ``fallback="exit"``) the pending token is fed here first. Returns the
-        number of branches."""
+        chain [pending, w_1..w_{n-1}] in the region already when the draft rolled the window out;
+        otherwise (an empty window after a miss under ``fallback="exit"``, or a context lookup's
+        window) the pending token and the window are fed here first. Returns the number of branches."""
         n = len(window)
+        self.rolled = list(window)
+        exit_ids = self._without_looked_up(window, exit_ids)
         # Near the end of the draft's context the cache's free slots, not MAX_TREE_NODES, bound the tree.
         fit = max_branches_for(n, depth, self.max_branches, self.cache.max_len - self.cache.length)
         tree = build_branch_tree(torch.tensor(window, dtype=torch.long), torch.tensor(exit_ids), max_branches=fit,
                                  capacity=n + fit * max(depth, 1))
         nb = tree.num_branches
         # Region slot 0 holds the pending token (every node's ancestor), tree node j is slot 1 + j.
-        # First forward: w_n (closing the window chain, tree node n-1) and every branch root.
-        logits = self._tree_forward(tree, n - 1) if n else self._tree_forward(tree, 0, with_pending=True)
-        picks = [self.sampler.pick(logits[1 + b]) for b in range(nb)]
+        # First forward: w_n (closing the window chain, tree node n-1) and every branch root; or,
+        # without the chain in the region, the pending token and every node from w_1 on.
+        if n and self.chain_fed:
+            logits, roots = self._tree_forward(tree, n - 1), 1
+        else:
+            logits, roots = self._tree_forward(tree, 0, with_pending=True), 1 + n
+        picks = [self.sampler.pick(logits[roots + b]) for b in range(nb)]
         outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
         for _ in range(1, depth if nb else 0):
             extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))
@@ -104,20 +126,41 @@ class MirrorDraft:
     @torch.inference_mode()
     def advance(self, accepted: int, next_token: int):
         """Commit the pending token and w_1..w_A; adopt branch (A, c) if it was rolled out.
-        Returns (hit, window list[int] or None, q [depth, V] or None)."""
+        Returns (source, window list[int] or None, q [depth, V] or None): source "lookup" when the
+        context lookup gives the next window, "branch" when branch (A, c) was rolled out, None (a
+        miss: the caller asks for ``fresh_window`` or goes on without a window)."""
         tree, self.tree = self.tree, None
-        k = tree.find_branch(accepted, int(next_token)) if tree is not None else -1
+        self.tokens += self.rolled[:accepted] + [int(next_token)]
         self.pending = int(next_token)
         self.step += 1
+        copied = self._look_up([], self.window)
+        k = tree.find_branch(accepted, int(next_token)) if tree is not None and not copied else -1
         if k < 0:
             self.cache.commit_path(range(accepted + 1))
-            return False, None, None
+            self.chain_fed = False
+            return ("lookup", copied, None) if copied else (None, None, None)
         # Pending + the branch's path (w_1..w_A, root c, its rollouts) become a chain; the first
         # A + 1 are committed, the rest ([c, r_1..r_{depth-1}]) is the next window's region.
         path = [0] + [1 + int(j) for j in tree.branch_nodes(k)]
         self.cache.gather_region(path)
         self.cache.commit(accepted + 1)
-        return True, self.outs[k], self._stack(self.qs[k])
+        self.chain_fed = True
+        return "branch", self.outs[k], self._stack(self.qs[k])
+
+    def _look_up(self, tail: list[int], n: int) -> list[int]:
+        """The context lookup's window after the committed tokens + tail ([] without one)."""
+        if self.lookup is None:
+            return []
+        self.lookup.update(self.tokens)
+        return self.lookup.propose(tail, n)
+
+    def _without_looked_up(self, window: list[int], exit_ids: list[list[int]]) -> list[list[int]]:
+        """exit_ids with a hole (-1) for every branch (i, v) whose context the lookup covers."""
+        if self.lookup is None:
+            return exit_ids
+        self.lookup.update(self.tokens)
+        return [[v if v < 0 or not self.lookup.propose(window[:i] + [v], 1) else -1 for v in row]
+                for i, row in enumerate(exit_ids)]
 
     def _tree_forward(self, tree, first: int, with_pending: bool = False):
         """Draft forward of tree nodes [first, num_nodes) (region slots 1 + j): logits [Tq, V].

@@ -1,7 +1,8 @@
 """Vanilla chain speculative decoding: the draft proposes a window, the target verifies it.
 
 Greedy (temperature 0) accepts while the draft matches the target's argmax; otherwise rejection
-sampling (Leviathan et al.) keeps the output distribution exactly the target's.
+sampling (Leviathan et al.) keeps the output distribution exactly the target's. With ``lookup``
+(greedy only) a window copied from the context (``lookup.py``) comes first, the draft otherwise.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mirror_rt import ops
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
 from mirror_rt.decoders.drafting import DraftState
+from mirror_rt.decoders.lookup import ContextLookup
 
 
 def chain_parents(n: int, device) -> torch.Tensor:
@@ -38,11 +40,17 @@ def verify_chain(node_ids, logits, q, mode: str, sampler: Sampler, temperature: 
 
 
 class SpeculativeDecoder:
-    def __init__(self, target, draft, window: int = 7):
+    """window: draft tokens per step; lookup: longest n-gram of the context lookup tried before the
+    draft (greedy decoding only; 0 = the draft alone)."""
+
+    def __init__(self, target, draft, window: int = 7, lookup: int = 0):
         if not isinstance(window, int) or not 1 <= window <= 64:
             raise ValueError(f"window must be an integer in [1, 64], got {window!r}")
         check_pair(target, draft)
         self.target, self.draft, self.window = target, draft, window
+        self.lookup = lookup
+        if lookup:
+            ContextLookup(lookup)  # validates
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
@@ -57,6 +65,7 @@ class SpeculativeDecoder:
         cache, draft = target.new_cache(capacity), DraftState(self.draft, capacity)
         sampler = Sampler(temperature, top_k, top_p, seed, target.device)
         mode = "greedy" if sampler.greedy else "rejection"
+        lookup = ContextLookup(self.lookup) if self.lookup and sampler.greedy else None
         out, stats = Emitter(max_new_tokens, eos_token_id, stream), Stats("sd")
         with stats.phase("prefill"):
             prefill(target, cache, prompt)
@@ -65,7 +74,7 @@ class SpeculativeDecoder:
         while not out.done:
             n = min(self.window, max_new_tokens - len(out.tokens) - 1)
             with stats.phase("draft"):
-                window, q = draft.propose(tokens, n, sampler, stats.steps)
+                window, q = propose(lookup, draft, tokens, n, sampler, stats)
             with stats.phase("target"):
                 node_ids = torch.tensor([[tokens[-1]] + window], device=target.device)
                 logits = target(node_ids, cache)
@@ -78,4 +87,17 @@ class SpeculativeDecoder:
             tokens += new
             out.emit(new)
             stats.add_step(accepted)
-        return GenerationOutput(out.result(target.device), stats.finish(len(out.tokens), window=self.window))
+        return GenerationOutput(out.result(target.device), stats.finish(len(out.tokens), window=self.window,
+                                                                    lookup_windows=stats.counters["lookup_windows"]))
+
+
+def propose(lookup, draft: DraftState, tokens: list[int], n: int, sampler: Sampler, stats: Stats):
+    """The next window after `tokens` (last entry pending): copied from the context when the lookup
+    finds one (q None: greedy), else rolled out by the draft. Returns (window, q)."""
+    if lookup is not None and n > 0:
+        lookup.update(tokens)
+        window = lookup.propose([], n)
+        if window:
+            stats.counters["lookup_windows"] += 1
+            return window, None
+    return draft.propose(tokens, n, sampler, stats.steps)
