@@ -5,12 +5,14 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "ascend/tiling.h"
 #include "core/branch_tree.h"
 #include "core/info.h"
+#include "core/small_linear.h"
 #include "core/tree_attention.h"
 #include "third_party/dlpack/dlpack.h"
 
@@ -312,17 +314,50 @@ py::dict ascend_branch_tree_tiling_py(uint32_t gamma, uint32_t kappa, int32_t ma
   return d;
 }
 
+void small_linear_py(py::handle x_, py::handle w_, py::object bias_, py::handle out_, int num_threads) {
+  View x(x_, "x"), w(w_, "weight"), out(out_, "out");
+  x.rank(2);
+  w.rank(2);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  for (View* v : {&x, &w, &out}) v->dtype(v->is(kDLFloat, 32), "float32");
+  if (M < 1 || M > kSmallLinearMaxRows)
+    value_error("x must have between 1 and " + std::to_string(kSmallLinearMaxRows) + " rows, got " + std::to_string(M));
+  const std::string w_shape = dims("[out, in]", {{"in", K}});
+  if (w.size(1) != K) value_error("weight must be " + w_shape + " (x has in=" + std::to_string(K) + "), got shape " + shape_str(*w.t));
+  const std::string out_shape = dims("[rows, out]", {{"rows", M}, {"out", N}});
+  out.shape({M, N}, out_shape.c_str());
+  for (View* v : {&x, &w, &out}) v->inner_contiguous();
+  const float* bias = nullptr;
+  std::unique_ptr<View> b;
+  if (!bias_.is_none()) {
+    b = std::make_unique<View>(bias_, "bias");
+    b->dtype(b->is(kDLFloat, 32), "float32");
+    const std::string b_shape = dims("[out]", {{"out", N}});
+    b->shape({N}, b_shape.c_str());
+    b->contiguous();
+    bias = static_cast<const float*>(b->data());
+  }
+  SmallLinearArgs a{static_cast<const float*>(x.data()), M, K, x.stride(0), static_cast<const float*>(w.data()), N,
+                    w.stride(0), bias, static_cast<float*>(out.data()), out.stride(0), num_threads};
+  py::gil_scoped_release release;
+  small_linear_f32(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mirror_rt C++ operators (CPU) for the draft's streaming step";
   m.attr("abi_version") = mirror_rt::kCoreAbiVersion;
   m.attr("max_tree_nodes") = kMaxTreeNodes;
+  m.attr("small_linear_max_rows") = kSmallLinearMaxRows;
   m.def("openmp_max_threads", &mirror_rt::openmp_max_threads, "OpenMP threads the core may use");
   m.def("tree_attention", &tree_attention_py, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("cache_seqlens"), py::arg("k_tree"), py::arg("v_tree"), py::arg("tree_mask"),
         py::arg("out"), py::arg("sm_scale"), py::arg("num_threads") = 0,
         "Writes out [B,Tq,Hq,D]. tree_mask: int32 packed bits [B,Tq,W>=ceil(T/32)]; cache_seqlens int32 [B].");
+  m.def("small_linear", &small_linear_py, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+        py::arg("num_threads") = 0,
+        "out [rows, out] = x [rows<=8, in] @ weight [out, in]^T (+ bias [out] or None); float32.");
   m.def("pack_tree_mask", &pack_tree_mask_py, py::arg("tree_mask"), py::arg("out"),
         "bool [B,Tq,T] -> int32 bits out [B,Tq,W]: node j is bit j%32 of word j/32.");
   m.def("build_branch_tree", &build_branch_tree_py, py::arg("window"), py::arg("exit_ids"),

@@ -86,4 +86,31 @@ def verify_accept(tokens, parents, target_logits, mode="greedy", *, temperature=
                top_p=top_p, draft_probs=draft_probs, uniforms=uniforms)
 
 
-__all__ = ["tree_attention", "verify_accept", "pick_backend", "reference", "checks"]
+def linear(x, weight, bias=None):
+    """y = x @ weight^T (+ bias), as ``torch.nn.functional.linear``: x [..., in], weight [out, in],
+    bias [out] or None; returns [..., out] in x's dtype.
+
+    Up to 8 rows of float32 CPU input, outside autograd, go to the C++ kernel, which reads each
+    row of weight once for all rows. On a small model the target's verification pass and the
+    draft's steps are such calls, and there a GEMM of 2-8 rows cost 1.5-2x a one-row product
+    (bench/RESULTS.md). Everything else goes to torch (the reference is ``reference.linear_ref``).
+    """
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and x.dim() >= 1 and x.numel() > 0
+            and x.numel() <= _small_rows() * x.shape[-1] and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+            and weight.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and pick_backend(x.device, "small_linear") == "cpp"):
+        from mirror_rt.ops.cpu import small_linear_cpu
+
+        return small_linear_cpu(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _small_rows() -> int:
+    c = _cpp()
+    return getattr(c, "small_linear_max_rows", 0) if c is not None else 0
+
+
+__all__ = ["tree_attention", "verify_accept", "linear", "pick_backend", "reference", "checks"]

@@ -56,3 +56,19 @@ def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_
     out = torch.empty(q_.shape, dtype=q_.dtype)
     _C.tree_attention(q_, kc, vc, cache_seqlens, kt, vt, tree_mask, out, float(sm_scale), _threads(num_threads))
     return out.half() if half else out
+
+
+SMALL_LINEAR_MAX_ROWS = _C.small_linear_max_rows
+
+
+def small_linear_cpu(x, weight, bias=None, *, num_threads=None):
+    """C++ y = x @ weight^T (+ bias) for at most SMALL_LINEAR_MAX_ROWS rows of float32 x [..., in]
+    (weight [out, in], bias [out] or None; all float32, CPU): each row of weight is read once for
+    all rows of x. Returns [..., out]."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype)
+    _C.small_linear(rows.detach(), weight.detach(), None if bias is None else bias.detach(), out,
+                    _threads(num_threads))
+    return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -183,3 +183,14 @@ def verify_accept_ref(tokens, parents, target_logits, mode="greedy", *, temperat
         accepted[b, : len(path)] = torch.tensor(path, dtype=torch.int32)
         next_token[b] = nxt
     return accept_len, accepted, next_token
+
+
+def linear_ref(x, weight, bias=None):
+    """y[..., n] = sum_k x[..., k] * weight[n, k] (+ bias[n]), one output at a time in float64:
+    the obvious reference of ``ops.linear``. x [..., in], weight [out, in], bias [out] or None."""
+    xs = x.double().reshape(-1, x.shape[-1])
+    w = weight.double()
+    y = torch.stack([(xs * w[n]).sum(-1) for n in range(w.shape[0])], dim=-1)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)

@@ -1,0 +1,82 @@
+// See small_linear.h. Compiled without -ffast-math (CMakeLists.txt): the compiler must not
+// reorder a row's sum differently for different row counts.
+#include "core/small_linear.h"
+
+#include <omp.h>
+
+#include "core/simd.h"
+
+namespace mirror_rt {
+namespace {
+
+static inline float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// Output features [n0, n1) for M rows; NB rows of w at a time give NB * M independent
+// accumulator chains (hides the FMA latency when M is small) without changing any sum's order.
+template <int M, int NB>
+MIRROR_RT_CLONES void block(const SmallLinearArgs& a, int64_t n0, int64_t n1) {
+  const int64_t K = a.in, K8 = K & ~int64_t(7);
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    v8f acc[NB][M];
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < M; ++m) acc[j][m] = v8f{};
+    for (int64_t k = 0; k < K8; k += 8) {
+      v8f xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = load8(a.x + m * a.x_stride + k);
+      for (int j = 0; j < NB; ++j) {
+        const v8f wv = load8(a.w + (n + j) * a.w_stride + k);
+        for (int m = 0; m < M; ++m) acc[j][m] += wv * xv[m];
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const float* w = a.w + (n + j) * a.w_stride;
+      for (int m = 0; m < M; ++m) {
+        const float* x = a.x + m * a.x_stride;
+        float s = hsum(acc[j][m]);
+        for (int64_t k = K8; k < K; ++k) s += w[k] * x[k];
+        if (a.bias) s += a.bias[n + j];
+        a.y[m * a.y_stride + n + j] = s;
+      }
+    }
+  }
+  if (n < n1) block<M, 1>(a, n, n1);  // the last n1 - n < NB features
+}
+
+template <int M>
+void run(const SmallLinearArgs& a) {
+  // Rows of w in flight: more streams keep more loads in flight, up to NB * M = 16 accumulators
+  // (all the vector registers; beyond, spills cost more than the streams gain).
+  constexpr int NB = M <= 2 ? 8 : (M <= 4 ? 4 : 1);
+  constexpr int64_t kChunk = 64;                     // output features per task
+  const int64_t tasks = (a.out + kChunk - 1) / kChunk;
+  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  if (threads <= 1 || tasks < 2) {
+    block<M, NB>(a, 0, a.out);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n0 = t * kChunk, n1 = n0 + kChunk < a.out ? n0 + kChunk : a.out;
+    block<M, NB>(a, n0, n1);
+  }
+}
+
+}  // namespace
+
+void small_linear_f32(const SmallLinearArgs& a) {
+  switch (a.rows) {
+    case 1: return run<1>(a);
+    case 2: return run<2>(a);
+    case 3: return run<3>(a);
+    case 4: return run<4>(a);
+    case 5: return run<5>(a);
+    case 6: return run<6>(a);
+    case 7: return run<7>(a);
+    default: return run<8>(a);
+  }
+}
+
+}  // namespace mirror_rt

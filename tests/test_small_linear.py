@@ -1,0 +1,102 @@
+"""C++ small-row linear (mirror_rt._C.small_linear, through ops.linear) against the float64
+reference, its row independence, its argument checks, and where ops.linear sends each call."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import mirror_rt.ops as ops
+from mirror_rt.ops.reference import linear_ref
+
+_C = pytest.importorskip("mirror_rt._C")
+if not hasattr(_C, "small_linear"):
+    pytest.skip("extension built without small_linear", allow_module_level=True)
+from mirror_rt.ops.cpu import SMALL_LINEAR_MAX_ROWS, small_linear_cpu  # noqa: E402
+
+
+def rnd(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, SMALL_LINEAR_MAX_ROWS), k=st.integers(1, 70), n=st.integers(1, 150),
+       bias=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 99))
+def test_matches_the_reference_on_odd_shapes(rows, k, n, bias, threads, seed):
+    x, w = rnd(rows, k, seed=seed), rnd(n, k, seed=seed + 1)
+    b = rnd(n, seed=seed + 2) if bias else None
+    got = small_linear_cpu(x, w, b, num_threads=threads)
+    torch.testing.assert_close(got, linear_ref(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k,n", [(576, 1536), (1536, 576), (576, 49152 // 16 + 3)])
+def test_model_shapes(k, n):
+    x, w, b = rnd(5, k), rnd(n, k, seed=1), rnd(n, seed=2)
+    torch.testing.assert_close(small_linear_cpu(x, w, b), linear_ref(x, w, b), atol=1e-3, rtol=1e-4)
+
+
+def test_a_row_does_not_depend_on_its_companions_or_the_threads():
+    """Bitwise: a token's logits in a verification pass of 8 equal those of a one-token step."""
+    x, w = rnd(SMALL_LINEAR_MAX_ROWS, 577), rnd(301, 577, seed=1)
+    together = small_linear_cpu(x, w, num_threads=2)
+    for m in range(x.shape[0]):
+        alone = small_linear_cpu(x[m:m + 1], w, num_threads=1)
+        assert torch.equal(alone[0], together[m]), m
+
+
+def test_leading_dims_and_strided_rows():
+    x = rnd(2, 3, 40)[:, :, :33]  # [2, 3, 33], rows not contiguous with each other
+    w = rnd(17, 33, seed=1)
+    got = small_linear_cpu(x, w)
+    assert got.shape == (2, 3, 17)
+    torch.testing.assert_close(got, linear_ref(x, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("rows", ValueError, "between 1 and 8 rows"),
+    ("in", ValueError, r"weight must be \[out, in=5\]"),
+    ("dtype", TypeError, "float32"),
+    ("bias", ValueError, r"bias must be \[out=3\]"),
+    ("weight_stride", ValueError, "contiguous in its last dimension"),
+])
+def test_bad_arguments_are_named(case, exc, match):
+    x, w, b, out = rnd(2, 5), rnd(3, 5), None, torch.empty(2, 3)
+    if case == "rows":
+        x, out = rnd(9, 5), torch.empty(9, 3)
+    elif case == "in":
+        w = rnd(3, 4)
+    elif case == "dtype":
+        x = x.double()
+    elif case == "bias":
+        b = rnd(4)
+    elif case == "weight_stride":
+        w = rnd(5, 3).t()
+    with pytest.raises(exc, match=match):
+        _C.small_linear(x, w, b, out, 1)
+
+
+def spy(monkeypatch):
+    calls = []
+    real = _C.small_linear
+    monkeypatch.setattr(_C, "small_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+def test_ops_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
+    calls = spy(monkeypatch)
+    w = rnd(7, 6, seed=1)
+    with torch.inference_mode():
+        for x in (rnd(1, 6), rnd(1, 8, 6), rnd(9, 6), rnd(3, 6).double()):
+            torch.testing.assert_close(ops.linear(x, w.to(x.dtype)), F.linear(x, w.to(x.dtype)))
+    assert calls == [(1, 6), (8, 6)]  # not 9 rows, not float64
+    wg = w.clone().requires_grad_()
+    y = ops.linear(rnd(2, 6), wg)  # autograd: torch's GEMM, and gradients flow
+    y.sum().backward()
+    assert wg.grad is not None and calls == [(1, 6), (8, 6)]
+
+
+def test_forced_reference_backend_skips_the_kernel(monkeypatch):
+    calls = spy(monkeypatch)
+    monkeypatch.setenv("MIRROR_RT_BACKEND", "ref")
+    with torch.inference_mode():
+        ops.linear(rnd(2, 6), rnd(7, 6, seed=1))
+    assert calls == []
