@@ -84,11 +84,16 @@ def identity_last_layer(model):
 
 
 class ThreadCounting(DraftWrapper):
-    """Records torch's intra-op thread count of the calling thread at every forward."""
+    """Records torch's intra-op thread count of the calling thread at every forward (threads), and
+    the first layer each forward ran (starts)."""
 
     def __init__(self, inner):
         super().__init__(inner)
-        self.threads = []
+        self.threads, self.starts = [], []
+
+    def run_layers(self, hidden, start, *args, **kwargs):
+        self.starts.append(start)
+        return super().run_layers(hidden, start, *args, **kwargs)
 
     def hook(self):
         self.threads.append(torch.get_num_threads())

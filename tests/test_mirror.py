@@ -330,7 +330,8 @@ def test_draft_prefill_overlaps_the_target_prefill():
 @pytest.mark.parametrize("lane, draft_threads, steps", [("thread", None, 2), ("thread", 1, 3), ("process", None, 2)])
 def test_cpu_lane_prefills_with_every_thread_then_shares_them(lane, draft_threads, steps):
     """torch's thread count is per thread: the draft's worker (thread or process) takes its share,
-    the target prefills with all the caller's threads and steps with the rest, and the caller
+    the target prefills with all the caller's threads, runs each step's prefix with all of them
+    too (the draft waits for the exit's branches then), its suffix with the rest, and the caller
     gets its count back."""
     target, draft = tiny_pair()
     counted_target, counted_draft = ThreadCounting(target), ThreadCounting(draft)
@@ -344,7 +345,10 @@ def test_cpu_lane_prefills_with_every_thread_then_shares_them(lane, draft_thread
             assert torch.get_num_threads() == 4
         assert out.tokens.tolist() == ar_tokens(target, ids, 12)
         prefill, *step_calls = counted_target.threads
-        assert prefill == 4 and step_calls and set(step_calls) == {steps}
+        prefixes = [t for t, start in zip(step_calls, counted_target.starts[1:]) if start == 0]
+        suffixes = [t for t, start in zip(step_calls, counted_target.starts[1:]) if start == 2]
+        assert prefill == 4 and set(prefixes) == {4} and set(suffixes) == {steps}
+        assert suffixes and len(prefixes) + len(suffixes) == len(step_calls)  # (+ a one-token tail: all)
         if lane == "thread":  # a process lane's draft counts in its own process
             assert set(counted_draft.threads) == {4 - steps}
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +178,7 @@ class _Run:
         self.cache = self.target.new_cache(capacity)
         self.out, self.stats = Emitter(max_new_tokens, eos, stream), Stats("mirror")
         self.suffix_spans, self.rollout_spans = [], []
+        self.suffix_threads = None  # the target's torch threads beside the draft (share_cores)
         vocab = draft_vocabulary(dec.draft, prompt) if self.cfg.exit_vocab == "draft" else None
         self.exit = ExitProposer(self.target, self.cfg.exit_head, self.cfg.top_k, self.cfg.branch_policy, vocab,
                                  self.cfg.max_branches, self.cfg.window, self.cfg.min_branch_prob)
@@ -212,27 +214,42 @@ class _Run:
         """On a CPU thread or process lane the steps run beside the draft's rollouts: this thread
         keeps the cores the draft did not take (torch's thread count is per thread; restored at
         the end)."""
-        steps = self.dec.step_threads(self.caller_threads)
-        if steps is not None:
-            torch.set_num_threads(steps)
+        self.suffix_threads = self.dec.step_threads(self.caller_threads)
+        if self.suffix_threads is not None:
+            torch.set_num_threads(self.suffix_threads)
+
+    @contextmanager
+    def all_cores(self):
+        """The target's prefix and exit run while the draft waits for the exit's branches: with every
+        core of the caller's, then back to the target's share beside the draft's rollouts."""
+        if self.suffix_threads is None:
+            yield
+            return
+        torch.set_num_threads(self.caller_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.suffix_threads)
 
     def step(self, lane, window, q):
         """One Mirror-SD step; returns the next window and its q rows."""
         target, stats, le = self.target, self.stats, self.cfg.exit_layer
         remaining = self.max_new - len(self.out.tokens)
-        if remaining == 1:  # one token left: the target alone
-            self.tokens.append(autoregressive_tail(target, self.cache, self.tokens[-1], self.sampler, self.out,
-                                                   stats))
+        if remaining == 1:  # one token left: the target alone, on every core
+            with self.all_cores():
+                self.tokens.append(autoregressive_tail(target, self.cache, self.tokens[-1], self.sampler, self.out,
+                                                       stats))
             return [], None
         window = window[: remaining - 1]
         n = len(window)
         if n == 0:  # after a miss with fallback="exit": no window, the exit's branches still roll out
             stats.counters["empty_steps"] += 1
         node_ids = torch.tensor([[self.tokens[-1]] + window], device=target.device)
-        with stats.phase("prefix"):
-            hidden = target.run_layers(target.embed(node_ids), 0, le, self.cache)
-        with stats.phase("exit"):
-            exit_ids = self.exit(hidden, window)
+        with self.all_cores():
+            with stats.phase("prefix"):
+                hidden = target.run_layers(target.embed(node_ids), 0, le, self.cache)
+            with stats.phase("exit"):
+                exit_ids = self.exit(hidden, window)
         rollouts = lane.submit("rollouts", window, exit_ids, self.cfg.window)
         with stats.phase("suffix"):
             t0 = time.perf_counter()
