@@ -343,6 +343,21 @@ void small_linear_py(py::handle x_, py::handle w_, py::object bias_, py::handle 
   small_linear_f32(a);
 }
 
+// The same kernel on raw addresses, for mirror_rt.ops.linear's hot path: on a small model one
+// decoding pass makes ~200 such calls, and taking three tensors through DLPack costs more than
+// the kernel saves on the smaller ones (bench/RESULTS.md). The caller has checked dtypes,
+// shapes and contiguity; only what would crash outright is re-checked here.
+void small_linear_ptr_py(uintptr_t x, int64_t rows, int64_t in, uintptr_t w, int64_t out_features, uintptr_t bias,
+                         uintptr_t y, int num_threads) {
+  if (rows < 1 || rows > kSmallLinearMaxRows || in < 1 || out_features < 1 || !x || !w || !y)
+    value_error("small_linear_ptr: rows must be in [1, " + std::to_string(kSmallLinearMaxRows) +
+                "], sizes positive, addresses non-null");
+  SmallLinearArgs a{reinterpret_cast<const float*>(x), rows, in, in, reinterpret_cast<const float*>(w), out_features,
+                    in, reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y), out_features, num_threads};
+  py::gil_scoped_release release;
+  small_linear_f32(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -358,6 +373,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("small_linear", &small_linear_py, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         py::arg("num_threads") = 0,
         "out [rows, out] = x [rows<=8, in] @ weight [out, in]^T (+ bias [out] or None); float32.");
+  m.def("small_linear_ptr", &small_linear_ptr_py, py::arg("x"), py::arg("rows"), py::arg("in_features"),
+        py::arg("weight"), py::arg("out_features"), py::arg("bias"), py::arg("out"), py::arg("num_threads") = 0,
+        "small_linear on contiguous float32 buffers given by address (bias 0: none); no tensor checks.");
   m.def("pack_tree_mask", &pack_tree_mask_py, py::arg("tree_mask"), py::arg("out"),
         "bool [B,Tq,T] -> int32 bits out [B,Tq,W]: node j is bit j%32 of word j/32.");
   m.def("build_branch_tree", &build_branch_tree_py, py::arg("window"), py::arg("exit_ids"),

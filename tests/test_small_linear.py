@@ -75,23 +75,43 @@ def test_bad_arguments_are_named(case, exc, match):
 
 
 def spy(monkeypatch):
+    """Records the rows of every call that reaches the kernel through ops.linear."""
     calls = []
-    real = _C.small_linear
-    monkeypatch.setattr(_C, "small_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = _C.small_linear_ptr
+    monkeypatch.setattr(_C, "small_linear_ptr", lambda *a: calls.append(a[1]) or real(*a))
     return calls
 
 
 def test_ops_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
     calls = spy(monkeypatch)
-    w = rnd(7, 6, seed=1)
+    w, b = rnd(7, 6, seed=1), rnd(7, seed=2)
     with torch.inference_mode():
-        for x in (rnd(1, 6), rnd(1, 8, 6), rnd(9, 6), rnd(3, 6).double()):
-            torch.testing.assert_close(ops.linear(x, w.to(x.dtype)), F.linear(x, w.to(x.dtype)))
-    assert calls == [(1, 6), (8, 6)]  # not 9 rows, not float64
+        for x in (rnd(1, 6), rnd(1, 8, 6), rnd(9, 6), rnd(3, 6).double(), rnd(2, 9)[:, :6]):
+            for bias in (None, b):
+                bias = None if bias is None else bias.to(x.dtype)
+                want = linear_ref(x, w.to(x.dtype), bias)
+                torch.testing.assert_close(ops.linear(x, w.to(x.dtype), bias), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ops.linear(rnd(2, 6), rnd(6, 7).t()), linear_ref(rnd(2, 6), rnd(6, 7).t()))
+    # 1 and 8 rows, and 2 strided rows (made contiguous), each without and with bias; not 9 rows,
+    # not float64, not a weight that is not contiguous
+    assert calls == [1, 1, 8, 8, 2, 2]
     wg = w.clone().requires_grad_()
     y = ops.linear(rnd(2, 6), wg)  # autograd: torch's GEMM, and gradients flow
     y.sum().backward()
-    assert wg.grad is not None and calls == [(1, 6), (8, 6)]
+    assert wg.grad is not None and len(calls) == 6
+
+
+def test_ops_linear_output_is_float32_whatever_the_default_dtype():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.inference_mode():
+            x, w = rnd(3, 5).float(), rnd(4, 5, seed=1).float()
+            y = ops.linear(x, w)
+    finally:
+        torch.set_default_dtype(before)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, linear_ref(x, w), atol=1e-5, rtol=1e-5)
 
 
 def test_forced_reference_backend_skips_the_kernel(monkeypatch):
@@ -100,3 +120,11 @@ def test_forced_reference_backend_skips_the_kernel(monkeypatch):
     with torch.inference_mode():
         ops.linear(rnd(2, 6), rnd(7, 6, seed=1))
     assert calls == []
+
+
+def test_the_address_entry_refuses_what_would_crash():
+    out = torch.empty(2, 3)
+    with pytest.raises(ValueError, match="rows must be in"):
+        _C.small_linear_ptr(rnd(9, 5).data_ptr(), 9, 5, rnd(3, 5).data_ptr(), 3, 0, out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="non-null"):
+        _C.small_linear_ptr(0, 2, 5, rnd(3, 5).data_ptr(), 3, 0, out.data_ptr(), 1)

@@ -94,23 +94,32 @@ def linear(x, weight, bias=None):
     row of weight once for all rows. On a small model the target's verification pass and the
     draft's steps are such calls, and there a GEMM of 2-8 rows cost 1.5-2x a one-row product
     (bench/RESULTS.md). Everything else goes to torch (the reference is ``reference.linear_ref``).
+    The test runs on every call of every layer, so it reads only cheap tensor attributes.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32) and x.dim() >= 1 and x.numel() > 0
-            and x.numel() <= _small_rows() * x.shape[-1] and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
-            and weight.stride(-1) == 1
+    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
+            and 0 < x.numel() <= _small_linear_rows() * x.shape[-1] and x.shape[-1] == weight.shape[1]
+            and weight.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.device.type == "cpu"
+                                                             and bias.shape == weight.shape[:1] and bias.is_contiguous()))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
-            and pick_backend(x.device, "small_linear") == "cpp"):
-        from mirror_rt.ops.cpu import small_linear_cpu
-
-        return small_linear_cpu(x, weight, bias)
+            and not os.environ.get("MIRROR_RT_BACKEND")):
+        return _small_linear_kernel(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _small_rows() -> int:
-    c = _cpp()
-    return getattr(c, "small_linear_max_rows", 0) if c is not None else 0
+_SMALL_LINEAR_ROWS = None
+_small_linear_kernel = None
+
+
+def _small_linear_rows() -> int:
+    """Rows the C++ small-row kernel takes (0 without the extension); looked up once."""
+    global _SMALL_LINEAR_ROWS, _small_linear_kernel
+    if _SMALL_LINEAR_ROWS is None:
+        _SMALL_LINEAR_ROWS = getattr(_cpp(), "small_linear_max_rows", 0)
+        if _SMALL_LINEAR_ROWS:
+            from mirror_rt.ops.cpu import small_linear_unchecked as _small_linear_kernel
+    return _SMALL_LINEAR_ROWS
 
 
 __all__ = ["tree_attention", "verify_accept", "linear", "pick_backend", "reference", "checks"]
