@@ -2,7 +2,6 @@
 reference, its row independence, its argument checks, and where ops.linear sends each call."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import mirror_rt.ops as ops
