@@ -6,7 +6,8 @@ One call = every linear of a SmolLM2-135M-shaped stack (q, k, v, o, gate, up, do
 576 -> 576/192/192/576/1536/1536, 1536 -> 576; distinct weights, --layers of them, 424 MB at 30)
 applied to `rows` rows, as in one decoding pass of `rows` tokens: the weights stream from memory
 as they do in the model, instead of sitting in cache as one repeated matrix would.
-Providers: cpp (mirror_rt.ops.cpu.small_linear_cpu), torch (F.linear; the baseline).
+Providers: cpp (mirror_rt.ops.linear, the call the model's layers make: the C++ kernel through its
+address entry), torch (F.linear; the baseline).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Bench  # noqa: E402
 
-from mirror_rt.ops.cpu import small_linear_cpu  # noqa: E402
+from mirror_rt import ops  # noqa: E402
 
 LAYER_SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
 
@@ -41,7 +42,7 @@ def main():
             x = {k: torch.randn(rows, k, generator=gen) for k in (576, 1536)}
             shape = dict(rows=rows, layers=args.layers, MB=nbytes >> 20, threads=args.threads)
             bench.row("torch", shape, lambda: [F.linear(x[w.shape[1]], w) for w in weights], bytes_moved=nbytes)
-            bench.row("cpp", shape, lambda: [small_linear_cpu(x[w.shape[1]], w) for w in weights],
+            bench.row("cpp", shape, lambda: [ops.linear(x[w.shape[1]], w) for w in weights],
                       bytes_moved=nbytes, baseline="torch")
     bench.finish(args.csv)
 
