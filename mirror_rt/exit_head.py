@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirror_rt import ops
 from mirror_rt.models.llama import RMSNorm
 
 FORMAT = "mirror_rt.exit_head/1"
@@ -70,7 +71,7 @@ class ExitHead(nn.Module):
         return self.adapter(hidden.to(self.adapter.down.weight.dtype)).to(self.lm_head.weight.dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.normed(hidden), self.lm_head.weight).float()
+        return ops.linear(self.normed(hidden), self.lm_head.weight).float()
 
 
 def new_exit_head(target, exit_layer: int, rank: int = 256, act: str = "silu") -> ExitHead:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from mirror_rt import ops
 from mirror_rt.decoders.mirror_draft import max_branches_for
 
 POLICIES = ("per_position", "ranked")
@@ -80,7 +80,7 @@ class ExitProposer:
             logits = self.head(hidden) if self.head is not None else self.target.head(hidden)
         else:
             normed = self.head.normed(hidden) if self.head is not None else self.target.norm(hidden)
-            logits = F.linear(normed.to(self.sub_weight.dtype), self.sub_weight)
+            logits = ops.linear(normed.to(self.sub_weight.dtype), self.sub_weight)
         return torch.log_softmax(logits[0].float(), dim=-1)
 
     def to_target_ids(self, columns: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirror_rt import ops
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
 from mirror_rt.models.rope import rope_cos_sin
@@ -165,7 +166,7 @@ class StreamingDraft(LlamaModel):
                 or self.sub_head.shape[0] != ids.numel():
             with torch.inference_mode(False):  # a normal tensor: training may reuse it
                 self.sub_head = self.lm_head.weight.detach()[ids.to(h.device)].to(h.dtype).clone()
-        return F.linear(h, self.sub_head)
+        return ops.linear(h, self.sub_head)  # the small-row kernel at inference on a CPU
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H] -> logits [B, T, V] float32 in the target's vocabulary."""
