@@ -31,14 +31,16 @@ DEMO_CPU_LANE = "process"
 
 
 def threads_note(mirror) -> str:
-    """How the decoders use torch's threads: every one for AR, SD and the target's prefill; on a CPU
-    worker-thread or process lane Mirror's draft keeps its share and the target steps with the
-    rest (on 2 cores, 1 + 1: oversubscribed OpenMP teams spin and slow both sides)."""
+    """How the decoders use torch's threads: every one for AR, SD and the target's prefill and
+    prefixes; on a CPU worker-thread or process lane Mirror's draft keeps its share and the target's
+    suffix runs beside it on the rest (on 2 cores, 1 + 1: oversubscribed OpenMP teams spin and slow
+    both sides)."""
     total = torch.get_num_threads()
     steps = mirror.step_threads(total)
     if steps is None:
         return f"threads {total}"
-    return f"threads {total} (Mirror: prefill {total}, then target {steps} + draft {mirror.draft_threads})"
+    return (f"threads {total} (Mirror: prefill and prefixes {total}, suffix {steps} beside the draft's "
+            f"{mirror.draft_threads})")
 
 
 def demo_prompts(args) -> tuple[list[str], str]:
