@@ -91,6 +91,7 @@ def test_ops_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
                 want = linear_ref(x, w.to(x.dtype), bias)
                 torch.testing.assert_close(ops.linear(x, w.to(x.dtype), bias), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ops.linear(rnd(2, 6), rnd(6, 7).t()), linear_ref(rnd(2, 6), rnd(6, 7).t()))
+        assert ops.linear(rnd(2, 6), rnd(0, 6)).shape == (2, 0)  # no outputs: torch's answer
     # 1 and 8 rows, and 2 strided rows (made contiguous), each without and with bias; not 9 rows,
     # not float64, not a weight that is not contiguous
     assert calls == [1, 1, 8, 8, 2, 2]

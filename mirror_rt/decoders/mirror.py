@@ -29,8 +29,8 @@ import torch
 from mirror_rt.decoders.autoregressive import autoregressive_tail
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
-from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.lookup import ContextLookup
+from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.mirror_exit import POLICIES, ExitProposer, draft_vocabulary
 from mirror_rt.decoders.speculative import verify_chain
 from mirror_rt.lanes import LANE_KINDS, LaneError, make_lane, result_of

@@ -97,7 +97,7 @@ def linear(x, weight, bias=None):
     The test runs on every call of every layer, so it reads only cheap tensor attributes.
     """
     if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
+            and weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[0] > 0 and x.dim() >= 1
             and 0 < x.numel() <= _small_linear_rows() * x.shape[-1] and x.shape[-1] == weight.shape[1]
             and weight.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.device.type == "cpu"
                                                              and bias.shape == weight.shape[:1] and bias.is_contiguous()))
