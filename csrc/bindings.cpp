@@ -323,7 +323,8 @@ void small_linear_py(py::handle x_, py::handle w_, py::object bias_, py::handle 
   if (M < 1 || M > kSmallLinearMaxRows)
     value_error("x must have between 1 and " + std::to_string(kSmallLinearMaxRows) + " rows, got " + std::to_string(M));
   const std::string w_shape = dims("[out, in]", {{"in", K}});
-  if (w.size(1) != K) value_error("weight must be " + w_shape + " (x has in=" + std::to_string(K) + "), got shape " + shape_str(*w.t));
+  if (w.size(1) != K)
+    value_error("weight must be " + w_shape + " (x has in=" + std::to_string(K) + "), got shape " + shape_str(*w.t));
   const std::string out_shape = dims("[rows, out]", {{"rows", M}, {"out", N}});
   out.shape({M, N}, out_shape.c_str());
   for (View* v : {&x, &w, &out}) v->inner_contiguous();

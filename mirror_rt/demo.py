@@ -3,7 +3,8 @@
 Every decoder runs every prompt greedily; AR is the baseline measured in the same run. One short
 warm-up generation per decoder is excluded from timing. The table reports tokens/s, speedup vs
 AR, mean accepted length, Mirror's reuse/fallback rates and overlap, the share of windows the
-context lookup copied, and whether each decoder's output equals the AR output token for token. Prompts run interleaved across decoders.
+context lookup copied, and whether each decoder's output equals the AR output token for token.
+Prompts run interleaved across decoders.
 """
 from __future__ import annotations
 
@@ -135,6 +136,7 @@ def format_table(results: dict) -> str:
         same = all(o.tokens.tolist() == t for o, t in zip(outs, ref))
         pct = (lambda k: f"{r[k]:.0%}" if k in r else "-")
         lines.append(f"{name:>8} {r['tokens']:>7} {r['tok_s']:>8.2f} {r['tok_s'] / base['tok_s']:>7.2f}x "
-                     f"{r['mean_accepted']:>9.2f} {pct('reuse'):>6} {pct('fallback'):>9} {pct('lookup'):>7} {pct('overlap'):>8} "
+                     f"{r['mean_accepted']:>9.2f} {pct('reuse'):>6} {pct('fallback'):>9} {pct('lookup'):>7} "
+                     f"{pct('overlap'):>8} "
                      f"{'yes' if same else 'NO':>5}")
     return "\n".join(lines)

@@ -119,7 +119,8 @@ def _row(family, name, recs, base, greedy):
     tok_s = tokens / wall if wall > 0 else 0.0
     row = {"family": family, "decoder": name, "prompts": len(recs), "tokens": tokens, "wall_s": round(wall, 4),
            "tok_s": round(tok_s, 3), "speedup": "", "mean_accepted": "", "tokens_per_step": "",
-           "reuse_rate": "", "fallback_rate": "", "lookup_rate": "", "overlap": "", "equal_ar": "n/a", "pred_tok_s": "", "explained": ""}
+           "reuse_rate": "", "fallback_rate": "", "lookup_rate": "", "overlap": "", "equal_ar": "n/a",
+           "pred_tok_s": "", "explained": ""}
     if steps:
         row["mean_accepted"] = round(sum(s["mean_accepted"] * s["steps"] for s in stats) / steps, 3)
         row["tokens_per_step"] = round(sum(s["new_tokens"] for s in stats) / steps, 3)

@@ -18,7 +18,8 @@ import time
 import uuid
 
 CSV_FIELDS = ("family", "decoder", "prompts", "tokens", "wall_s", "tok_s", "speedup", "mean_accepted",
-              "tokens_per_step", "reuse_rate", "fallback_rate", "lookup_rate", "overlap", "equal_ar", "pred_tok_s", "explained")
+              "tokens_per_step", "reuse_rate", "fallback_rate", "lookup_rate", "overlap", "equal_ar", "pred_tok_s",
+              "explained")
 
 
 def accept_lengths(stats: dict) -> list[int]:
@@ -93,7 +94,8 @@ def format_table(rows: list[dict]) -> str:
     """The summary as a fixed-width text table (blank cells: not applicable)."""
     cols = [("family", "family", 14), ("decoder", "decoder", 8), ("prompts", "n", 3), ("tokens", "tokens", 6),
             ("tok_s", "tok/s", 8), ("speedup", "speedup", 7), ("mean_accepted", "acc", 5),
-            ("reuse_rate", "reuse", 5), ("fallback_rate", "fallbk", 6), ("lookup_rate", "lookup", 6), ("overlap", "ovlap", 5),
+            ("reuse_rate", "reuse", 5), ("fallback_rate", "fallbk", 6), ("lookup_rate", "lookup", 6),
+            ("overlap", "ovlap", 5),
             ("equal_ar", "==AR", 5), ("pred_tok_s", "law tok/s", 9), ("explained", "expl", 5)]
 
     def cell(v):

@@ -122,6 +122,18 @@ def test_forced_reference_backend_skips_the_kernel(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("forced,takes_kernel", [("cpp", True), ("triton", False)])
+def test_forced_backends_as_pick_backend_reads_them(monkeypatch, forced, takes_kernel):
+    calls = spy(monkeypatch)
+    monkeypatch.setenv("MIRROR_RT_BACKEND", forced)
+    with torch.inference_mode():
+        ops.linear(rnd(2, 6), rnd(7, 6, seed=1))
+    assert calls == ([2] if takes_kernel else [])
+    monkeypatch.setenv("MIRROR_RT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="MIRROR_RT_BACKEND must be one of"):
+        ops.linear(rnd(2, 6), rnd(7, 6, seed=1))
+
+
 def test_the_address_entry_refuses_what_would_crash():
     out = torch.empty(2, 3)
     with pytest.raises(ValueError, match="rows must be in"):

@@ -19,6 +19,13 @@ from __future__ import annotations
 MAX_NGRAM_LIMIT = 16
 
 
+def check_lookup(lookup, off_allowed: bool = True):
+    """A decoder's ``lookup`` setting: 0 (or None) for off when off_allowed, else the longest
+    n-gram, an integer in [1, MAX_NGRAM_LIMIT]."""
+    if (lookup or not off_allowed) and (not isinstance(lookup, int) or not 1 <= lookup <= MAX_NGRAM_LIMIT):
+        raise ValueError(f"lookup n-gram length must be an integer in [1, {MAX_NGRAM_LIMIT}], got {lookup!r}")
+
+
 class ContextLookup:
     """An index of the committed tokens' n-grams (n in [1, max_ngram]) for one generation.
 
@@ -27,8 +34,7 @@ class ContextLookup:
     """
 
     def __init__(self, max_ngram: int = 4):
-        if not isinstance(max_ngram, int) or not 1 <= max_ngram <= MAX_NGRAM_LIMIT:
-            raise ValueError(f"lookup n-gram length must be an integer in [1, {MAX_NGRAM_LIMIT}], got {max_ngram!r}")
+        check_lookup(max_ngram, off_allowed=False)
         self.max_ngram = max_ngram
         self.tokens: list[int] = []
         self.starts: dict[tuple, list[int]] = {}  # n-gram -> its start positions, ascending

@@ -29,7 +29,7 @@ import torch
 from mirror_rt.decoders.autoregressive import autoregressive_tail
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
-from mirror_rt.decoders.lookup import ContextLookup
+from mirror_rt.decoders.lookup import check_lookup
 from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.mirror_exit import POLICIES, ExitProposer, draft_vocabulary
 from mirror_rt.decoders.speculative import verify_chain
@@ -77,8 +77,7 @@ class MirrorConfig:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.exit_vocab not in ("draft", "full"):
             raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
-        if self.lookup:
-            ContextLookup(self.lookup)  # raises on a bad n-gram length
+        check_lookup(self.lookup)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_branches is not None and (not isinstance(self.max_branches, int) or self.max_branches < 0):

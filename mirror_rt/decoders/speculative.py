@@ -12,7 +12,7 @@ from mirror_rt import ops
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
 from mirror_rt.decoders.drafting import DraftState
-from mirror_rt.decoders.lookup import ContextLookup
+from mirror_rt.decoders.lookup import ContextLookup, check_lookup
 
 
 def chain_parents(n: int, device) -> torch.Tensor:
@@ -48,9 +48,8 @@ class SpeculativeDecoder:
             raise ValueError(f"window must be an integer in [1, 64], got {window!r}")
         check_pair(target, draft)
         self.target, self.draft, self.window = target, draft, window
+        check_lookup(lookup)
         self.lookup = lookup
-        if lookup:
-            ContextLookup(lookup)  # validates
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,

@@ -32,12 +32,18 @@ def _triton_ok():
     return True
 
 
+def forced_backend() -> str:
+    """MIRROR_RT_BACKEND ("" when unset); a value outside BACKENDS raises ValueError."""
+    forced = os.environ.get("MIRROR_RT_BACKEND", "").strip().lower()
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"MIRROR_RT_BACKEND must be one of {BACKENDS}, got {forced!r}")
+    return forced
+
+
 def pick_backend(device: torch.device, cpp_op: str | None = None) -> str:
     """Which backend runs an op on `device` (honours MIRROR_RT_BACKEND)."""
-    forced = os.environ.get("MIRROR_RT_BACKEND", "").strip().lower()
+    forced = forced_backend()
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"MIRROR_RT_BACKEND must be one of {BACKENDS}, got {forced!r}")
         return forced
     if device.type == "cuda" and _triton_ok():
         return "triton"
@@ -94,16 +100,19 @@ def linear(x, weight, bias=None):
     row of weight once for all rows. On a small model the target's verification pass and the
     draft's steps are such calls, and there a GEMM of 2-8 rows cost 1.5-2x a one-row product
     (bench/RESULTS.md). Everything else goes to torch (the reference is ``reference.linear_ref``).
-    The test runs on every call of every layer, so it reads only cheap tensor attributes.
+    The test runs on every call of every layer, so it reads only cheap tensor attributes (not
+    pick_backend, which looks the extension up each time). MIRROR_RT_BACKEND=ref or triton sends
+    every call to torch.
     """
     if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
             and weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[0] > 0 and x.dim() >= 1
             and 0 < x.numel() <= _small_linear_rows() * x.shape[-1] and x.shape[-1] == weight.shape[1]
-            and weight.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.device.type == "cpu"
-                                                             and bias.shape == weight.shape[:1] and bias.is_contiguous()))
+            and weight.is_contiguous()
+            and (bias is None or (bias.dtype is torch.float32 and bias.device.type == "cpu"
+                                  and bias.shape == weight.shape[:1] and bias.is_contiguous()))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
-            and not os.environ.get("MIRROR_RT_BACKEND")):
+            and forced_backend() in ("", "cpp")):
         return _small_linear_kernel(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 

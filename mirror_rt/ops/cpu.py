@@ -84,5 +84,5 @@ def small_linear_unchecked(x, weight, bias=None):
     n, k = weight.shape
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)  # unpacked sizes: the fastest to parse
     _C.small_linear_ptr(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), n, 0 if bias is None else bias.data_ptr(),
-                        out.data_ptr(), torch.get_num_threads())
+                        out.data_ptr(), _threads(None))
     return out
