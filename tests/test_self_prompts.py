@@ -82,5 +82,7 @@ def test_tiny_pipeline_trains_on_self_prompts_and_reports_the_memorisation_gap(t
                        log=lambda *_: None)
     assert m["n_self_prompts"] > 0 and m["n_train_prompts"] == 2 + m["n_self_prompts"]
     assert len(prompts["train"]) == 2  # the caller's prompts are left alone
+    val = m["draft"]["val"]  # training prompts held out to pick the draft's step, scored at the end at least
+    assert val["prompts"] == cfg.draft_val and val["agreement"] and val["step"][-1] == m["draft"]["steps"]
     for part in ("sd_eval", "sd_train"):
         assert m["draft"][part]["steps"] > 0 and 0 <= m["draft"][part]["mean_accepted"] <= cfg.eval_window

@@ -8,11 +8,13 @@
 #     mkdir -p /tmp/mirror_rt_bundle && cp .gpu_bundle/aI/target.partI /tmp/mirror_rt_bundle/
 # Device call k (carry [".gpu_bundle/b"]):
 #     bash mirror_rt/train/gpu_train.sh .gpu_bundle --budget 350
-#     (time limits scale with --budget/300: self-written prompts 40 s, answers 150 s, exit 40 s,
-#     draft 110 s; with loading and evaluation --budget 350 should end in about 8 minutes, under the
+#     (time limits scale with --budget/300: self-written prompts 40 s, answers 200 s, exit 40 s,
+#     draft 60 s, at most 6 epochs, keeping the step that agrees best with 64 held-out training
+#     prompts; with loading and evaluation --budget 350 should end in about 8 minutes, under the
 #     10-minute call limit)
-# A further call on the same machine resumes both trainings from /tmp/mirror_rt_work (prompts and
-# answers cached), e.g. --budget 300 --set exit_time=25 draft_time=200.
+# A further call on the same machine reuses /tmp/mirror_rt_work: it answers the prompts the first
+# call had no time for (gen_time), then resumes both trainings from their checkpoints, e.g.
+# --budget 300 --set exit_time=25.
 # Files come back from $OUT: exit_head.safetensors, draft.safetensors, draft.1.safetensors,
 # metrics.json, exit_loss.png, draft_loss.png, answers.json, self_prompts.json, log.txt (9 files,
 # each < 16 MB).

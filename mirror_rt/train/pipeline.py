@@ -30,9 +30,10 @@ class PipelineConfig:
     n_eval: int = 40                 # held-out Spec-Bench prompts used for the metrics
     max_new_tokens: int = 256        # target answer length (training and eval)
     gen_batch: int = 512             # H200: 4.3k answer tokens/s at 512 vs 3.0k at 192 (bench/RESULTS.md)
-    gen_time: float | None = 150.0   # seconds for the training answers at most (shortest prompts first);
+    gen_time: float | None = 200.0   # seconds for the training answers at most (shortest prompts first);
     # more of the budget goes to data than to steps: the first draft overfit its 199k tokens
-    # (top-1 agreement 47% on training prompts, 23% on held-out ones, bench/RESULTS.md)
+    # (top-1 agreement 47% on training prompts, 23% on held-out ones, bench/RESULTS.md) and the
+    # second its 537k (6.65 tokens accepted on training prompts, 0.38 on held-out ones, ~28 epochs)
     max_len: int = 512               # training sequence cap (prompt + answer)
     exit_layers: list = field(default_factory=lambda: [15, 10, 20])  # first one is shipped
     exit_rank: int = 256
@@ -51,7 +52,10 @@ class PipelineConfig:
     draft_batch: int = 32
     draft_lr: float = 1e-3
     draft_kd: float = 1.0
-    draft_time: float = 110.0
+    draft_time: float = 60.0
+    draft_epochs: float | None = 6.0  # at most this many passes over the training answers
+    draft_val: int = 64              # training prompts held out to pick the draft's best step (never eval prompts)
+    draft_val_every: int = 50        # steps between the held-out agreement checks
     eval_window: int = 7
     eval_sd_prompts: int = 16
     seed: int = 0
@@ -66,11 +70,12 @@ class PipelineConfig:
                         gen_batch=16, gen_time=900, max_len=256,
                         exit_layers=[15], exit_steps=300, exit_batch_tokens=256, exit_time=240,
                         draft_layers=2, draft_vocab=4096, draft_steps=400, draft_batch=4, draft_kd=0.0,
-                        draft_time=480, eval_sd_prompts=6),
+                        draft_time=480, draft_val=4, eval_sd_prompts=6),
             "tiny": dict(n_templates=8, n_self_prompts=4, self_prompt_tokens=8, n_eval=4, max_new_tokens=16, gen_batch=4,
                          gen_time=None, max_len=96, exit_layers=[2],
                          exit_rank=8, exit_steps=20, exit_batch_tokens=64, draft_layers=1, draft_vocab=0,
-                         draft_steps=10, draft_batch=4, draft_kd=0.5, eval_sd_prompts=2, eval_window=3),
+                         draft_steps=10, draft_batch=4, draft_kd=0.5, draft_val=2, draft_val_every=5,
+                         eval_sd_prompts=2, eval_window=3),
         }
         if name not in presets:
             raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")
@@ -146,7 +151,23 @@ def get_answers(target, prompts: dict, cfg: PipelineConfig, work_dir: str, log=p
         with open(path) as f:
             cached = json.load(f)
         if cached.get("max_new_tokens") == cfg.max_new_tokens and len(cached["train"]) == len(prompts["train"]):
-            log(f"[data] reusing {path}")
+            missing = [i for i, a in enumerate(cached["train"]) if a is None]
+            if not missing or not cfg.gen_time:
+                log(f"[data] reusing {path}")
+                return cached
+            # an earlier call ran out of gen_time: answer more of the prompts it left
+            t0 = time.perf_counter()
+            more = generate_answers(target, [prompts["train"][i] for i in missing], cfg.max_new_tokens, prompts["eos"],
+                                    cfg.gen_batch, desc="target answers (train, more)", time_limit=cfg.gen_time)
+            for i, a in zip(missing, more):
+                cached["train"][i] = a
+            added = sum(len(a) for a in more if a)
+            cached["gen_s"] = cached.get("gen_s", 0) + time.perf_counter() - t0
+            cached["gen_tokens"] = cached.get("gen_tokens", 0) + added
+            cached["train_answered"] = sum(a is not None for a in cached["train"])
+            write_json(path, cached)
+            log(f"[data] {path}: {added} more answer tokens for {sum(a is not None for a in more)} more prompts "
+                f"in {time.perf_counter() - t0:.0f}s")
             return cached
     t0 = time.perf_counter()
     out = {"max_new_tokens": cfg.max_new_tokens}
@@ -172,6 +193,25 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], prompt_weight:
         seqs.append(s[-max_len:])  # long prompts lose their start, never the answer
         weights.append(w[-max_len:])
     return seqs, weights
+
+
+def split_validation(prompts: list[list[int]], answers: list, n: int, seed: int = 0):
+    """(train_pairs, val_pairs) of (prompt, answer) for the answered prompts: the first n answered
+    ones in a seeded shuffle of *all* distinct prompts are held out for validation, so answering more
+    prompts later (a resumed run) never moves a prompt the draft trained on into validation. Every
+    pair whose prompt equals a validation prompt leaves training, so a duplicate cannot leak it.
+    Keeps at least one distinct prompt for training."""
+    pairs = [(p, a) for p, a in zip(prompts, answers) if a is not None]
+    answered = {tuple(p) for p, _ in pairs}
+    n = min(max(n, 0), len(answered) - 1)
+    if n <= 0:
+        return pairs, []
+    distinct = sorted({tuple(p) for p in prompts})
+    g = torch.Generator().manual_seed(seed)
+    order = [distinct[i] for i in torch.randperm(len(distinct), generator=g).tolist()]
+    held = set([p for p in order if p in answered][:n])
+    val = [(p, a) for p, a in pairs if tuple(p) in held]
+    return [(p, a) for p, a in pairs if tuple(p) not in held], val
 
 
 def load_target(path: str, device, dtype: str):
@@ -219,11 +259,14 @@ def run_exit(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_d
 def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_dir: str, log=print) -> dict:
     """Train the SS draft; save out_dir/draft.safetensors (+ shards). Returns metrics."""
     from mirror_rt.models.streaming import StreamingDraft, save_streaming_draft
-    from mirror_rt.train.train_draft import sd_acceptance, select_vocab, train_draft
+    from mirror_rt.train.train_draft import VAL_KEYS, sd_acceptance, select_vocab, train_draft
 
     t0 = time.perf_counter()
     pad = prompts["eos"][0] if prompts["eos"] else 0
-    seqs, weights = sequences(prompts["train"], answers["train"], 0.1, cfg.max_len)
+    train_pairs, val_pairs = split_validation(prompts["train"], answers["train"], cfg.draft_val, cfg.seed)
+    seqs, weights = sequences([p for p, _ in train_pairs], [a for _, a in train_pairs], 0.1, cfg.max_len)
+    val = sequences([p for p, _ in val_pairs], [a for _, a in val_pairs], 0.1, cfg.max_len) if val_pairs else None
+    log(f"[draft] {len(seqs)} training sequences, {len(val_pairs)} held out to pick the best step")
     vocab_ids = None
     if cfg.draft_vocab and cfg.draft_vocab < target.config.vocab_size:
         vocab_ids = select_vocab([a for a in answers["train"] if a] + seqs, cfg.draft_vocab, target.config.vocab_size,
@@ -245,7 +288,8 @@ def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_
     hist = train_draft(draft, seqs, weights, steps=cfg.draft_steps, batch_size=cfg.draft_batch, max_len=cfg.max_len,
                        lr=cfg.draft_lr, pad=pad, target=target if cfg.draft_kd > 0 else None, kd=cfg.draft_kd,
                        seed=cfg.seed, checkpoint=os.path.join(work_dir, "draft_ckpt.pt"),
-                       curve_png=os.path.join(out_dir, "draft_loss.png"), time_limit=cfg.draft_time, log=log)
+                       curve_png=os.path.join(out_dir, "draft_loss.png"), time_limit=cfg.draft_time,
+                       max_epochs=cfg.draft_epochs, val=val, val_every=cfg.draft_val_every, log=log)
     files = save_streaming_draft(draft, os.path.join(out_dir, "draft.safetensors"),
                                  metadata={"name": f"SS draft ({cfg.draft_layers} layers, {cfg.n_streams} streams, "
                                                    f"vocab {draft.draft_vocab_size})"})
@@ -255,12 +299,14 @@ def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_
     log(f"[draft] held-out greedy SD (window {cfg.eval_window}): mean accepted {acc['mean_accepted']:.2f}, "
         f"draft passes/window {acc['passes_per_window']:.2f} ({time.perf_counter() - t1:.0f}s)")
     # The same on training prompts (train-split Spec-Bench first): far above held-out = memorised answers.
-    seen = [(p, a) for p, a in zip(prompts["train"], answers["train"]) if a][:n]
+    seen = [(p, a) for p, a in train_pairs if a][:n]
     acc_train = sd_acceptance(draft, [p for p, _ in seen], [a for _, a in seen], cfg.eval_window, use_streams=True)
     log(f"[draft] the same on {len(seen)} training prompts: mean accepted {acc_train['mean_accepted']:.2f} "
         f"(held-out {acc['mean_accepted']:.2f}; the gap is what the draft memorised)")
     return {"files": [os.path.basename(f) for f in files], "vocab_coverage": covered,
-            "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in hist.items() if v},
+            "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in hist.items() if v and k not in VAL_KEYS},
+            "val": {"prompts": len(val_pairs), "step": hist.get("val_step", []),
+                    "agreement": hist.get("val_agreement", [])},
             "steps": len(hist.get("loss", [])), "sd_eval": acc, "sd_train": acc_train, "seconds": time.perf_counter() - t0,
             "config": {"layers": cfg.draft_layers, "n_streams": cfg.n_streams, "stream_layers": cfg.stream_layers,
                        "vocab": draft.draft_vocab_size}}

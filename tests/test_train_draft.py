@@ -1,0 +1,140 @@
+"""Draft training against memorisation: the epoch cap, the held-out agreement that picks the kept
+step, the validation split, and answering more prompts in a later call."""
+import json
+import math
+
+import pytest
+import torch
+
+from mirror_rt.models.derive import random_model
+from mirror_rt.models.streaming import StreamingDraft
+from mirror_rt.train import pipeline as P
+from mirror_rt.train.train_draft import agreement, train_draft
+
+V = 40
+
+
+def _draft(seed=0):
+    torch.manual_seed(seed)
+    target = random_model(seed, vocab_size=V, num_layers=2, hidden_size=32, intermediate_size=48, tie_embeddings=True)
+    return StreamingDraft.from_target(target, num_layers=1, n_streams=2, stream_layers=1, init="random")
+
+
+def _seqs(n, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, V, (length,), generator=g).tolist() for _ in range(n)]
+    return seqs, [[1.0] * length for _ in seqs]
+
+
+def _quiet(*_):
+    pass
+
+
+def test_agreement_counts_the_main_heads_first_choice_on_answer_positions():
+    draft = _draft().eval()
+    seqs, _ = _seqs(3, length=11)
+    weights = [[0.1] * 4 + [1.0] * 7 for _ in seqs]  # 4 prompt positions, then the answer
+    got = agreement(draft, seqs, weights, batch_size=2)
+    hits = total = 0
+    with torch.no_grad():
+        for s, w in zip(seqs, weights):
+            main, _ = draft.ss_forward(torch.tensor([s]))
+            for t in range(len(s) - 1):
+                if w[t] >= 1.0:
+                    hits += int(main[0, t].argmax()) == s[t + 1]
+                    total += 1
+    assert total == 3 * 6 and got == pytest.approx(hits / total)
+
+
+def test_agreement_misses_tokens_outside_the_draft_vocabulary():
+    target = random_model(0, vocab_size=V, num_layers=2, hidden_size=32, intermediate_size=48, tie_embeddings=True)
+    draft = StreamingDraft.from_target(target, num_layers=1, n_streams=2, init="random",
+                                       vocab_ids=torch.arange(0, V, 2))  # even ids only
+    odd = [[1, 3, 5, 7, 9, 11]]
+    assert agreement(draft, odd, [[1.0] * 6]) == 0.0
+
+
+def test_max_epochs_caps_the_steps():
+    draft = _draft()
+    seqs, weights = _seqs(10)
+    hist = train_draft(draft, seqs, weights, steps=1000, batch_size=4, max_len=24, lr=1e-3, max_epochs=1.5, log=_quiet)
+    assert len(hist["loss"]) == math.ceil(1.5 * (10 // 4))
+    with pytest.raises(ValueError, match="max_epochs"):
+        train_draft(_draft(), seqs, weights, steps=10, max_epochs=0, log=_quiet)
+    with pytest.raises(ValueError, match="val_every"):
+        train_draft(_draft(), seqs, weights, steps=10, val=(seqs, weights), val_every=0, log=_quiet)
+
+
+def test_the_draft_ends_with_the_step_that_agreed_best_on_held_out_text():
+    # A learning rate this high makes held-out agreement rise and then fall apart, so the last step
+    # is not the best one and the draft must go back to an earlier one.
+    draft = _draft(1)
+    seqs, weights = _seqs(16, seed=1)
+    val = ([s[:] for s in seqs[:4]], weights[:4])  # the same text: training raises its agreement first
+    logs = []
+    hist = train_draft(draft, seqs, weights, steps=40, batch_size=4, max_len=24, lr=0.3, val=val, val_every=2,
+                       log=logs.append)
+    scores, steps = hist["val_agreement"], hist["val_step"]
+    assert steps[-1] == 40 and len(scores) == len(steps) == 20
+    best = max(scores)
+    assert scores[-1] < best, f"the test needs a run whose last step is not its best: {scores}"
+    assert agreement(draft, *val, batch_size=4, max_len=24) == pytest.approx(best)
+    assert any("best" in line and f"step {steps[scores.index(best)]}" in line for line in logs)
+
+
+def test_resuming_keeps_the_best_step_unless_the_held_out_set_changed(tmp_path):
+    seqs, weights = _seqs(12, seed=2)
+    val = (seqs[:3], weights[:3])
+    ckpt = str(tmp_path / "draft.pt")
+    first = train_draft(_draft(2), seqs, weights, steps=6, batch_size=4, lr=0.3, val=val, val_every=2,
+                        checkpoint=ckpt, log=_quiet)
+    logs = []
+    again = train_draft(_draft(2), seqs, weights, steps=8, batch_size=4, lr=0.3, val=val, val_every=2,
+                        checkpoint=ckpt, log=logs.append)
+    assert again["val_step"][: len(first["val_step"])] == first["val_step"] and again["val_step"][-1] == 8
+    logs = []
+    other = (seqs[3:6], weights[3:6])
+    changed = train_draft(_draft(2), seqs, weights, steps=10, batch_size=4, lr=0.3, val=other, val_every=2,
+                          checkpoint=ckpt, log=logs.append)
+    assert any("held-out set changed" in line for line in logs)
+    assert changed["val_step"] == [10]  # the old scores were dropped; only this call's check remains
+
+
+def test_split_validation_holds_out_whole_prompts_and_is_stable_as_answers_arrive():
+    prompts = [[1, i] for i in range(10)] + [[1, 3]]  # [1, 3] twice
+    answers = [[7, 8]] * 6 + [None] * 4 + [[9]]
+    train, val = P.split_validation(prompts, answers, 3, seed=0)
+    held = {tuple(p) for p, _ in val}
+    assert len(held) == 3 and all(a is not None for _, a in val + train)
+    assert not held & {tuple(p) for p, _ in train}  # a duplicate prompt never straddles the split
+    assert len(train) + len(val) == 7
+    later = answers[:6] + [[5]] * 4 + [[9]]  # a later call answered the rest
+    train2, val2 = P.split_validation(prompts, later, 3, seed=0)
+    trained_before = {tuple(p) for p, _ in train}
+    assert not {tuple(p) for p, _ in val2} & trained_before  # nothing trained on moves into validation
+    assert P.split_validation(prompts, answers, 0)[1] == []
+    one = P.split_validation([[1]], [[2]], 5)
+    assert one == ([([1], [2])], [])  # at least one prompt stays for training
+
+
+def test_a_later_call_answers_the_prompts_the_first_had_no_time_for(tmp_path, monkeypatch):
+    cfg = P.PipelineConfig.preset("tiny", gen_time=30.0)
+    prompts = {"train": [[1, 2], [1, 3], [1, 4]], "eval": [[1, 5]], "eos": [0]}
+    path = P.answers_file(str(tmp_path))
+    with open(path, "w") as f:
+        json.dump({"max_new_tokens": cfg.max_new_tokens, "train": [[6], None, None], "eval": [[7]],
+                   "gen_tokens": 2, "gen_s": 1.0}, f)
+    asked = []
+
+    def fake_answers(target, ps, n, eos, batch, desc="", time_limit=None, **_):
+        asked.append([list(p) for p in ps])
+        return [[8, 0]] + [None] * (len(ps) - 1)  # time ran out again after one
+
+    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake_answers)
+    got = P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)
+    assert asked == [[[1, 3], [1, 4]]]
+    assert got["train"] == [[6], [8, 0], None] and got["gen_tokens"] == 4 and got["train_answered"] == 2
+    assert json.load(open(path))["train"] == got["train"]
+    cfg.gen_time = None  # no time given: the cache is used as it is
+    assert P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)["train"] == got["train"]
+    assert len(asked) == 1
