@@ -138,3 +138,14 @@ def test_a_later_call_answers_the_prompts_the_first_had_no_time_for(tmp_path, mo
     cfg.gen_time = None  # no time given: the cache is used as it is
     assert P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)["train"] == got["train"]
     assert len(asked) == 1
+
+
+def test_cli_passes_the_epoch_cap_and_held_out_prompts():
+    from mirror_rt.cli import build_parser
+    from mirror_rt.train.cli import _config
+
+    args = build_parser().parse_args(["train-draft", "--preset", "tiny", "--epochs", "2.5", "--val-prompts", "7"])
+    cfg = _config(args, "draft")
+    assert cfg.draft_epochs == 2.5 and cfg.draft_val == 7
+    default = _config(build_parser().parse_args(["train-draft", "--preset", "gpu"]), "draft")
+    assert default.draft_epochs == P.PipelineConfig().draft_epochs and default.draft_val == 64

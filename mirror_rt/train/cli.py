@@ -50,7 +50,7 @@ def _config(args, part: str):
     else:
         ov.update(draft_layers=args.layers, n_streams=args.n_streams, stream_layers=args.stream_layers,
                   draft_vocab=args.draft_vocab, draft_kd=args.kd, draft_steps=args.steps, draft_time=args.time_limit,
-                  draft_batch=args.batch_size)
+                  draft_batch=args.batch_size, draft_epochs=args.epochs, draft_val=args.val_prompts)
     return PipelineConfig.preset(preset, **ov)
 
 
@@ -112,4 +112,8 @@ def register(sub):
     d.add_argument("--draft-vocab", type=int, default=None, help="reduced draft vocabulary size (0: full)")
     d.add_argument("--kd", type=float, default=None, help="weight of the KL-to-target term (0: CE only)")
     d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--epochs", type=float, default=None,
+                   help="at most this many passes over the answers (gpu preset: 6; more memorises them)")
+    d.add_argument("--val-prompts", type=int, default=None,
+                   help="training prompts held out to pick the best step by greedy agreement (0: keep the last)")
     d.set_defaults(func=cmd_train_draft)
