@@ -33,7 +33,7 @@ class PipelineConfig:
     gen_time: float | None = 200.0   # seconds for the training answers at most (shortest prompts first);
     # more of the budget goes to data than to steps: the first draft overfit its 199k tokens
     # (top-1 agreement 47% on training prompts, 23% on held-out ones, bench/RESULTS.md) and the
-    # second its 537k (6.65 tokens accepted on training prompts, 0.38 on held-out ones, ~28 epochs)
+    # second its 537k (6.65 tokens accepted on training prompts, 0.38 on held-out ones, ~24 epochs)
     max_len: int = 512               # training sequence cap (prompt + answer)
     exit_layers: list = field(default_factory=lambda: [15, 10, 20])  # first one is shipped
     exit_rank: int = 256
