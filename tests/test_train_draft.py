@@ -117,27 +117,70 @@ def test_split_validation_holds_out_whole_prompts_and_is_stable_as_answers_arriv
     assert one == ([([1], [2])], [])  # at least one prompt stays for training
 
 
-def test_a_later_call_answers_the_prompts_the_first_had_no_time_for(tmp_path, monkeypatch):
+class FakeAnswers:
+    """Stands in for generate_answers: answers [8, p[-1]] to the first `budget` prompts it is asked."""
+
+    def __init__(self, budget=99):
+        self.budget, self.asked = budget, []
+
+    def __call__(self, target, ps, n, eos, batch, desc="", time_limit=None, **_):
+        self.asked.append([list(p) for p in ps])
+        return [[8, p[-1]] if i < self.budget else None for i, p in enumerate(ps)]
+
+
+def _write_answers(path, **content):
+    with open(path, "w") as f:
+        json.dump({"max_new_tokens": P.PipelineConfig.preset("tiny").max_new_tokens, **content}, f)
+
+
+def test_a_later_call_answers_only_the_prompts_the_first_had_no_time_for(tmp_path, monkeypatch):
     cfg = P.PipelineConfig.preset("tiny", gen_time=30.0)
     prompts = {"train": [[1, 2], [1, 3], [1, 4]], "eval": [[1, 5]], "eos": [0]}
     path = P.answers_file(str(tmp_path))
-    with open(path, "w") as f:
-        json.dump({"max_new_tokens": cfg.max_new_tokens, "train": [[6], None, None], "eval": [[7]],
-                   "gen_tokens": 2, "gen_s": 1.0}, f)
-    asked = []
-
-    def fake_answers(target, ps, n, eos, batch, desc="", time_limit=None, **_):
-        asked.append([list(p) for p in ps])
-        return [[8, 0]] + [None] * (len(ps) - 1)  # time ran out again after one
-
-    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake_answers)
+    _write_answers(path, train_prompts=[[1, 2], [1, 3], [1, 4]], train=[[6], None, None],
+                   eval_prompts=[[1, 5]], eval=[[7]], gen_tokens=2, gen_s=1.0)
+    fake = FakeAnswers(budget=1)  # time runs out again after one
+    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake)
     got = P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)
-    assert asked == [[[1, 3], [1, 4]]]
-    assert got["train"] == [[6], [8, 0], None] and got["gen_tokens"] == 4 and got["train_answered"] == 2
-    assert json.load(open(path))["train"] == got["train"]
-    cfg.gen_time = None  # no time given: the cache is used as it is
-    assert P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)["train"] == got["train"]
-    assert len(asked) == 1
+    assert fake.asked == [[[1, 3], [1, 4]]]  # eval was cached; train asked only for what was missing
+    assert got["train"] == [[6], [8, 3], None] and got["eval"] == [[7]]
+    assert got["gen_tokens"] == 4 and got["train_answered"] == 2
+    saved = json.load(open(path))
+    assert saved["train"] == got["train"] and saved["train_prompts"] == prompts["train"]
+    fake.budget = 99
+    assert P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)["train"] == [[6], [8, 3], [8, 4]]
+    assert fake.asked[-1] == [[1, 4]]
+
+
+def test_answers_from_an_earlier_run_join_training_but_never_as_eval_prompts(tmp_path, monkeypatch):
+    cfg = P.PipelineConfig.preset("tiny", gen_time=30.0)
+    path = P.answers_file(str(tmp_path))
+    # an earlier run (another prompt list) answered [1, 9] and [1, 5]; [1, 5] is an eval prompt now
+    _write_answers(path, train_prompts=[[1, 9], [1, 2], [1, 5]], train=[[4], [6], [3]],
+                   eval_prompts=[[1, 6]], eval=[[2]])
+    fake = FakeAnswers()
+    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake)
+    prompts = {"train": [[1, 2], [1, 3]], "eval": [[1, 5]], "eos": [0]}
+    got = P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)
+    assert prompts["train"] == [[1, 2], [1, 3], [1, 9]]
+    assert got["train"] == [[6], [8, 3], [4]]
+    assert fake.asked == [[[1, 5]], [[1, 3]]]  # the eval answer is made for the eval prompt, not reused from train
+    assert got["eval"] == [[8, 5]] and got["train_prompts"] == prompts["train"]
+
+
+def test_an_answers_file_without_its_prompts_is_used_only_when_it_lines_up(tmp_path, monkeypatch):
+    cfg = P.PipelineConfig.preset("tiny", gen_time=None)
+    path = P.answers_file(str(tmp_path))
+    fake = FakeAnswers()
+    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake)
+    _write_answers(path, train=[[6], [7]], eval=[[5]])  # the format before train_prompts
+    prompts = {"train": [[1, 2], [1, 3]], "eval": [[1, 5]], "eos": [0]}
+    assert P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)["train"] == [[6], [7]]
+    assert fake.asked == []
+    _write_answers(path, train=[[6]], eval=[[5]])  # does not line up: everything is answered again
+    got = P.get_answers(None, {"train": [[1, 2], [1, 3]], "eval": [[1, 5]], "eos": [0]}, cfg, str(tmp_path),
+                        log=_quiet)
+    assert got["train"] == [[8, 2], [8, 3]] and got["eval"] == [[8, 5]]
 
 
 def test_cli_passes_the_epoch_cap_and_held_out_prompts():
@@ -149,3 +192,33 @@ def test_cli_passes_the_epoch_cap_and_held_out_prompts():
     assert cfg.draft_epochs == 2.5 and cfg.draft_val == 7
     default = _config(build_parser().parse_args(["train-draft", "--preset", "gpu"]), "draft")
     assert default.draft_epochs == P.PipelineConfig().draft_epochs and default.draft_val == 64
+
+
+def test_earlier_answers_travel_in_the_bundle_and_land_where_the_pipeline_reads_them(tmp_path):
+    import gzip
+
+    from mirror_rt.train.gpu_train import install_prior_answers
+    from mirror_rt.train.pack import read_answers
+
+    good = {"max_new_tokens": 16, "train_prompts": [[1, 2]], "train": [[3]], "eval_prompts": [], "eval": []}
+    path = tmp_path / "answers.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(good, f)
+    assert read_answers(str(path)) == good
+    plain = tmp_path / "old.json"
+    plain.write_text(json.dumps({"max_new_tokens": 16, "train": [[3]], "eval": []}))  # no prompts listed
+    with pytest.raises(SystemExit, match="lists its prompts"):
+        read_answers(str(plain))
+    with pytest.raises(SystemExit, match="cannot read"):
+        read_answers(str(tmp_path / "missing.json"))
+
+    bundle = tmp_path / "bundle"
+    (bundle / "b").mkdir(parents=True)
+    work = tmp_path / "work" / "answers.json"
+    assert not install_prior_answers(str(bundle), str(work))  # nothing to install
+    (bundle / "b" / "answers.json.gz").write_bytes(path.read_bytes())
+    assert install_prior_answers(str(bundle), str(work))
+    assert json.loads(work.read_text()) == good
+    work.write_text(json.dumps({"this machine's": "answers"}))
+    assert not install_prior_answers(str(bundle), str(work))  # an earlier call's answers stay
+    assert "this machine's" in work.read_text()

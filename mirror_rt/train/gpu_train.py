@@ -5,13 +5,15 @@
 Reassembles the target GGUF from the bundle (``mirror_rt.train.pack``; the parts before the last
 may already sit in /tmp/mirror_rt_bundle from earlier calls on the same machine), then runs the
 pipeline with the "gpu" preset. Writes to --out: exit_head.safetensors, draft.safetensors
-(+ draft.1.safetensors), metrics.json, exit_loss.png, draft_loss.png, answers.json (the target's
-greedy answers, so that later training can skip generation), self_prompts.json (the prompts the
+(+ draft.1.safetensors), metrics.json, exit_loss.png, draft_loss.png, answers.json.gz (the target's
+greedy answers with their prompts, gzipped: pass it to ``pack --answers`` next time and
+its prompts are not answered again), self_prompts.json (the prompts the
 target wrote, which the answers follow) and log.txt (from the shell wrapper).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -53,6 +55,20 @@ def assemble(bundle: str) -> str:
     return out
 
 
+def install_prior_answers(bundle: str, work_answers: str) -> bool:
+    """Put the bundle's earlier answers (``pack --answers``) where the pipeline looks, unless this
+    machine already has answers from an earlier call. Returns whether it did."""
+    prior = os.path.join(bundle, "b", "answers.json.gz")
+    if not os.path.isfile(prior) or os.path.isfile(work_answers):
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(work_answers)), exist_ok=True)
+    with gzip.open(prior, "rb") as src, open(work_answers + ".tmp", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(work_answers + ".tmp", work_answers)
+    print(f"[gpu_train] earlier answers from {prior} -> {work_answers}", flush=True)
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="one-shot GPU training of the exit head and SS draft")
     p.add_argument("--bundle", default=".gpu_bundle")
@@ -83,10 +99,13 @@ def main(argv=None):
     with open(os.path.join(args.bundle, "b", "prompts.json")) as f:
         prompts = json.load(f)
     os.makedirs(args.out, exist_ok=True)
+    install_prior_answers(args.bundle, answers_file(args.work))
     metrics = run_pipeline(gguf, prompts, cfg, args.out, args.work)
-    for path in (answers_file(args.work), self_prompts_file(args.work)):
-        if os.path.isfile(path):
-            shutil.copy(path, args.out)
+    if os.path.isfile(answers_file(args.work)):  # gzipped: it grows from run to run
+        with open(answers_file(args.work), "rb") as src, gzip.open(os.path.join(args.out, "answers.json.gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    if os.path.isfile(self_prompts_file(args.work)):
+        shutil.copy(self_prompts_file(args.work), args.out)
     import torch
     metrics["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     with open(os.path.join(args.out, "metrics.json"), "w") as f:

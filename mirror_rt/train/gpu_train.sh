@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU training of the embedded default's exit head + Speculative Streaming draft.
 #
-# Here (CPU machine, repo root), once:   python -m mirror_rt.train.pack
+# Here (CPU machine, repo root), once:   python -m mirror_rt.train.pack [--answers bench/runs/<last GPU run>/answers.json.gz]
+#     (--answers: the answers an earlier run returned; those prompts are not answered again and
+#     join training, so the draft's data grows from run to run. Use a new --set seed=N per run so
+#     that the target writes new prompts of its own.)
 #     It splits the target GGUF into .gpu_bundle/a0, a1, ..., b so that each device call (working
 #     tree included) stays under 64 MiB, and prints the calls. With 30 MB of tracked assets that is:
 # Device calls 1..k-1 (carry [".gpu_bundle/aI"]), back to back on the same warm machine:
@@ -16,8 +19,8 @@
 # call had no time for (gen_time), then resumes both trainings from their checkpoints, e.g.
 # --budget 300 --set exit_time=25.
 # Files come back from $OUT: exit_head.safetensors, draft.safetensors, draft.1.safetensors,
-# metrics.json, exit_loss.png, draft_loss.png, answers.json, self_prompts.json, log.txt (9 files,
-# each < 16 MB).
+# metrics.json, exit_loss.png, draft_loss.png, answers.json.gz, self_prompts.json, log.txt (9 files,
+# each < 16 MB). Keep answers.json.gz under bench/runs/ for the next run's pack --answers.
 set -uo pipefail
 BUNDLE=${1:-.gpu_bundle}
 shift || true

