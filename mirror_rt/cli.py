@@ -13,6 +13,8 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 # answers it raised greedy SD's mean accepted length at window 7 from 0.33 to 1.10 with our
 # default draft (bench/RESULTS.md). The library's decoders keep it off unless asked.
 DEFAULT_LOOKUP = 4
+# A copied window as long as the draft's: longer ones were no faster on the 2-core CPU (bench/RESULTS.md).
+DEFAULT_LOOKUP_WINDOW = 0
 
 
 def _add_model_args(p):
@@ -43,6 +45,10 @@ def _add_model_args(p):
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
                    help="SD and Mirror first copy a window from the context when its last N tokens occurred "
                         "before (greedy only; 0 = the draft alone; default %(default)s)")
+    p.add_argument("--lookup-window", type=int, default=DEFAULT_LOOKUP_WINDOW,
+                   help="tokens a copied window may hold (needs no draft pass; values below --window "
+                        "count as --window; default 0: --window). On this CPU 7 at window 3 raised the "
+                        "accepted length 12-14%% but the step cost 8-12%%: no net gain (bench/RESULTS.md)")
     p.add_argument("--lane", default="auto", help="where the Mirror draft runs: auto|inline|thread|process|cuda|npu")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the target (default: all cores)")
 
@@ -86,10 +92,12 @@ def make_decoder(name, target, draft, args):
 
     window = args.window or 7
     lookup = getattr(args, "lookup", 0)  # namespaces built without our parser: off
+    lookup_window = getattr(args, "lookup_window", 0)
+    lookup_window = max(window, lookup_window) if lookup_window else None
     if name == "ar":
         return AutoregressiveDecoder(target)
     if name == "sd":
-        return SpeculativeDecoder(target, draft, window, lookup=lookup)
+        return SpeculativeDecoder(target, draft, window, lookup=lookup, lookup_window=lookup_window)
     if name == "mirror":
         head = getattr(args, "exit_head_fn", None)
         exit_layer = args.exit_layer or (head.exit_layer if head is not None else None)
@@ -99,6 +107,7 @@ def make_decoder(name, target, draft, args):
                                                          min_branch_prob=args.min_branch_prob or 0.0,
                                                          fallback=args.fallback or "recompute",
                                                          exit_vocab=args.exit_vocab, lookup=lookup,
+                                                         lookup_window=lookup_window,
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")
 

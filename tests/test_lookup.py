@@ -153,3 +153,107 @@ def test_rollouts_after_a_copied_window_feed_it_first(pair):
     source, window, _ = md.advance(0, 3)  # 3 occurred before: the lookup's window
     assert source == "lookup" and window == [25, 3]  # what followed the latest 3
     check_rollouts(md, draft, window, [[50 + 2 * i + r for r in range(2)] for i in range(len(window) + 1)])
+
+
+def cycling_target(vocab=60, cycle=20):
+    """A target whose greedy next token is a fixed successor of the current one, in cycles of
+    `cycle` tokens: its layers add nothing (zero output projections), its embedding is one-hot and
+    its LM head scores y by whether y's predecessor is the current token. Its output repeats with
+    period `cycle`, so the context lookup's copies (at most a period long) are right from the second
+    period on."""
+    target = random_model(0, vocab_size=vocab, num_layers=2, hidden_size=64, intermediate_size=96)
+    succ = [(t // cycle) * cycle + (t % cycle + 1) % cycle for t in range(vocab)]
+    with torch.no_grad():
+        for layer in target.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        target.embed_tokens.weight.zero_()
+        target.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        target.lm_head.weight.zero_()
+        for t in range(vocab):
+            target.lm_head.weight[succ[t], t] = 1.0
+    return target
+
+
+@pytest.fixture(scope="module")
+def cycling_pair():
+    return cycling_target(), random_model(1, vocab_size=60, num_layers=1)
+
+
+CYCLE_PROMPT = torch.tensor([[13, 40, 7]])
+
+
+@pytest.mark.parametrize("window,lookup_window", [(2, 7), (3, 9), (1, 16)])
+def test_sd_copies_windows_longer_than_the_drafts_and_stays_lossless(cycling_pair, window, lookup_window):
+    target, draft = cycling_pair
+    ar = ar_tokens(target, CYCLE_PROMPT, 45)
+    assert ar[0][:14] == [*range(8, 20), 0, 1]  # the cycle 0..19
+    out = SpeculativeDecoder(target, draft, window, lookup=4, lookup_window=lookup_window).generate(CYCLE_PROMPT, 45)
+    short = SpeculativeDecoder(target, draft, window, lookup=4).generate(CYCLE_PROMPT, 45)
+    assert out.tokens.tolist() == short.tokens.tolist() == ar
+    assert max(out.stats["accepted_hist"]) == lookup_window  # whole copies, longer than the draft's window
+    assert max(short.stats["accepted_hist"]) == window
+    assert out.stats["steps"] < short.stats["steps"]
+
+
+@pytest.mark.parametrize("lane,fallback", [("inline", "recompute"), ("inline", "exit"), ("process", "exit")])
+def test_mirror_copies_windows_longer_than_the_drafts_and_stays_lossless(cycling_pair, pair, lane, fallback):
+    target, draft = cycling_pair
+    cfg = MirrorConfig(exit_layer=1, top_k=3, window=3, lane=lane, fallback=fallback, lookup=3, lookup_window=8)
+    with MirrorDecoder(target, draft, cfg) as dec:
+        out = dec.generate(CYCLE_PROMPT, 41)
+        assert out.tokens.tolist() == ar_tokens(target, CYCLE_PROMPT, 41)
+        assert max(out.stats["accepted_hist"]) == 8 and out.stats["lookup_windows"] > 0
+        ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(5))
+        assert dec.generate(ids % 60, 30).tokens.tolist() == ar_tokens(target, ids % 60, 30)
+    pair_target, pair_draft = pair  # a target that does not repeat: copies get rejected, output unchanged
+    with MirrorDecoder(pair_target, pair_draft, MirrorConfig(exit_layer=2, top_k=3, window=3, lane=lane,
+                                                             fallback=fallback, lookup=3, lookup_window=8)) as dec:
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7, 8, 9, 10, 11, 12, 5, 6]])
+        assert dec.generate(ids, 37).tokens.tolist() == ar_tokens(pair_target, ids, 37)
+
+
+def test_a_copied_window_has_lookup_window_tokens_in_the_mirror_draft(pair):
+    _, draft = pair
+    md = MirrorDraft(draft, 2, None, lookup=2, lookup_window=6)
+    md.start([1, 2, 3, 4, 5, 6, 7, 8, 1, 2], 64)
+    window, q = md.fresh_window(2)
+    assert window == [3, 4, 5, 6, 7, 8] and q is None
+    check_rollouts(md, draft, window, [[30 + 3 * i + r for r in range(3)] for i in range(len(window) + 1)])
+    source, window, _ = md.advance(6, 1)  # all six accepted, then 1: the context repeats again
+    assert source == "lookup" and window == [2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 65, 2.0, "7", True])
+def test_bad_lookup_windows_are_refused(bad):
+    target, draft = tiny_pair()
+    with pytest.raises(ValueError, match="lookup_window"):
+        SpeculativeDecoder(target, draft, 3, lookup=4, lookup_window=bad)
+    with pytest.raises(ValueError, match="lookup_window"):
+        MirrorDecoder(target, draft, MirrorConfig(lookup=4, lookup_window=bad if bad != 65 else 33))
+    assert SpeculativeDecoder(target, draft, 3, lookup=4).lookup_window == 3  # None: the draft's window
+
+
+def test_context_reserve_counts_the_longer_copied_window(pair):
+    target, draft = pair
+    room = target.config.max_position - REPEATING.shape[1]
+    SpeculativeDecoder(target, draft, 2, lookup=4).generate(REPEATING, room - 3)  # window 2 fits
+    with pytest.raises(ValueError, match="context"):
+        SpeculativeDecoder(target, draft, 2, lookup=4, lookup_window=9).generate(REPEATING, room - 3)
+    with pytest.raises(ValueError, match="context"):
+        MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, window=2, lane="inline", lookup=4,
+                                                  lookup_window=9)).generate(REPEATING, room - 3)
+
+
+def test_cli_passes_the_lookup_window_to_both_decoders(pair):
+    from mirror_rt.cli import build_parser, make_decoder
+
+    target, draft = pair
+    args = build_parser().parse_args(["generate", "x", "--window", "3", "--lookup-window", "7", "--lane", "inline"])
+    args.exit_layer = 2
+    assert make_decoder("sd", target, draft, args).lookup_window == 7
+    assert make_decoder("mirror", target, draft, args).config.lookup_window == 7
+    args.lookup_window = 2  # below the window: the window
+    assert make_decoder("sd", target, draft, args).lookup_window == 3
+    args.lookup_window = 0
+    assert make_decoder("mirror", target, draft, args).config.lookup_window == 3

@@ -26,6 +26,16 @@ def check_lookup(lookup, off_allowed: bool = True):
         raise ValueError(f"lookup n-gram length must be an integer in [1, {MAX_NGRAM_LIMIT}], got {lookup!r}")
 
 
+def check_lookup_window(lookup_window, window: int, limit: int) -> int:
+    """A decoder's ``lookup_window``: None for the draft's ``window``, else an integer in [1, limit]
+    (the decoder's own window limit). Returns the length a copied window may have."""
+    if lookup_window is None:
+        return window
+    if isinstance(lookup_window, bool) or not isinstance(lookup_window, int) or not 1 <= lookup_window <= limit:
+        raise ValueError(f"lookup_window must be None or an integer in [1, {limit}], got {lookup_window!r}")
+    return lookup_window
+
+
 class ContextLookup:
     """An index of the committed tokens' n-grams (n in [1, max_ngram]) for one generation.
 

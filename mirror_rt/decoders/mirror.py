@@ -29,7 +29,7 @@ import torch
 from mirror_rt.decoders.autoregressive import autoregressive_tail
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
-from mirror_rt.decoders.lookup import check_lookup
+from mirror_rt.decoders.lookup import check_lookup, check_lookup_window
 from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.mirror_exit import POLICIES, ExitProposer, draft_vocabulary
 from mirror_rt.decoders.speculative import verify_chain
@@ -56,6 +56,7 @@ class MirrorConfig:
     fallback: str = "recompute"      # after a miss: "recompute" a window (serial) or "exit" (see above)
     exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
     lookup: int = 0                  # context lookup's longest n-gram, tried before the draft (greedy; 0: off)
+    lookup_window: int | None = None  # tokens a copied window may hold (None: window); no draft pass makes them
 
     def validate(self, num_layers: int):
         head_layer = getattr(self.exit_head, "exit_layer", None)  # a trained head knows its layer
@@ -78,6 +79,7 @@ class MirrorConfig:
         if self.exit_vocab not in ("draft", "full"):
             raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
         check_lookup(self.lookup)
+        self.lookup_window = check_lookup_window(self.lookup_window, self.window, 32)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_branches is not None and (not isinstance(self.max_branches, int) or self.max_branches < 0):
@@ -105,7 +107,7 @@ class MirrorDecoder:
         half), the steps the rest."""
         if self.lane is None:
             cfg = self.config
-            maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches, cfg.lookup)
+            maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches, cfg.lookup, cfg.lookup_window)
             threads = cfg.draft_threads
             if threads is None and cfg.lane in ("auto", "thread", "process") and self.draft.device.type == "cpu":
                 threads = max(1, torch.get_num_threads() // 2)
@@ -150,8 +152,9 @@ class MirrorDecoder:
         if mode == "greedy" and temperature > 0:
             raise ValueError("mode 'greedy' needs temperature 0; use 'match' or 'rejection' to sample")
         prompt = as_prompt(input_ids, target.config.vocab_size, target.device)
-        capacity = check_context(target, prompt.numel(), max_new_tokens, cfg.window + 1)
-        check_context(self.draft, prompt.numel(), max_new_tokens, cfg.window + 1)
+        reserve = max(cfg.window, cfg.lookup_window) + 1
+        capacity = check_context(target, prompt.numel(), max_new_tokens, reserve)
+        check_context(self.draft, prompt.numel(), max_new_tokens, reserve)
         run = _Run(self, prompt, capacity, max_new_tokens, eos_token_id, mode, temperature, top_k, top_p, seed, stream)
         return run.generate()
 
@@ -159,11 +162,12 @@ class MirrorDecoder:
 class _DraftFactory:
     """Builds the draft worker inside its lane (picklable, for the process lane)."""
 
-    def __init__(self, draft, window, max_branches, lookup):
+    def __init__(self, draft, window, max_branches, lookup, lookup_window=None):
         self.draft, self.window, self.max_branches, self.lookup = draft, window, max_branches, lookup
+        self.lookup_window = lookup_window
 
     def __call__(self):
-        return MirrorDraft(self.draft, self.window, self.max_branches, self.lookup)
+        return MirrorDraft(self.draft, self.window, self.max_branches, self.lookup, self.lookup_window)
 
 
 class _Run:

@@ -32,9 +32,11 @@ def max_branches_for(window: int, depth: int, cap: int | None, nodes: int = MAX_
 
 
 class MirrorDraft:
-    def __init__(self, model, window: int, max_branches: int | None, lookup: int = 0):
+    def __init__(self, model, window: int, max_branches: int | None, lookup: int = 0,
+                 lookup_window: int | None = None):
         self.model = model
         self.window = window
+        self.lookup_window = window if lookup_window is None else lookup_window  # a copied window's length
         self.max_branches = max_branches  # the user's cap; what fits one tree is applied per step
         self.lookup_ngram = lookup  # 0: no context lookup
         self.cache = None
@@ -69,8 +71,9 @@ class MirrorDraft:
         """Roll out n tokens as a chain after the pending token (the fallback, and the first window).
         Returns (window list[int], q [n, V] float32 or None when greedy). A Speculative Streaming
         draft with stream proposals on gives the same tokens in fewer passes, same region.
-        A context lookup's window comes first when there is one (q None: greedy)."""
-        copied = self._look_up([], n)
+        A context lookup's window (up to lookup_window tokens) comes first when there is one (q None:
+        greedy)."""
+        copied = self._look_up([], self.lookup_window) if n > 0 else []
         if copied:
             return copied, None
         self.chain_fed = True
@@ -133,7 +136,7 @@ class MirrorDraft:
         self.tokens += self.rolled[:accepted] + [int(next_token)]
         self.pending = int(next_token)
         self.step += 1
-        copied = self._look_up([], self.window)
+        copied = self._look_up([], self.lookup_window)
         k = tree.find_branch(accepted, int(next_token)) if tree is not None and not copied else -1
         if k < 0:
             self.cache.commit_path(range(accepted + 1))

@@ -12,7 +12,7 @@ from mirror_rt import ops
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
 from mirror_rt.decoders.drafting import DraftState
-from mirror_rt.decoders.lookup import ContextLookup, check_lookup
+from mirror_rt.decoders.lookup import ContextLookup, check_lookup, check_lookup_window
 
 
 def chain_parents(n: int, device) -> torch.Tensor:
@@ -41,15 +41,18 @@ def verify_chain(node_ids, logits, q, mode: str, sampler: Sampler, temperature: 
 
 class SpeculativeDecoder:
     """window: draft tokens per step; lookup: longest n-gram of the context lookup tried before the
-    draft (greedy decoding only; 0 = the draft alone)."""
+    draft (greedy decoding only; 0 = the draft alone); lookup_window: how many tokens a copied
+    window may hold (None: ``window``). A copied window costs no draft pass, and verifying up to 8
+    tokens costs about as much as 4 on a CPU (ops.linear), so it may be longer than the draft's."""
 
-    def __init__(self, target, draft, window: int = 7, lookup: int = 0):
+    def __init__(self, target, draft, window: int = 7, lookup: int = 0, lookup_window: int | None = None):
         if not isinstance(window, int) or not 1 <= window <= 64:
             raise ValueError(f"window must be an integer in [1, 64], got {window!r}")
         check_pair(target, draft)
         self.target, self.draft, self.window = target, draft, window
         check_lookup(lookup)
         self.lookup = lookup
+        self.lookup_window = check_lookup_window(lookup_window, window, 64)
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
@@ -59,8 +62,9 @@ class SpeculativeDecoder:
         check_generation_args(max_new_tokens, temperature, top_k, top_p)
         target = self.target
         prompt = as_prompt(input_ids, target.config.vocab_size, target.device)
-        capacity = check_context(target, prompt.numel(), max_new_tokens, self.window + 1)
-        check_context(self.draft, prompt.numel(), max_new_tokens, self.window + 1)
+        reserve = max(self.window, self.lookup_window) + 1
+        capacity = check_context(target, prompt.numel(), max_new_tokens, reserve)
+        check_context(self.draft, prompt.numel(), max_new_tokens, reserve)
         cache, draft = target.new_cache(capacity), DraftState(self.draft, capacity)
         sampler = Sampler(temperature, top_k, top_p, seed, target.device)
         mode = "greedy" if sampler.greedy else "rejection"
@@ -71,9 +75,10 @@ class SpeculativeDecoder:
             draft.prefill(prompt.to(self.draft.device))
         tokens = prompt.tolist()
         while not out.done:
-            n = min(self.window, max_new_tokens - len(out.tokens) - 1)
+            room = max_new_tokens - len(out.tokens) - 1
             with stats.phase("draft"):
-                window, q = propose(lookup, draft, tokens, n, sampler, stats)
+                window, q = propose(lookup, draft, tokens, min(self.window, room), sampler, stats,
+                                    min(self.lookup_window, room))
             with stats.phase("target"):
                 node_ids = torch.tensor([[tokens[-1]] + window], device=target.device)
                 logits = target(node_ids, cache)
@@ -90,12 +95,15 @@ class SpeculativeDecoder:
                                                                     lookup_windows=stats.counters["lookup_windows"]))
 
 
-def propose(lookup, draft: DraftState, tokens: list[int], n: int, sampler: Sampler, stats: Stats):
-    """The next window after `tokens` (last entry pending): copied from the context when the lookup
-    finds one (q None: greedy), else rolled out by the draft. Returns (window, q)."""
-    if lookup is not None and n > 0:
+def propose(lookup, draft: DraftState, tokens: list[int], n: int, sampler: Sampler, stats: Stats,
+            lookup_n: int | None = None):
+    """The next window after `tokens` (last entry pending): up to lookup_n (default n) tokens copied
+    from the context when the lookup finds them (q None: greedy), else n rolled out by the draft.
+    Returns (window, q)."""
+    lookup_n = n if lookup_n is None else lookup_n
+    if lookup is not None and n > 0 and lookup_n > 0:
         lookup.update(tokens)
-        window = lookup.propose([], n)
+        window = lookup.propose([], lookup_n)
         if window:
             stats.counters["lookup_windows"] += 1
             return window, None
