@@ -15,6 +15,11 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 DEFAULT_LOOKUP = 4
 # A copied window as long as the draft's: longer ones were no faster on the 2-core CPU (bench/RESULTS.md).
 DEFAULT_LOOKUP_WINDOW = 0
+# The draft's windows end where it is unsure (decoders/drafting.py, confident): with our weak default
+# draft a full window mostly costs draft passes and verified rows for nothing. 0.6 was the best of
+# 0.2-0.9 in a simulation on prompts apart from the evaluation ones (bench/RESULTS.md, sixth session).
+# The library's decoders keep full windows unless asked.
+DEFAULT_MIN_DRAFT_PROB = 0.6
 
 
 def _add_model_args(p):
@@ -49,6 +54,10 @@ def _add_model_args(p):
                    help="tokens a copied window may hold (needs no draft pass; values below --window "
                         "count as --window; default 0: --window). On this CPU 7 at window 3 raised the "
                         "accepted length 12-14%% but the step cost 8-12%%: no net gain (bench/RESULTS.md)")
+    p.add_argument("--min-draft-prob", type=float, default=DEFAULT_MIN_DRAFT_PROB,
+                   help="a draft window ends before the first token the draft gives less than this "
+                        "probability (0: full windows; default %(default)s); an empty window is a plain "
+                        "target step")
     p.add_argument("--lane", default="auto", help="where the Mirror draft runs: auto|inline|thread|process|cuda|npu")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the target (default: all cores)")
 
@@ -97,7 +106,8 @@ def make_decoder(name, target, draft, args):
     if name == "ar":
         return AutoregressiveDecoder(target)
     if name == "sd":
-        return SpeculativeDecoder(target, draft, window, lookup=lookup, lookup_window=lookup_window)
+        return SpeculativeDecoder(target, draft, window, lookup=lookup, lookup_window=lookup_window,
+                                  min_draft_prob=getattr(args, "min_draft_prob", 0.0))
     if name == "mirror":
         head = getattr(args, "exit_head_fn", None)
         exit_layer = args.exit_layer or (head.exit_layer if head is not None else None)
@@ -108,6 +118,7 @@ def make_decoder(name, target, draft, args):
                                                          fallback=args.fallback or "recompute",
                                                          exit_vocab=args.exit_vocab, lookup=lookup,
                                                          lookup_window=lookup_window,
+                                                         min_draft_prob=getattr(args, "min_draft_prob", 0.0),
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")
 

@@ -283,3 +283,42 @@ def test_bad_pair_and_window(target):
     for window in (0, -1, 65, 2.5, "3"):
         with pytest.raises(ValueError, match="window"):
             SpeculativeDecoder(target, target, window)
+
+
+@pytest.mark.parametrize("draft_kind", ["truncated", "random"])
+@pytest.mark.parametrize("min_prob", [0.05, 0.3, 0.95])
+def test_greedy_sd_with_an_unsure_draft_stopping_early_equals_ar(target, draft_kind, min_prob):
+    draft = _draft(draft_kind, target)
+    sd = SpeculativeDecoder(target, draft, window=5, min_draft_prob=min_prob)
+    full = SpeculativeDecoder(target, draft, window=5)
+    empty = 0
+    for seed, length, n in [(0, 1, 21), (1, 9, 16), (2, 33, 19)]:
+        prompt = _prompt(length, seed)
+        out = sd.generate(prompt, n)
+        assert torch.equal(out.tokens, _ar(target, prompt, n))
+        s = out.stats
+        empty += s["empty_steps"]
+        windows = s["steps"] - s["empty_steps"]
+        assert s["mean_accepted_per_window"] == pytest.approx(s["mean_accepted"] * s["steps"] / max(windows, 1))
+        if min_prob >= 0.95:  # hardly a token is that sure: most steps are plain target steps
+            assert s["empty_steps"] >= s["steps"] // 2
+        assert full.generate(prompt, n).stats["empty_steps"] == 0
+    assert empty > 0 or min_prob < 0.95
+
+
+def test_rejection_sampling_with_empty_windows_matches_target_distribution(rejection_setup, one_thread, monkeypatch):
+    """A draft too unsure to propose anything: every step verifies an empty window, and the
+    tokens still follow the target's distribution."""
+    target, draft, prompt, probs = rejection_setup
+    monkeypatch.delenv("MIRROR_RT_BACKEND", raising=False)
+    sd = SpeculativeDecoder(target, draft, window=3, min_draft_prob=0.999)
+    counts, hist = _sample_counts(sd, prompt, N_SAMPLES)
+    assert set(hist) == {0}
+    stat, df = _chi2(counts, probs, N_SAMPLES)
+    assert stat < _chi2_critical_001(df), f"chi2 {stat:.1f} >= {_chi2_critical_001(df):.1f} (df {df})\n{counts}"
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "0.5", None, True])
+def test_bad_min_draft_prob(target, bad):
+    with pytest.raises(ValueError, match="min_draft_prob"):
+        SpeculativeDecoder(target, target, window=3, min_draft_prob=bad)

@@ -257,3 +257,16 @@ def test_cli_passes_the_lookup_window_to_both_decoders(pair):
     assert make_decoder("sd", target, draft, args).lookup_window == 3
     args.lookup_window = 0
     assert make_decoder("mirror", target, draft, args).config.lookup_window == 3
+
+
+def test_cli_passes_min_draft_prob_to_both_decoders(pair):
+    from mirror_rt.cli import DEFAULT_MIN_DRAFT_PROB, build_parser, make_decoder
+
+    target, draft = pair
+    args = build_parser().parse_args(["generate", "x", "--lane", "inline"])
+    args.exit_layer = 2
+    assert make_decoder("sd", target, draft, args).min_draft_prob == DEFAULT_MIN_DRAFT_PROB > 0
+    args = build_parser().parse_args(["generate", "x", "--min-draft-prob", "0.25", "--lane", "inline"])
+    args.exit_layer = 2
+    assert make_decoder("sd", target, draft, args).min_draft_prob == 0.25
+    assert make_decoder("mirror", target, draft, args).config.min_draft_prob == 0.25

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder
-from mirror_rt.decoders.mirror_draft import max_branches_for
+from mirror_rt.decoders.mirror_draft import MirrorDraft, max_branches_for
 from mirror_rt.models.derive import random_model, truncated_copy
 from mirror_rt.ops.checks import MAX_TREE_NODES
 from mirror_rt.ops.reference import process_logits
@@ -388,3 +388,63 @@ def test_rollouts_shrink_to_the_draft_cache_near_the_end_of_its_context():
         out = dec.generate(ids, 20)  # 37 + 20 + 4 slack: 3 context slots left, a tree needs more
     assert out.tokens.tolist() == ar_tokens(target, ids, 20)
     assert "draft_failures" not in out.stats and out.stats["branches"] > 0
+
+
+@pytest.mark.parametrize("mode", ["match", "rejection"])
+def test_unsure_draft_windows_follow_target_distribution(small_vocab_pair, mode):
+    """min_draft_prob cuts fresh and branch windows (here to nothing, window 1): tokens 2 and 3 still
+    follow the target's joint distribution, and both cut and whole windows ran."""
+    target, draft = small_vocab_pair
+    ids, V = torch.tensor([[1, 3]]), 5
+    p1 = process_logits(target(ids, target.new_cache(16))[0, -1]).double()
+    tail = torch.zeros(V, V, dtype=torch.float64)
+    for a in range(V):
+        tail += p1[a] * exact_two_token_distribution(target, torch.cat([ids, torch.tensor([[a]])], 1))
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=1, window=1, mode=mode, lane="inline",
+                                                    branch_policy="per_position", min_draft_prob=0.75))
+    counts, empty, steps = torch.zeros(V, V, dtype=torch.int64), 0, 0
+    for seed in range(1500):
+        out = dec.generate(ids, 3, temperature=1.0, seed=seed)
+        _, b, c = out.tokens[0].tolist()
+        counts[b, c] += 1
+        empty, steps = empty + out.stats["empty_steps"], steps + out.stats["steps"]
+    assert 100 < empty < steps - 100, (empty, steps)  # windows were cut, and others were not
+    stat, dof = chi_square(counts, tail)
+    assert stat < CHI2_999[dof], f"{mode}: chi-square {stat:.1f} with {dof} dof"
+
+
+@pytest.mark.parametrize("lane,min_prob", [("inline", 0.3), ("inline", 0.9), ("thread", 0.5), ("process", 0.5)])
+def test_greedy_with_unsure_draft_windows_equals_autoregressive(pair, lane, min_prob):
+    target, draft = pair
+    cfg = MirrorConfig(exit_layer=2, top_k=3, window=4, lane=lane, min_draft_prob=min_prob, fallback="exit")
+    with MirrorDecoder(target, draft, cfg) as dec:
+        for seed in (0, 1):
+            ids = torch.randint(0, 64, (1, 6 + seed), generator=torch.Generator().manual_seed(seed))
+            out = dec.generate(ids, 30)
+            assert torch.equal(out.tokens, AutoregressiveDecoder(target).generate(ids, 30).tokens)
+    with pytest.raises(ValueError, match="min_draft_prob"):
+        MirrorDecoder(target, draft, MirrorConfig(min_draft_prob=1.0))
+
+
+def test_branch_windows_end_at_the_first_unsure_token(pair):
+    _, draft = pair
+    full, cut = MirrorDraft(draft, 4, None), MirrorDraft(draft, 4, None, min_prob=0.2)
+    exit_ids = [[7, 11], [3, -1], [9, 20], [1, 2], [5, 6]]
+    for md in (full, cut):
+        md.start([4, 8, 15, 16, 23], 64)
+        window, _ = md.fresh_window(4)
+        md.rollouts(window, exit_ids, 4)
+    assert full.tree.num_branches == cut.tree.num_branches
+    shorter = 0
+    for b in range(full.tree.num_branches):
+        i, v = int(full.tree.branch_pos[b]), int(full.tree.branch_token[b])
+        ctx = full.tokens + window[:i] + [v]
+        sure = []
+        for tok in full.outs[b]:
+            logits = draft(torch.tensor([ctx]), draft.new_cache(64))[0, -1]
+            sure.append(float(torch.softmax(logits.float(), -1).max()) >= 0.2)
+            ctx = ctx + [tok]
+        n = sure.index(False) if False in sure else len(sure)
+        assert cut.outs[b] == full.outs[b][:n]
+        shorter += n < len(full.outs[b])
+    assert shorter > 0  # the test cut some branch

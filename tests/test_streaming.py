@@ -218,3 +218,48 @@ def test_decoders_streams_path_equals_plain_loop(trained, temperature):
     assert w1 == w2 and len1 == len2 and mw1 == mw2
     if temperature:
         assert torch.allclose(q1, q2, atol=1e-5) and torch.allclose(mq1, mq2, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_an_unsure_draft_ends_its_window_early_on_both_paths(trained, temperature):
+    """min_draft_prob: the window ends before the first token whose draft probability is below it,
+    with the stream path equal to the plain loop (window, q rows, cache length), and the next
+    window continues from the right context."""
+    from mirror_rt.decoders.drafting import DraftState
+
+    target, draft, seqs = trained
+    prompt = seqs[5][:7]
+    plain = copy.copy(draft)
+    plain.stream_proposals = False
+    ref = DraftState(plain, 128)
+    ref.prefill(torch.tensor(prompt))
+    full, _ = ref.propose(prompt, 6, Sampler(temperature, 0, 1.0, 3, "cpu"), 0)
+    # the draft's own top probability at each of the full window's positions
+    probs, ctx = [], list(prompt)
+    for tok in full:
+        cache = draft.new_cache(64)
+        logits = draft(torch.tensor([ctx]), cache)[0, -1]
+        probs.append(float(torch.softmax(logits.float(), -1).max()))
+        ctx.append(tok)
+    cut = min(range(1, len(full)), key=lambda i: probs[i])  # stop at the least sure position after the first
+    tau = probs[cut] + 1e-6
+    if any(p < tau for p in probs[:cut]):
+        pytest.skip("no position is less sure than every earlier one")
+    results = []
+    for streams in (True, False):
+        d = copy.copy(draft)
+        d.stream_proposals = streams
+        state = DraftState(d, 128)
+        state.prefill(torch.tensor(prompt))
+        w, q = state.propose(prompt, 6, Sampler(temperature, 0, 1.0, 3, "cpu"), 0, min_prob=tau)
+        results.append((w, q, state.cache.length))
+        assert w == full[:cut], (streams, w, full, cut)
+        after = prompt + w + [full[cut]]  # the target's token after the cut window
+        nxt, _ = state.propose(after, 3, Sampler(0.0, 0, 1.0, None, "cpu"), 1)
+        fresh = DraftState(plain, 128)
+        fresh.prefill(torch.tensor(after))
+        assert nxt == fresh.propose(after, 3, Sampler(0.0, 0, 1.0, None, "cpu"), 0)[0]  # the cache stayed right
+    (w1, q1, len1), (w2, q2, len2) = results
+    assert len1 == len2
+    if temperature:
+        assert torch.allclose(q1, q2, atol=1e-5) and q1.shape[0] == cut

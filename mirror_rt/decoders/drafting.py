@@ -28,6 +28,22 @@ def checked_pick(sampler: Sampler, step: int):
     return pick
 
 
+def check_min_draft_prob(value) -> float:
+    """A decoder's ``min_draft_prob``: a number in [0, 1) (0: the draft always fills its window)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"min_draft_prob must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def confident(logits: torch.Tensor, min_prob: float) -> bool:
+    """Whether the draft's most likely token has probability >= min_prob under logits [V] (its own
+    distribution, before sampling settings). A window that ends at the first unconfident token stays
+    lossless: its length depends on the draft alone."""
+    if min_prob <= 0:
+        return True
+    return float(torch.softmax(logits.float(), -1).max()) >= min_prob
+
+
 class DraftState:
     """A draft model, its KV cache, and which committed tokens the cache holds.
 
@@ -45,21 +61,25 @@ class DraftState:
         prefill(self.model, self.cache, prompt)
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], n: int, sampler: Sampler, step: int):
-        """Roll out n tokens after the committed sequence `tokens` (its last entry pending).
+    def propose(self, tokens: list[int], n: int, sampler: Sampler, step: int, min_prob: float = 0.0):
+        """Roll out up to n tokens after the committed sequence `tokens` (its last entry pending);
+        the window ends before the first token the draft gives less than min_prob (``confident``).
 
-        Returns (window: list[int] of n ids, q: [n, V] float32 probabilities each window token was
-        drawn from, or None when greedy). The cache commits what it fed; ``sync`` trims it later.
+        Returns (window: list[int] of at most n ids, q: [len, V] float32 probabilities each window
+        token was drawn from, or None when greedy or empty). The cache commits what it fed; ``sync``
+        trims it later.
         """
         model, cache = self.model, self.cache
         feed = tokens[cache.length:]
         if n > 0 and uses_streams(model):
-            return self._propose_streams(feed, n, sampler, step)
+            return self._propose_streams(feed, n, sampler, step, min_prob)
         window, qs = [], []
         for _ in range(n):
             logits = model(torch.tensor([feed], device=model.device), cache)[0, -1]
             check_finite(logits, "draft", step)
             cache.commit(len(feed))
+            if not confident(logits, min_prob):
+                break
             tok, q = sampler.pick(logits)
             window.append(tok)
             if q is not None:
@@ -67,16 +87,18 @@ class DraftState:
             feed = [tok]
         return window, (torch.stack(qs) if qs else None)
 
-    def _propose_streams(self, feed: list[int], n: int, sampler: Sampler, step: int):
+    def _propose_streams(self, feed: list[int], n: int, sampler: Sampler, step: int, min_prob: float = 0.0):
         """The same window from a Speculative Streaming draft in fewer passes: the catch-up tokens
         as one chain, then ``propose_streams`` (which leaves the cache exactly as the loop does)."""
         model, cache = self.model, self.cache
         if len(feed) > 1:
             model(torch.tensor([feed[:-1]], device=model.device), cache)
             cache.commit(len(feed) - 1)
-        window, qs, _ = model.propose_streams(cache, feed[-1], n, 0, pick=checked_pick(sampler, step))
-        cache.commit(n)
-        return window, (None if qs[0] is None else torch.stack(qs))
+        stop = None if min_prob <= 0 else (lambda logits: not confident(logits, min_prob))
+        window, qs, info = model.propose_streams(cache, feed[-1], n, 0, pick=checked_pick(sampler, step), stop=stop)
+        # as the loop: pending + window[:-1] after n steps; pending + window when it stopped early
+        cache.commit(len(window) + (1 if info.get("stopped") else 0))
+        return window, (None if not qs or qs[0] is None else torch.stack(qs))
 
     def sync(self, committed_prefix_len: int):
         """Drop cached entries past the first `committed_prefix_len` tokens that are still valid."""

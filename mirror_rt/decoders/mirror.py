@@ -29,6 +29,7 @@ import torch
 from mirror_rt.decoders.autoregressive import autoregressive_tail
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
+from mirror_rt.decoders.drafting import check_min_draft_prob
 from mirror_rt.decoders.lookup import check_lookup, check_lookup_window
 from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.mirror_exit import POLICIES, ExitProposer, draft_vocabulary
@@ -57,6 +58,7 @@ class MirrorConfig:
     exit_vocab: str = "draft"        # "draft": score only a reduced-vocabulary draft's ids; "full"
     lookup: int = 0                  # context lookup's longest n-gram, tried before the draft (greedy; 0: off)
     lookup_window: int | None = None  # tokens a copied window may hold (None: window); no draft pass makes them
+    min_draft_prob: float = 0.0      # a draft window (fresh or a branch's) ends before its first token below this
 
     def validate(self, num_layers: int):
         head_layer = getattr(self.exit_head, "exit_layer", None)  # a trained head knows its layer
@@ -80,6 +82,7 @@ class MirrorConfig:
             raise ValueError(f"exit_vocab must be 'draft' or 'full', got {self.exit_vocab!r}")
         check_lookup(self.lookup)
         self.lookup_window = check_lookup_window(self.lookup_window, self.window, 32)
+        self.min_draft_prob = check_min_draft_prob(self.min_draft_prob)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_branches is not None and (not isinstance(self.max_branches, int) or self.max_branches < 0):
@@ -107,7 +110,8 @@ class MirrorDecoder:
         half), the steps the rest."""
         if self.lane is None:
             cfg = self.config
-            maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches, cfg.lookup, cfg.lookup_window)
+            maker = _DraftFactory(self.draft, cfg.window, cfg.max_branches, cfg.lookup, cfg.lookup_window,
+                                  cfg.min_draft_prob)
             threads = cfg.draft_threads
             if threads is None and cfg.lane in ("auto", "thread", "process") and self.draft.device.type == "cpu":
                 threads = max(1, torch.get_num_threads() // 2)
@@ -162,12 +166,13 @@ class MirrorDecoder:
 class _DraftFactory:
     """Builds the draft worker inside its lane (picklable, for the process lane)."""
 
-    def __init__(self, draft, window, max_branches, lookup, lookup_window=None):
+    def __init__(self, draft, window, max_branches, lookup, lookup_window=None, min_draft_prob=0.0):
         self.draft, self.window, self.max_branches, self.lookup = draft, window, max_branches, lookup
-        self.lookup_window = lookup_window
+        self.lookup_window, self.min_draft_prob = lookup_window, min_draft_prob
 
     def __call__(self):
-        return MirrorDraft(self.draft, self.window, self.max_branches, self.lookup, self.lookup_window)
+        return MirrorDraft(self.draft, self.window, self.max_branches, self.lookup, self.lookup_window,
+                           self.min_draft_prob)
 
 
 class _Run:

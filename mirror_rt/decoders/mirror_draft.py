@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mirror_rt.decoders.base import Sampler, check_finite, prefill
-from mirror_rt.decoders.drafting import checked_pick, set_draft_context, uses_streams
+from mirror_rt.decoders.drafting import checked_pick, confident, set_draft_context, uses_streams
 from mirror_rt.decoders.lookup import ContextLookup
 from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
@@ -33,8 +33,9 @@ def max_branches_for(window: int, depth: int, cap: int | None, nodes: int = MAX_
 
 class MirrorDraft:
     def __init__(self, model, window: int, max_branches: int | None, lookup: int = 0,
-                 lookup_window: int | None = None):
+                 lookup_window: int | None = None, min_prob: float = 0.0):
         self.model = model
+        self.min_prob = min_prob  # a window ends before the first token the draft is less sure of
         self.window = window
         self.lookup_window = window if lookup_window is None else lookup_window  # a copied window's length
         self.max_branches = max_branches  # the user's cap; what fits one tree is applied per step
@@ -78,13 +79,16 @@ class MirrorDraft:
             return copied, None
         self.chain_fed = True
         if n > 0 and uses_streams(self.model):
+            stop = None if self.min_prob <= 0 else (lambda logits: not confident(logits, self.min_prob))
             tokens, qs, _ = self.model.propose_streams(self.cache, self.pending, n, 0,
-                                                       pick=checked_pick(self.sampler, self.step))
+                                                       pick=checked_pick(self.sampler, self.step), stop=stop)
             return tokens, self._stack(qs)
         tokens, qs = [], []
         feed = self.pending
         for offset in range(n):
             logits = self._forward([feed], offset, None)[0]
+            if not confident(logits, self.min_prob):
+                break
             tok, q = self.sampler.pick(logits)
             tokens.append(tok)
             qs.append(q)
@@ -116,14 +120,19 @@ class MirrorDraft:
             logits, roots = self._tree_forward(tree, 0, with_pending=True), 1 + n
         picks = [self.sampler.pick(logits[roots + b]) for b in range(nb)]
         outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
+        sure = [[s] for s in self._sure(logits[roots:roots + nb])]
         for _ in range(1, depth if nb else 0):
             extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))
             logits = self._tree_forward(tree, tree.step_start)
-            for b in range(nb):
+            for b, s in zip(range(nb), self._sure(logits[:nb])):
                 tok, q = self.sampler.pick(logits[b])
                 outs[b].append(tok)
                 qs[b].append(q)
-        self.tree, self.outs, self.qs = tree, outs, qs
+                sure[b].append(s)
+        # a branch's window ends before its first token the draft was unsure of (min_prob)
+        cut = [s.index(False) if False in s else len(s) for s in sure]
+        self.tree = tree
+        self.outs, self.qs = [o[:c] for o, c in zip(outs, cut)], [q[:c] for q, c in zip(qs, cut)]
         return nb
 
     @torch.inference_mode()
@@ -192,6 +201,12 @@ class MirrorDraft:
         logits = model.head(h)[0]
         check_finite(logits, "draft", self.step)
         return logits
+
+    def _sure(self, logits: torch.Tensor) -> list[bool]:
+        """Per row of logits [R, V]: whether the draft's top token has probability >= min_prob."""
+        if self.min_prob <= 0:
+            return [True] * logits.shape[0]
+        return (torch.softmax(logits.float(), -1).amax(-1) >= self.min_prob).tolist()
 
     @staticmethod
     def _stack(qs):

@@ -11,7 +11,7 @@ import torch
 from mirror_rt import ops
 from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
                                      check_finite, check_generation_args, check_pair, prefill)
-from mirror_rt.decoders.drafting import DraftState
+from mirror_rt.decoders.drafting import DraftState, check_min_draft_prob
 from mirror_rt.decoders.lookup import ContextLookup, check_lookup, check_lookup_window
 
 
@@ -43,9 +43,13 @@ class SpeculativeDecoder:
     """window: draft tokens per step; lookup: longest n-gram of the context lookup tried before the
     draft (greedy decoding only; 0 = the draft alone); lookup_window: how many tokens a copied
     window may hold (None: ``window``). A copied window costs no draft pass, and verifying up to 8
-    tokens costs about as much as 4 on a CPU (ops.linear), so it may be longer than the draft's."""
+    tokens costs about as much as 4 on a CPU (ops.linear), so it may be longer than the draft's.
+    min_draft_prob: the draft's window ends before the first token it gives less than this
+    probability (0: always ``window`` tokens); an empty window makes the step a plain target step.
+    A weak draft then costs fewer draft passes and verified rows where it is unsure."""
 
-    def __init__(self, target, draft, window: int = 7, lookup: int = 0, lookup_window: int | None = None):
+    def __init__(self, target, draft, window: int = 7, lookup: int = 0, lookup_window: int | None = None,
+                 min_draft_prob: float = 0.0):
         if not isinstance(window, int) or not 1 <= window <= 64:
             raise ValueError(f"window must be an integer in [1, 64], got {window!r}")
         check_pair(target, draft)
@@ -53,6 +57,7 @@ class SpeculativeDecoder:
         check_lookup(lookup)
         self.lookup = lookup
         self.lookup_window = check_lookup_window(lookup_window, window, 64)
+        self.min_draft_prob = check_min_draft_prob(min_draft_prob)
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
@@ -78,7 +83,9 @@ class SpeculativeDecoder:
             room = max_new_tokens - len(out.tokens) - 1
             with stats.phase("draft"):
                 window, q = propose(lookup, draft, tokens, min(self.window, room), sampler, stats,
-                                    min(self.lookup_window, room))
+                                    min(self.lookup_window, room), self.min_draft_prob)
+                if not window and room > 0:
+                    stats.counters["empty_steps"] += 1
             with stats.phase("target"):
                 node_ids = torch.tensor([[tokens[-1]] + window], device=target.device)
                 logits = target(node_ids, cache)
@@ -91,12 +98,14 @@ class SpeculativeDecoder:
             tokens += new
             out.emit(new)
             stats.add_step(accepted)
-        return GenerationOutput(out.result(target.device), stats.finish(len(out.tokens), window=self.window,
-                                                                    lookup_windows=stats.counters["lookup_windows"]))
+        empty = stats.counters["empty_steps"]  # the draft was unsure of its first token (min_draft_prob)
+        return GenerationOutput(out.result(target.device), stats.finish(
+            len(out.tokens), window=self.window, lookup_windows=stats.counters["lookup_windows"], empty_steps=empty,
+            mean_accepted_per_window=sum(k * v for k, v in stats.accepted.items()) / max(stats.steps - empty, 1)))
 
 
 def propose(lookup, draft: DraftState, tokens: list[int], n: int, sampler: Sampler, stats: Stats,
-            lookup_n: int | None = None):
+            lookup_n: int | None = None, min_prob: float = 0.0):
     """The next window after `tokens` (last entry pending): up to lookup_n (default n) tokens copied
     from the context when the lookup finds them (q None: greedy), else n rolled out by the draft.
     Returns (window, q)."""
@@ -107,4 +116,4 @@ def propose(lookup, draft: DraftState, tokens: list[int], n: int, sampler: Sampl
         if window:
             stats.counters["lookup_windows"] += 1
             return window, None
-    return draft.propose(tokens, n, sampler, stats.steps)
+    return draft.propose(tokens, n, sampler, stats.steps, min_prob)

@@ -276,7 +276,7 @@ class StreamingDraft(LlamaModel):
 
     @torch.inference_mode()
     def propose_streams(self, cache, first: int, n: int, offset: int = 0, pick=None, guesses=None,
-                        keep_guesses: bool = False):
+                        keep_guesses: bool = False, stop=None):
         """n draft tokens after ``first`` (a token not yet in the cache), fed at region offset
         ``offset``; equal to n autoregressive draft steps (``MirrorDraft.fresh_window``):
 
@@ -288,6 +288,8 @@ class StreamingDraft(LlamaModel):
           exactly where n chain forwards would; stream KV is never written;
         * pick: callable logits [V] -> (token, q or None), e.g. ``Sampler.pick``; default argmax.
           It is called once per emitted token, in order, as autoregressive decoding would.
+        * stop: optional callable logits [V] -> bool, asked before each pick; True ends the window
+          there (fewer than n tokens, ``info["stopped"]``; the KV of first and every token is in place).
         """
         pick = pick or (lambda logits: (int(logits.argmax()), None))
         tokens, qs, guesses = [], [], list(guesses or [])
@@ -300,6 +302,9 @@ class StreamingDraft(LlamaModel):
             info["proposed"] += len(feed) - 1
             a = 0
             for i in range(len(feed)):
+                if stop is not None and stop(logits[i]):
+                    info.update(accepted=info["accepted"] + a, stopped=True, guesses=[])
+                    return tokens, qs, info
                 tok, q = pick(logits[i])
                 tokens.append(tok)
                 qs.append(q)
