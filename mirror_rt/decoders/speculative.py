@@ -42,8 +42,8 @@ def verify_chain(node_ids, logits, q, mode: str, sampler: Sampler, temperature: 
 class SpeculativeDecoder:
     """window: draft tokens per step; lookup: longest n-gram of the context lookup tried before the
     draft (greedy decoding only; 0 = the draft alone); lookup_window: how many tokens a copied
-    window may hold (None: ``window``). A copied window costs no draft pass, and verifying up to 8
-    tokens costs about as much as 4 on a CPU (ops.linear), so it may be longer than the draft's.
+    window may hold (None: ``window``); a copied window costs no draft pass, so it may be longer
+    than the draft's (on the 2-core CPU the extra verified positions cost what they gained).
     min_draft_prob: the draft's window ends before the first token it gives less than this
     probability (0: always ``window`` tokens); an empty window makes the step a plain target step.
     A weak draft then costs fewer draft passes and verified rows where it is unsure."""
