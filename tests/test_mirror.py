@@ -331,26 +331,52 @@ def test_draft_prefill_overlaps_the_target_prefill():
 def test_cpu_lane_prefills_with_every_thread_then_shares_them(lane, draft_threads, steps):
     """torch's thread count is per thread: the draft's worker (thread or process) takes its share,
     the target prefills with all the caller's threads, runs each step's prefix with all of them
-    too (the draft waits for the exit's branches then), its suffix with the rest, and the caller
-    gets its count back."""
+    too (the draft waits for the exit's branches then), its suffix with the rest while the draft's
+    rollouts run (here they outlast it), and the caller gets its count back."""
     target, draft = tiny_pair()
     counted_target, counted_draft = ThreadCounting(target), ThreadCounting(draft)
+    slow_draft = SlowDraft(counted_draft, 0.02)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane=lane, draft_threads=draft_threads)
-        with MirrorDecoder(counted_target, counted_draft, cfg) as dec:
+        with MirrorDecoder(counted_target, slow_draft, cfg) as dec:
             out = dec.generate(ids, 12)
             assert torch.get_num_threads() == 4
         assert out.tokens.tolist() == ar_tokens(target, ids, 12)
         prefill, *step_calls = counted_target.threads
         prefixes = [t for t, start in zip(step_calls, counted_target.starts[1:]) if start == 0]
-        suffixes = [t for t, start in zip(step_calls, counted_target.starts[1:]) if start == 2]
+        suffixes = [t for t, start in zip(step_calls, counted_target.starts[1:]) if start >= 2]  # layer by layer
         assert prefill == 4 and set(prefixes) == {4} and set(suffixes) == {steps}
         assert suffixes and len(prefixes) + len(suffixes) == len(step_calls)  # (+ a one-token tail: all)
         if lane == "thread":  # a process lane's draft counts in its own process
             assert set(counted_draft.threads) == {4 - steps}
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("lane", ["thread", "process"])
+def test_suffix_takes_every_core_once_the_rollouts_are_done(lane):
+    """A slow suffix beside quick rollouts: its first layer runs on the target's share, and once the
+    rollouts are done the remaining layers run on all the caller's threads."""
+    target, draft = tiny_pair(layers=6)
+    counted = ThreadCounting(target)
+    slow = SlowTarget(counted, 0.03)  # every forward of the target sleeps: a suffix layer takes 30 ms
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane=lane, draft_threads=2)
+        with MirrorDecoder(slow, draft, cfg) as dec:
+            out = dec.generate(ids, 10)
+            assert torch.get_num_threads() == 4
+        assert out.tokens.tolist() == ar_tokens(target, ids, 10)
+        suffix = [(start, t) for t, start in zip(counted.threads[1:], counted.starts[1:]) if start >= 2]
+        first = [t for start, t in suffix if start == 2]  # launched right after the rollouts were submitted
+        later = [t for start, t in suffix if start > 2]
+        assert set(first) == {2}, suffix  # the rollouts were still running
+        assert later and later.count(4) >= len(later) // 2, suffix  # they ended during a 30 ms layer
     finally:
         torch.set_num_threads(before)
 
@@ -448,3 +474,15 @@ def test_branch_windows_end_at_the_first_unsure_token(pair):
         assert cut.outs[b] == full.outs[b][:n]
         shorter += n < len(full.outs[b])
     assert shorter > 0  # the test cut some branch
+
+
+def test_rollouts_stop_once_every_branch_is_cut(pair):
+    """When the draft is unsure of every branch's first token, no branch's window can use a deeper
+    token: the rollouts end after their first forward."""
+    _, draft = pair
+    md = MirrorDraft(draft, 4, None, min_prob=0.999)
+    md.start([4, 8, 15, 16, 23], 64)
+    window = [1, 2, 3]
+    nb = md.rollouts(window, [[7, 11], [9, -1], [5, 20], [6, 30]], 4)
+    assert nb > 0 and md.tree.num_nodes == len(window) + nb  # roots only: never extended
+    assert md.outs == [[]] * nb

@@ -34,7 +34,7 @@ from mirror_rt.decoders.lookup import check_lookup, check_lookup_window
 from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.mirror_exit import POLICIES, ExitProposer, draft_vocabulary
 from mirror_rt.decoders.speculative import verify_chain
-from mirror_rt.lanes import LANE_KINDS, LaneError, make_lane, result_of
+from mirror_rt.lanes import LANE_KINDS, LaneError, is_ready, make_lane, result_of
 
 MODES = ("greedy", "match", "rejection")
 FALLBACKS = ("recompute", "exit")
@@ -261,7 +261,7 @@ class _Run:
         rollouts = lane.submit("rollouts", window, exit_ids, self.cfg.window)
         with stats.phase("suffix"):
             t0 = time.perf_counter()
-            logits = target.head(target.run_layers(hidden, le, target.num_layers, self.cache))
+            logits = self.suffix(hidden, rollouts)
             check_finite(logits, "target", stats.steps)
             self.suffix_spans.append((t0, time.perf_counter()))
         with stats.phase("verify"):
@@ -290,6 +290,21 @@ class _Run:
             return [], None
         with stats.phase("fallback"):
             return lane.call("fresh_window", self.cfg.window, timeout=self.cfg.lane_timeout)
+
+    def suffix(self, hidden, rollouts):
+        """The target's layers [l_e, N) and head beside the draft's rollouts -> logits. On a thread or
+        process lane sharing the caller's cores, layer by layer on the target's share until the
+        rollouts are done, then the rest on every core (never both sides on a core: OpenMP teams on
+        an oversubscribed core stall)."""
+        target, layer, n = self.target, self.cfg.exit_layer, self.target.num_layers
+        shared = self.suffix_threads is not None
+        while shared and layer < n and not is_ready(rollouts):
+            hidden = target.run_layers(hidden, layer, layer + 1, self.cache)
+            layer += 1
+        if shared and not is_ready(rollouts):  # every layer ran beside the draft; so does the head
+            return target.head(hidden)
+        with self.all_cores():
+            return target.head(target.run_layers(hidden, layer, n, self.cache))
 
     def verify(self, node_ids, logits, q):
         return verify_chain(node_ids, logits, q, self.mode, self.sampler, self.temperature, self.top_k, self.top_p)

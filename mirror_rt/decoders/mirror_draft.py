@@ -122,6 +122,8 @@ class MirrorDraft:
         outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
         sure = [[s] for s in self._sure(logits[roots:roots + nb])]
         for _ in range(1, depth if nb else 0):
+            if not any(all(s) for s in sure):  # every branch's window is cut already: nothing more counts
+                break
             extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))
             logits = self._tree_forward(tree, tree.step_start)
             for b, s in zip(range(nb), self._sure(logits[:nb])):

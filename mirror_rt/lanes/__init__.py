@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mirror_rt.lanes.base import InlineLane, LaneError, result_of
+from mirror_rt.lanes.base import InlineLane, LaneError, is_ready, result_of
 from mirror_rt.lanes.process import ProcessLane
 from mirror_rt.lanes.thread import StreamLane, ThreadLane
 
@@ -36,5 +36,5 @@ def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None):
         return StreamLane(make_worker, device, module)
 
 
-__all__ = ["make_lane", "LANE_KINDS", "LaneError", "InlineLane", "ThreadLane", "StreamLane", "ProcessLane",
+__all__ = ["make_lane", "LANE_KINDS", "LaneError", "is_ready", "InlineLane", "ThreadLane", "StreamLane", "ProcessLane",
            "result_of"]

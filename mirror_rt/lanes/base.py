@@ -45,6 +45,12 @@ class InlineLane:
         pass
 
 
+def is_ready(fut) -> bool:
+    """Whether a lane future's result is in, without waiting (a process lane's reply reads what its
+    pipe already holds). A failed call counts as ready; ``result_of`` raises it."""
+    return fut.ready() if hasattr(fut, "ready") else fut.done()
+
+
 def result_of(fut: Future, timeout=None):
     """(result, t_start, t_end) of a lane future; any failure becomes LaneError."""
     try:

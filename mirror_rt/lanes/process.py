@@ -42,6 +42,12 @@ class _Reply:
     def __init__(self, lane):
         self.lane, self.value, self.done = lane, None, False
 
+    def ready(self) -> bool:
+        """Whether the reply is in, without waiting: reads the replies the pipe already holds."""
+        while not self.done and self.lane.waiting and self.lane.conn.poll(0):
+            self.lane._receive_one(None)
+        return self.done
+
     def result(self, timeout=None):
         while not self.done:
             self.lane._receive_one(timeout)
