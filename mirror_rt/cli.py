@@ -103,11 +103,12 @@ def make_decoder(name, target, draft, args):
     lookup = getattr(args, "lookup", 0)  # namespaces built without our parser: off
     lookup_window = getattr(args, "lookup_window", 0)
     lookup_window = max(window, lookup_window) if lookup_window else None
+    min_draft_prob = getattr(args, "min_draft_prob", 0.0)
     if name == "ar":
         return AutoregressiveDecoder(target)
     if name == "sd":
         return SpeculativeDecoder(target, draft, window, lookup=lookup, lookup_window=lookup_window,
-                                  min_draft_prob=getattr(args, "min_draft_prob", 0.0))
+                                  min_draft_prob=min_draft_prob)
     if name == "mirror":
         head = getattr(args, "exit_head_fn", None)
         exit_layer = args.exit_layer or (head.exit_layer if head is not None else None)
@@ -118,7 +119,7 @@ def make_decoder(name, target, draft, args):
                                                          fallback=args.fallback or "recompute",
                                                          exit_vocab=args.exit_vocab, lookup=lookup,
                                                          lookup_window=lookup_window,
-                                                         min_draft_prob=getattr(args, "min_draft_prob", 0.0),
+                                                         min_draft_prob=min_draft_prob,
                                                          max_branches=args.max_branches, lane=args.lane))
     raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")
 

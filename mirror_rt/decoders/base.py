@@ -47,6 +47,10 @@ class Stats:
     def add_step(self, accepted: int):
         self.accepted[int(accepted)] += 1
 
+    def mean_accepted_per_window(self, empty_steps: int) -> float:
+        """Mean accepted length over the steps that verified a window (all but empty_steps)."""
+        return sum(k * v for k, v in self.accepted.items()) / max(self.steps - empty_steps, 1)
+
     def finish(self, n_tokens: int, **extra) -> dict:
         wall = time.perf_counter() - self.t_start
         steps = sum(self.accepted.values())

@@ -35,13 +35,23 @@ def check_min_draft_prob(value) -> float:
     return float(value)
 
 
-def confident(logits: torch.Tensor, min_prob: float) -> bool:
-    """Whether the draft's most likely token has probability >= min_prob under logits [V] (its own
-    distribution, before sampling settings). A window that ends at the first unconfident token stays
-    lossless: its length depends on the draft alone."""
+def confident_rows(logits: torch.Tensor, min_prob: float) -> list[bool]:
+    """Per row of logits [..., V]: whether the draft's most likely token has probability >= min_prob
+    (its own distribution, before sampling settings). A window that ends at the first unconfident
+    token stays lossless: its length depends on the draft alone."""
     if min_prob <= 0:
-        return True
-    return float(torch.softmax(logits.float(), -1).max()) >= min_prob
+        return [True] * logits[..., 0].numel()
+    return (torch.softmax(logits.float(), -1).amax(-1) >= min_prob).reshape(-1).tolist()
+
+
+def confident(logits: torch.Tensor, min_prob: float) -> bool:
+    """``confident_rows`` for one row of logits [V]."""
+    return confident_rows(logits, min_prob)[0]
+
+
+def stop_when_unsure(min_prob: float):
+    """``propose_streams``'s stop callable for min_prob (None when 0: full windows)."""
+    return None if min_prob <= 0 else (lambda logits: not confident(logits, min_prob))
 
 
 class DraftState:
@@ -94,8 +104,8 @@ class DraftState:
         if len(feed) > 1:
             model(torch.tensor([feed[:-1]], device=model.device), cache)
             cache.commit(len(feed) - 1)
-        stop = None if min_prob <= 0 else (lambda logits: not confident(logits, min_prob))
-        window, qs, info = model.propose_streams(cache, feed[-1], n, 0, pick=checked_pick(sampler, step), stop=stop)
+        window, qs, info = model.propose_streams(cache, feed[-1], n, 0, pick=checked_pick(sampler, step),
+                                                 stop=stop_when_unsure(min_prob))
         # as the loop: pending + window[:-1] after n steps; pending + window when it stopped early
         cache.commit(len(window) + (1 if info.get("stopped") else 0))
         return window, (None if not qs or qs[0] is None else torch.stack(qs))

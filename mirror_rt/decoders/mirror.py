@@ -341,7 +341,7 @@ class _Run:
             lookup_windows=s.counters["lookup_windows"], lookup_rate=s.counters["lookup_windows"] / steps,
             overlap_fraction=overlap / rollout_total if rollout_total > 0 else 0.0,
             branches_per_step=s.counters["branches"] / steps, empty_steps=empty,
-            mean_accepted_per_window=sum(k * v for k, v in s.accepted.items()) / max(steps - empty, 1),
+            mean_accepted_per_window=s.mean_accepted_per_window(empty),
         )
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from mirror_rt.decoders.base import Sampler, check_finite, prefill
-from mirror_rt.decoders.drafting import checked_pick, confident, set_draft_context, uses_streams
+from mirror_rt.decoders.drafting import (checked_pick, confident, confident_rows, set_draft_context,
+                                        stop_when_unsure, uses_streams)
 from mirror_rt.decoders.lookup import ContextLookup
 from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
@@ -79,9 +80,9 @@ class MirrorDraft:
             return copied, None
         self.chain_fed = True
         if n > 0 and uses_streams(self.model):
-            stop = None if self.min_prob <= 0 else (lambda logits: not confident(logits, self.min_prob))
             tokens, qs, _ = self.model.propose_streams(self.cache, self.pending, n, 0,
-                                                       pick=checked_pick(self.sampler, self.step), stop=stop)
+                                                       pick=checked_pick(self.sampler, self.step),
+                                                       stop=stop_when_unsure(self.min_prob))
             return tokens, self._stack(qs)
         tokens, qs = [], []
         feed = self.pending
@@ -120,13 +121,13 @@ class MirrorDraft:
             logits, roots = self._tree_forward(tree, 0, with_pending=True), 1 + n
         picks = [self.sampler.pick(logits[roots + b]) for b in range(nb)]
         outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
-        sure = [[s] for s in self._sure(logits[roots:roots + nb])]
+        sure = [[s] for s in confident_rows(logits[roots:roots + nb], self.min_prob)]
         for _ in range(1, depth if nb else 0):
             if not any(all(s) for s in sure):  # every branch's window is cut already: nothing more counts
                 break
             extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))
             logits = self._tree_forward(tree, tree.step_start)
-            for b, s in zip(range(nb), self._sure(logits[:nb])):
+            for b, s in zip(range(nb), confident_rows(logits[:nb], self.min_prob)):
                 tok, q = self.sampler.pick(logits[b])
                 outs[b].append(tok)
                 qs[b].append(q)
@@ -203,12 +204,6 @@ class MirrorDraft:
         logits = model.head(h)[0]
         check_finite(logits, "draft", self.step)
         return logits
-
-    def _sure(self, logits: torch.Tensor) -> list[bool]:
-        """Per row of logits [R, V]: whether the draft's top token has probability >= min_prob."""
-        if self.min_prob <= 0:
-            return [True] * logits.shape[0]
-        return (torch.softmax(logits.float(), -1).amax(-1) >= self.min_prob).tolist()
 
     @staticmethod
     def _stack(qs):

@@ -101,7 +101,7 @@ class SpeculativeDecoder:
         empty = stats.counters["empty_steps"]  # the draft was unsure of its first token (min_draft_prob)
         return GenerationOutput(out.result(target.device), stats.finish(
             len(out.tokens), window=self.window, lookup_windows=stats.counters["lookup_windows"], empty_steps=empty,
-            mean_accepted_per_window=sum(k * v for k, v in stats.accepted.items()) / max(stats.steps - empty, 1)))
+            mean_accepted_per_window=stats.mean_accepted_per_window(empty)))
 
 
 def propose(lookup, draft: DraftState, tokens: list[int], n: int, sampler: Sampler, stats: Stats,

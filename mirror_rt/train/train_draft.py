@@ -111,13 +111,8 @@ def agreement(draft, seqs, weights, batch_size: int = 8, max_len: int = 256, pad
         draft.set_context_tokens(None)
     hits = total = 0.0
     for s in range(0, len(seqs), batch_size):
-        chunk = [(a[:max_len], w[:max_len]) for a, w in zip(seqs[s:s + batch_size], weights[s:s + batch_size])]
-        T = max(len(a) for a, _ in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        counted = torch.zeros((len(chunk), T - 1), dtype=torch.bool)
-        for r, (a, w) in enumerate(chunk):
-            ids[r, : len(a)] = torch.tensor(a)
-            counted[r, : len(a) - 1] = torch.tensor(w[: len(a) - 1]) >= 1.0
+        ids, w, valid = padded(seqs[s:s + batch_size], weights[s:s + batch_size], max_len, pad)
+        counted = (w[:, :-1] >= 1.0) & valid[:, 1:]  # answer positions whose next token is real
         ids, counted = ids.to(draft.device), counted.to(draft.device)
         main, _ = draft.ss_forward(ids)
         labels = _to_draft_ids(draft, ids.device)[ids[:, 1:]]
@@ -128,6 +123,21 @@ def agreement(draft, seqs, weights, batch_size: int = 8, max_len: int = 256, pad
     return hits / max(total, 1.0)
 
 
+def padded(seqs, weights, max_len: int, pad: int):
+    """Right-padded (ids [B, T] int64, weight [B, T] float32, valid [B, T] bool) of sequences cut to
+    max_len; pads weigh 0."""
+    T = min(max_len, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    w = torch.zeros((len(seqs), T))
+    valid = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for r, (s, ws) in enumerate(zip(seqs, weights)):
+        s, ws = s[:T], ws[:T]
+        ids[r, : len(s)] = torch.tensor(s)
+        w[r, : len(s)] = torch.tensor(ws, dtype=torch.float)
+        valid[r, : len(s)] = True
+    return ids, w, valid
+
+
 def batches(seqs, weights, batch_size: int, max_len: int, pad: int, rng: torch.Generator):
     """Endless shuffled batches: (ids [B, T], weight [B, T]) right-padded (pads weigh 0)."""
     n = len(seqs)
@@ -136,13 +146,7 @@ def batches(seqs, weights, batch_size: int, max_len: int, pad: int, rng: torch.G
             if start == 0:
                 perm = torch.randperm(n, generator=rng).tolist()
             idx = perm[start:start + batch_size]
-            T = min(max_len, max(len(seqs[i]) for i in idx))
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            w = torch.zeros((len(idx), T))
-            for r, i in enumerate(idx):
-                s, ws = seqs[i][:T], weights[i][:T]
-                ids[r, : len(s)] = torch.tensor(s)
-                w[r, : len(s)] = torch.tensor(ws, dtype=torch.float)
+            ids, w, _ = padded([seqs[i] for i in idx], [weights[i] for i in idx], max_len, pad)
             yield ids, w
 
 
