@@ -87,6 +87,33 @@ def test_killed_draft_process_loses_nothing(pair, reference):
     dec.close()
 
 
+_UNGUARDED_SCRIPT = """
+import functools
+from mirror_rt.lanes import LaneError
+from mirror_rt.lanes.process import ProcessLane
+try:  # no __main__ guard: the spawned child re-runs this file and fails while starting its own lane
+    ProcessLane(functools.partial(dict, blob=bytes(1 << 20)), 1, start_timeout=60)  # 1 MB: more than a pipe holds
+    print("started")
+except LaneError as e:
+    print("LaneError:", e)
+"""
+
+
+def test_process_lane_started_without_main_guard_raises_instead_of_hanging(tmp_path):
+    """A script without `if __name__ == '__main__':` makes the spawned child fail before it reads
+    its start-up data; a worker recipe as large as a model then used to block Process.start()
+    forever. Now the recipe travels over the lane's own pipe and the parent gets a LaneError that
+    names the guard."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "LaneError:" in run.stdout and "__main__" in run.stdout, run.stdout
+
+
 def test_hung_draft_process_times_out(pair, reference):
     target, draft = pair
     dec = MirrorDecoder(target, FailingDraft(draft, after=12, how="hang"),

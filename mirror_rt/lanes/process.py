@@ -12,12 +12,12 @@ import multiprocessing as mp
 from mirror_rt.lanes.base import LaneError, timed_call
 
 
-def _serve(conn, make_worker, threads):
+def _serve(conn, threads):
     import torch
 
     torch.set_num_threads(threads or 1)
     try:
-        worker = make_worker()
+        worker = conn.recv()()  # the recipe (e.g. the draft's weights) comes over our pipe: see ProcessLane
         conn.send(("ready", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent, then exit
         conn.send(("error", (type(e).__name__, str(e))))
@@ -68,13 +68,27 @@ class ProcessLane:
         """make_worker: a picklable callable building the worker (e.g. functools.partial)."""
         ctx = mp.get_context("spawn")  # fork would copy the parent's threads and CUDA state
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_serve, args=(child, make_worker, threads), daemon=True,
-                                name="mirror-draft")
+        # Only the pipe and the thread count go through Process.start: it writes its arguments to
+        # the new process while still holding that pipe's read end itself, so a child that dies before
+        # reading them (a script without the __main__ guard re-runs itself there and fails) would
+        # leave start() blocked forever on a payload as large as a model. Sent over our own pipe,
+        # it fails with a broken pipe instead.
+        self.proc = ctx.Process(target=_serve, args=(child, threads), daemon=True, name="mirror-draft")
         self.proc.start()
         child.close()
         self.call_timeout = call_timeout
         self.waiting = collections.deque()
-        status, payload = self._recv(start_timeout)
+        try:
+            self.conn.send(make_worker)
+            status, payload = self._recv(start_timeout)
+        except (LaneError, OSError, ValueError) as e:
+            died = not self.proc.is_alive()
+            self.close()
+            message = str(e) if isinstance(e, LaneError) else f"draft process died (exit code {self.proc.exitcode})"
+            if died:
+                message += (" before it built the draft; a script that starts a process lane must do so under "
+                            "`if __name__ == '__main__':` (the 'spawn' start method re-imports the main module)")
+            raise LaneError(message) from None
         if status != "ready":
             self.close()
             raise LaneError(f"draft process failed to start: {payload[0]}: {payload[1]}")
