@@ -25,8 +25,9 @@ MIRROR_RT_CLONES void block(const SmallLinearArgs& a, int64_t n0, int64_t n1) {
       for (int m = 0; m < M; ++m) acc[j][m] = v8f{};
     for (int64_t k = 0; k < K8; k += 8) {
       // The next block's rows of w, one 32-byte step at a time: the hardware prefetcher alone
-      // leaves the core waiting on memory once M > 1 rows give it work per byte (1 thread, 4 rows:
-      // 39 -> 26 ms for a SmolLM2 pass's linears). NTA: each weight is read once per call.
+      // leaves the core waiting on memory once M > 1 rows give it work per byte (interleaved A/B,
+      // a SmolLM2 pass's linears, 1 thread, 4 rows: 45.9 -> 36.2 ms; bench/RESULTS.md). NTA: each
+      // weight is read once per call.
       for (int j = 0; j < NB; ++j) __builtin_prefetch(a.w + (n + NB + j) * a.w_stride + k, 0, 0);
       v8f xv[M];
       for (int m = 0; m < M; ++m) xv[m] = load8(a.x + m * a.x_stride + k);

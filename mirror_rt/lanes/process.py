@@ -84,7 +84,7 @@ class ProcessLane:
         except (LaneError, OSError, ValueError) as e:
             died = not self.proc.is_alive()
             self.close()
-            message = str(e) if isinstance(e, LaneError) else f"draft process died (exit code {self.proc.exitcode})"
+            message = str(e if isinstance(e, LaneError) else self._died())
             if died:
                 message += (" before it built the draft; a script that starts a process lane must do so under "
                             "`if __name__ == '__main__':` (the 'spawn' start method re-imports the main module)")
@@ -100,8 +100,10 @@ class ProcessLane:
                 raise LaneError(f"draft process did not answer within {timeout} s")
             return self.conn.recv()
         except (EOFError, OSError, ConnectionError):
-            code = self.proc.exitcode
-            raise LaneError(f"draft process died (exit code {code})") from None
+            raise self._died() from None
+
+    def _died(self) -> LaneError:
+        return LaneError(f"draft process died (exit code {self.proc.exitcode})")
 
     def _receive_one(self, timeout):
         reply = self.waiting.popleft()
@@ -111,7 +113,7 @@ class ProcessLane:
         try:
             self.conn.send((method, args))
         except (OSError, BrokenPipeError, ValueError):
-            raise LaneError(f"draft process died (exit code {self.proc.exitcode})") from None
+            raise self._died() from None
         reply = _Reply(self)
         self.waiting.append(reply)
         return reply
