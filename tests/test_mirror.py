@@ -363,12 +363,15 @@ def test_suffix_takes_every_core_once_the_rollouts_are_done(lane):
     target, draft = tiny_pair(layers=6)
     counted = ThreadCounting(target)
     slow = SlowTarget(counted, 0.03)  # every forward of the target sleeps: a suffix layer takes 30 ms
+    # Rollouts of a known length (a few 5 ms forwards): a bare tiny draft could finish in another
+    # process before the first suffix layer starts when the machine is loaded (seen once in CI).
+    slow_draft = SlowDraft(draft, 0.005)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane=lane, draft_threads=2)
-        with MirrorDecoder(slow, draft, cfg) as dec:
+        with MirrorDecoder(slow, slow_draft, cfg) as dec:
             out = dec.generate(ids, 10)
             assert torch.get_num_threads() == 4
         assert out.tokens.tolist() == ar_tokens(target, ids, 10)
