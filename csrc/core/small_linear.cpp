@@ -25,10 +25,11 @@ MIRROR_RT_CLONES void block(const SmallLinearArgs& a, int64_t n0, int64_t n1) {
       for (int m = 0; m < M; ++m) acc[j][m] = v8f{};
     for (int64_t k = 0; k < K8; k += 8) {
       // The next block's rows of w, one 32-byte step at a time: the hardware prefetcher alone
-      // leaves the core waiting on memory once M > 1 rows give it work per byte (interleaved A/B,
-      // a SmolLM2 pass's linears, 1 thread, 4 rows: 45.9 -> 36.2 ms; bench/RESULTS.md). NTA: each
-      // weight is read once per call.
-      for (int j = 0; j < NB; ++j) __builtin_prefetch(a.w + (n + NB + j) * a.w_stride + k, 0, 0);
+      // leaves the core waiting on memory once M > 1 rows give it work per byte (AMD EPYC, a
+      // SmolLM2 pass's linears, 1 thread, 4 rows: 45.9 -> 36.2 ms; bench/RESULTS.md). Hint T2,
+      // not NTA: on an Intel Xeon NTA halved the bandwidth at every row count (2 threads, 1 row:
+      // 35.0 ms with NTA, 15.8 with T2, 16.7 with no prefetch at all), as NTA lines skip L2.
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(a.w + (n + NB + j) * a.w_stride + k, 0, 1);
       v8f xv[M];
       for (int m = 0; m < M; ++m) xv[m] = load8(a.x + m * a.x_stride + k);
       for (int j = 0; j < NB; ++j) {
