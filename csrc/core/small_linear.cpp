@@ -56,17 +56,21 @@ void run(const SmallLinearArgs& a) {
   // Rows of w in flight: more streams keep more loads in flight, up to NB * M = 16 accumulators
   // (all the vector registers; beyond, spills cost more than the streams gain).
   constexpr int NB = M <= 2 ? 8 : (M <= 4 ? 4 : (M <= 6 ? 2 : 1));
-  constexpr int64_t kChunk = 64;                     // output features per task
-  const int64_t tasks = (a.out + kChunk - 1) / kChunk;
-  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-  if (threads <= 1 || tasks < 2) {
+  // One contiguous share of the output features per thread, in whole blocks of NB. (64-feature
+  // tasks left one of 2 threads idle for a third of a 192-feature projection: 2 threads, 30
+  // SmolLM2-shaped layers, 1 row, 15.7 -> 14.4 ms on an Intel Xeon; bench/RESULTS.md.)
+  const int64_t blocks = (a.out + NB - 1) / NB;
+  const int64_t wanted = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  const int threads = int(blocks < wanted ? blocks : wanted);
+  if (threads <= 1 || a.out <= 64) {  // a fork costs more than 64 features' work
     block<M, NB>(a, 0, a.out);
     return;
   }
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t n0 = t * kChunk, n1 = n0 + kChunk < a.out ? n0 + kChunk : a.out;
-    block<M, NB>(a, n0, n1);
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num();
+    const int64_t n0 = blocks * t / threads * NB, n1 = blocks * (t + 1) / threads * NB;
+    if (n0 < a.out) block<M, NB>(a, n0, n1 < a.out ? n1 : a.out);
   }
 }
 
