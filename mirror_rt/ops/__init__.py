@@ -32,12 +32,19 @@ def _triton_ok():
     return True
 
 
+_FORCED = ("", "")  # (the variable's raw value, what it means): ops.linear reads it every call
+
+
 def forced_backend() -> str:
     """MIRROR_RT_BACKEND ("" when unset); a value outside BACKENDS raises ValueError."""
-    forced = os.environ.get("MIRROR_RT_BACKEND", "").strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ValueError(f"MIRROR_RT_BACKEND must be one of {BACKENDS}, got {forced!r}")
-    return forced
+    global _FORCED
+    raw = os.environ.get("MIRROR_RT_BACKEND", "")
+    if raw != _FORCED[0]:
+        forced = raw.strip().lower()
+        if forced and forced not in BACKENDS:
+            raise ValueError(f"MIRROR_RT_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        _FORCED = (raw, forced)
+    return _FORCED[1]
 
 
 def pick_backend(device: torch.device, cpp_op: str | None = None) -> str:
@@ -100,15 +107,15 @@ def linear(x, weight, bias=None):
     row of weight once for all rows. On a small model the target's verification pass and the
     draft's steps are such calls, and there a GEMM of 2-8 rows cost 1.5-2x a one-row product
     (bench/RESULTS.md). Everything else goes to torch (the reference is ``reference.linear_ref``).
-    The test runs on every call of every layer, so it reads only cheap tensor attributes (not
-    pick_backend, which looks the extension up each time). MIRROR_RT_BACKEND=ref or triton sends
+    The test runs on every call of every layer, so it reads only cheap tensor attributes (is_cpu,
+    not device.type; not pick_backend, which looks the extension up each time). MIRROR_RT_BACKEND=ref or triton sends
     every call to torch.
     """
-    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[0] > 0 and x.dim() >= 1
+    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.is_cpu and weight.is_cpu
+            and weight.dim() == 2 and weight.shape[0] > 0 and x.dim() >= 1
             and 0 < x.numel() <= _small_linear_rows() * x.shape[-1] and x.shape[-1] == weight.shape[1]
             and weight.is_contiguous()
-            and (bias is None or (bias.dtype is torch.float32 and bias.device.type == "cpu"
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu
                                   and bias.shape == weight.shape[:1] and bias.is_contiguous()))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
