@@ -1,9 +1,30 @@
 """Small shared helpers for the foundation tests: tiny random Hugging Face checkpoints, a tiny
-GGUF writer, and comparison messages that say where a mismatch is."""
+GGUF writer, comparison messages that say where a mismatch is, and a loader for bench scripts."""
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
 
 import numpy as np
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench_script(filename: str):
+    """bench/<filename> as a module (bench/ is not a package). It is registered in sys.modules
+    first, as dataclasses look their module up while the file executes; bench/ goes on sys.path
+    for the scripts that import the harness."""
+    bench = os.path.join(ROOT, "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    name = "bench_" + os.path.splitext(filename)[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(bench, filename))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),

@@ -1,26 +1,17 @@
 """bench/feature_draft_feasibility.py: the batched rollouts equal a plain recomputation per start,
 and the SD walk accepts what vanilla SD would."""
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
+from helpers import load_bench_script
 
 from mirror_rt.models.derive import random_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 40
 
 
 @pytest.fixture(scope="module")
 def fd():
-    spec = importlib.util.spec_from_file_location("bench_feature_draft", os.path.join(ROOT, "bench",
-                                                                                       "feature_draft_feasibility.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_feature_draft"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("feature_draft_feasibility.py")
 
 
 def _pair(fd, seed=0):

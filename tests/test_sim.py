@@ -1,23 +1,15 @@
 """The latency law (mirror_rt.sim) on hand-made stats, and bench/simulate.py's roofline by hand."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
+from helpers import load_bench_script
 
 from mirror_rt.sim import (expected_accepted, format_prediction, mirror_step_time, predict_from_stats,
                            sd_step_time)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def load_simulate():
-    spec = importlib.util.spec_from_file_location("bench_simulate", os.path.join(ROOT, "bench", "simulate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_simulate"] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("simulate.py")
 
 
 def mirror_stats(suffix, draft, fallbacks=0, fallback_s=0.0, steps=10):

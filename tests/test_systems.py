@@ -2,22 +2,14 @@
 says it controls, outputs stay the target's, rows reach the CSV as they are measured, and the
 time budget skips (and names) the rows it cannot start."""
 import csv
-import importlib.util
-import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def systems():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    spec = importlib.util.spec_from_file_location("bench_systems", os.path.join(ROOT, "bench", "systems.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("systems.py")
 
 
 def test_rows_oracle_and_csv(systems, tmp_path):
