@@ -4,7 +4,8 @@ Every decoder runs every prompt greedily; AR is the baseline measured in the sam
 warm-up generation per decoder is excluded from timing. The table reports tokens/s, speedup vs
 AR, mean accepted length, Mirror's reuse/fallback rates and overlap, the share of windows the
 context lookup copied, and whether each decoder's output equals the AR output token for token.
-Prompts run interleaved across decoders.
+Prompts run interleaved across decoders. The header says which backend took the few-row linears and,
+for the C++ kernel, its measured speed against torch's on this CPU.
 """
 from __future__ import annotations
 
@@ -44,6 +45,43 @@ def threads_note(mirror) -> str:
             f"{mirror.draft_threads})")
 
 
+def linear_note(model, rows=(1, 4), reps=3) -> str:
+    """Which backend takes the decoders' few-row linears here and, for the C++ small-row kernel,
+    its speed against torch's F.linear on this CPU: one pass over every linear of ``model`` (its
+    own weights, so they stream from memory as in decoding) at each row count, best of ``reps``,
+    the two interleaved. The kernel's lead depends on the CPU (on one Intel Xeon it ran at half of
+    torch's speed until its prefetch hint changed; bench/RESULTS.md), and every speedup in the
+    table leans on it."""
+    import time
+
+    import torch.nn.functional as F
+
+    from mirror_rt import ops
+    from mirror_rt.models.llama import Linear
+
+    weights = list({m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, Linear)}.values())
+    if not weights or weights[0].device.type != "cpu" or weights[0].dtype != torch.float32:
+        return "linears: torch"
+    forced = ops.forced_backend()
+    if forced not in ("", "cpp"):
+        return f"linears: torch's F.linear (MIRROR_RT_BACKEND={forced})"
+    if not ops._small_linear_rows():
+        return "linears: torch's F.linear (the C++ extension is not built)"
+    ratios = []
+    with torch.inference_mode():
+        for r in rows:
+            inputs = {w.shape[1]: torch.randn(r, w.shape[1]) for w in weights}
+            best = {ops.linear: float("inf"), F.linear: float("inf")}
+            for _ in range(reps):
+                for fn in best:
+                    t0 = time.perf_counter()
+                    for w in weights:
+                        fn(inputs[w.shape[1]], w)
+                    best[fn] = min(best[fn], time.perf_counter() - t0)
+            ratios.append(f"{best[F.linear] / best[ops.linear]:.2f}x at {r} row{'s' if r > 1 else ''}")
+    return f"linears: C++ small-row kernel, {' and '.join(ratios)} against F.linear on this CPU"
+
+
 def demo_prompts(args) -> tuple[list[str], str]:
     """(prompts, where they come from). Held-out Spec-Bench prompts (the evaluation split, one per
     task family) when a question file is found: --prompt-file, $MIRROR_RT_SPEC_BENCH, or the
@@ -79,6 +117,7 @@ def run_demo(args):
     target, draft, tok, label = load_pair(args)
     texts, source = demo_prompts(args)
     prompts = [encode_chat(tok, p, target.device) for p in texts]
+    linears = linear_note(target)
     decoders = {name: make_decoder(name, target, draft, args) for name in DECODERS}
     results = {name: [] for name in DECODERS}
     for name, dec in decoders.items():
@@ -100,6 +139,7 @@ def run_demo(args):
           f"({'trained exit head' if decoders['mirror'].config.exit_head is not None else 'logit lens'}), "
           f"lane {args.lane}, {threads}, context lookup "
           f"{f'up to {args.lookup}-grams' if args.lookup else 'off'}")
+    print(linears)
     print(format_table(results))
     print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
     for outs in results.values():

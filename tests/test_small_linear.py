@@ -1,5 +1,7 @@
 """C++ small-row linear (mirror_rt._C.small_linear, through ops.linear) against the float64
 reference, its row independence, its argument checks, and where ops.linear sends each call."""
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -141,3 +143,19 @@ def test_the_address_entry_refuses_what_would_crash():
         _C.small_linear_ptr(rnd(9, 5).data_ptr(), 9, 5, rnd(3, 5).data_ptr(), 3, 0, out.data_ptr(), 1)
     with pytest.raises(ValueError, match="non-null"):
         _C.small_linear_ptr(0, 2, 5, rnd(3, 5).data_ptr(), 3, 0, out.data_ptr(), 1)
+
+
+def test_linear_note_names_the_backend_and_times_the_kernel(monkeypatch):
+    """The demo's line on the few-row linears: with the kernel, a measured ratio per row count;
+    forced to torch, it says so."""
+    from mirror_helpers import tiny_pair
+
+    from mirror_rt.demo import linear_note
+
+    target, _ = tiny_pair()
+    monkeypatch.delenv("MIRROR_RT_BACKEND", raising=False)
+    note = linear_note(target, rows=(1, 3), reps=1)
+    assert re.fullmatch(r"linears: C\+\+ small-row kernel, \d+\.\d\dx at 1 row and \d+\.\d\dx at 3 rows "
+                        r"against F\.linear on this CPU", note), note
+    monkeypatch.setenv("MIRROR_RT_BACKEND", "ref")
+    assert linear_note(target) == "linears: torch's F.linear (MIRROR_RT_BACKEND=ref)"
