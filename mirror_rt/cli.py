@@ -32,8 +32,8 @@ def _add_model_args(p):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=None, help="draft window gamma (default 7; the demo uses 4)")
-    p.add_argument("--kappa", type=int, default=None, help="Mirror exit top-k (default 8; the demo uses 4)")
+    p.add_argument("--window", type=int, default=None, help="draft window gamma (default 7; the demo uses 3: demo.DEMO_WINDOW)")
+    p.add_argument("--kappa", type=int, default=None, help="Mirror exit top-k (default 8; the demo uses 2: demo.DEMO_KAPPA)")
     p.add_argument("--exit-layer", type=int, default=None, help="Mirror early-exit layer (default N/2)")
     p.add_argument("--max-branches", type=int, default=None, help="cap on Mirror branches per step")
     p.add_argument("--branch-policy", default="ranked", choices=["ranked", "per_position"],
