@@ -159,3 +159,19 @@ def test_linear_note_names_the_backend_and_times_the_kernel(monkeypatch):
                         r"against F\.linear on this CPU", note), note
     monkeypatch.setenv("MIRROR_RT_BACKEND", "ref")
     assert linear_note(target) == "linears: torch's F.linear (MIRROR_RT_BACKEND=ref)"
+
+
+def test_a_smaller_openmp_team_than_asked_still_covers_every_output():
+    """OMP_THREAD_LIMIT=1 hands the kernel a team of 1 when it asks for 3 (as a nested call would
+    get): every output feature must still be computed."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from mirror_rt.ops.cpu import small_linear_cpu; "
+            "from mirror_rt.ops.reference import linear_ref; g = torch.Generator().manual_seed(0); "
+            "x, w = torch.randn(2, 96, generator=g), torch.randn(301, 96, generator=g); "
+            "torch.testing.assert_close(small_linear_cpu(x, w, num_threads=3), linear_ref(x, w), atol=1e-4, rtol=1e-4)")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -68,8 +68,9 @@ void run(const SmallLinearArgs& a) {
   }
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t t = omp_get_thread_num();
-    const int64_t n0 = blocks * t / threads * NB, n1 = blocks * (t + 1) / threads * NB;
+    // The team may be smaller than asked (nested regions, OMP_THREAD_LIMIT): share among those here.
+    const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t n0 = blocks * t / team * NB, n1 = blocks * (t + 1) / team * NB;
     if (n0 < a.out) block<M, NB>(a, n0, n1 < a.out ? n1 : a.out);
   }
 }
