@@ -366,6 +366,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("abi_version") = mirror_rt::kCoreAbiVersion;
   m.attr("max_tree_nodes") = kMaxTreeNodes;
   m.attr("small_linear_max_rows") = kSmallLinearMaxRows;
+  m.attr("small_linear_prefetch_hint") = mirror_rt::small_linear_prefetch_hint();
   m.def("openmp_max_threads", &mirror_rt::openmp_max_threads, "OpenMP threads the core may use");
   m.def("tree_attention", &tree_attention_py, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("cache_seqlens"), py::arg("k_tree"), py::arg("v_tree"), py::arg("tree_mask"),

@@ -79,7 +79,8 @@ def linear_note(model, rows=(1, 4), reps=3) -> str:
                         fn(inputs[w.shape[1]], w)
                     best[fn] = min(best[fn], time.perf_counter() - t0)
             ratios.append(f"{best[F.linear] / best[ops.linear]:.2f}x at {r} row{'s' if r > 1 else ''}")
-    return f"linears: C++ small-row kernel, {' and '.join(ratios)} against F.linear on this CPU"
+    hint = getattr(ops._cpp(), "small_linear_prefetch_hint", "?")
+    return f"linears: C++ small-row kernel (prefetch {hint}), {' and '.join(ratios)} against F.linear on this CPU"
 
 
 def demo_prompts(args) -> tuple[list[str], str]:

@@ -155,8 +155,8 @@ def test_linear_note_names_the_backend_and_times_the_kernel(monkeypatch):
     target, _ = tiny_pair()
     monkeypatch.delenv("MIRROR_RT_BACKEND", raising=False)
     note = linear_note(target, rows=(1, 3), reps=1)
-    assert re.fullmatch(r"linears: C\+\+ small-row kernel, \d+\.\d\dx at 1 row and \d+\.\d\dx at 3 rows "
-                        r"against F\.linear on this CPU", note), note
+    assert re.fullmatch(r"linears: C\+\+ small-row kernel \(prefetch (nta|t2)\), \d+\.\d\dx at 1 row and "
+                        r"\d+\.\d\dx at 3 rows against F\.linear on this CPU", note), note
     monkeypatch.setenv("MIRROR_RT_BACKEND", "ref")
     assert linear_note(target) == "linears: torch's F.linear (MIRROR_RT_BACKEND=ref)"
 

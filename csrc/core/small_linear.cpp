@@ -15,7 +15,8 @@ static inline float hsum(v8f v) {
 
 // Output features [n0, n1) for M rows; NB rows of w at a time give NB * M independent
 // accumulator chains (hides the FMA latency when M is small) without changing any sum's order.
-template <int M, int NB>
+// Locality: the weight-prefetch hint (__builtin_prefetch's third argument); see prefetch_locality().
+template <int M, int NB, int Locality>
 MIRROR_RT_CLONES void block(const SmallLinearArgs& a, int64_t n0, int64_t n1) {
   const int64_t K = a.in, K8 = K & ~int64_t(7);
   int64_t n = n0;
@@ -26,10 +27,8 @@ MIRROR_RT_CLONES void block(const SmallLinearArgs& a, int64_t n0, int64_t n1) {
     for (int64_t k = 0; k < K8; k += 8) {
       // The next block's rows of w, one 32-byte step at a time: the hardware prefetcher alone
       // leaves the core waiting on memory once M > 1 rows give it work per byte (AMD EPYC, a
-      // SmolLM2 pass's linears, 1 thread, 4 rows: 45.9 -> 36.2 ms; bench/RESULTS.md). Hint T2,
-      // not NTA: on an Intel Xeon NTA halved the bandwidth at every row count (2 threads, 1 row:
-      // 35.0 ms with NTA, 15.8 with T2, 16.7 with no prefetch at all), as NTA lines skip L2.
-      for (int j = 0; j < NB; ++j) __builtin_prefetch(a.w + (n + NB + j) * a.w_stride + k, 0, 1);
+      // SmolLM2 pass's linears, 1 thread, 4 rows: 45.9 -> 36.2 ms; bench/RESULTS.md).
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(a.w + (n + NB + j) * a.w_stride + k, 0, Locality);
       v8f xv[M];
       for (int m = 0; m < M; ++m) xv[m] = load8(a.x + m * a.x_stride + k);
       for (int j = 0; j < NB; ++j) {
@@ -48,7 +47,31 @@ MIRROR_RT_CLONES void block(const SmallLinearArgs& a, int64_t n0, int64_t n1) {
       }
     }
   }
-  if (n < n1) block<M, 1>(a, n, n1);  // the last n1 - n < NB features
+  if (n < n1) block<M, 1, Locality>(a, n, n1);  // the last n1 - n < NB features
+}
+
+// Which prefetch hint the measurements favour on this CPU, looked up once. Intel Xeon: T2
+// (locality 1); NTA (0) halved the bandwidth at every row count there, as NTA lines skip L2 (2
+// threads, 1 row: 35.0 ms with NTA, 15.8 with T2, 16.7 with no prefetch). AMD EPYC: NTA, as
+// measured when the prefetch came in; T2 is unmeasured there, and Zen 4 documents T1/T2 as L2-only.
+int prefetch_locality() {
+  static const int locality = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();  // the loader may call us before the CPU model is set up
+    return __builtin_cpu_is("amd") ? 0 : 1;
+#else
+    return 1;
+#endif
+  }();
+  return locality;
+}
+
+template <int M, int NB>
+void block_with_hint(const SmallLinearArgs& a, int64_t n0, int64_t n1) {
+  if (prefetch_locality() == 0)
+    block<M, NB, 0>(a, n0, n1);
+  else
+    block<M, NB, 1>(a, n0, n1);
 }
 
 template <int M>
@@ -63,7 +86,7 @@ void run(const SmallLinearArgs& a) {
   const int64_t wanted = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
   const int threads = int(blocks < wanted ? blocks : wanted);
   if (threads <= 1 || a.out <= 64) {  // a fork costs more than 64 features' work
-    block<M, NB>(a, 0, a.out);
+    block_with_hint<M, NB>(a, 0, a.out);
     return;
   }
 #pragma omp parallel num_threads(threads)
@@ -71,11 +94,13 @@ void run(const SmallLinearArgs& a) {
     // The team may be smaller than asked (nested regions, OMP_THREAD_LIMIT): share among those here.
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t n0 = blocks * t / team * NB, n1 = blocks * (t + 1) / team * NB;
-    if (n0 < a.out) block<M, NB>(a, n0, n1 < a.out ? n1 : a.out);
+    if (n0 < a.out) block_with_hint<M, NB>(a, n0, n1 < a.out ? n1 : a.out);
   }
 }
 
 }  // namespace
+
+const char* small_linear_prefetch_hint() { return prefetch_locality() == 0 ? "nta" : "t2"; }
 
 void small_linear_f32(const SmallLinearArgs& a) {
   switch (a.rows) {

@@ -23,4 +23,7 @@ struct SmallLinearArgs {
 // rows must be in [1, kSmallLinearMaxRows]; the binding checks every argument.
 void small_linear_f32(const SmallLinearArgs& a);
 
+// The weight-prefetch hint chosen for this CPU: "nta" (AMD) or "t2" (others); see small_linear.cpp.
+const char* small_linear_prefetch_hint();
+
 }  // namespace mirror_rt
