@@ -10,6 +10,7 @@ for the C++ kernel, its measured speed against torch's on this CPU.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -52,8 +53,6 @@ def linear_note(model, rows=(1, 4), reps=3) -> str:
     the two interleaved. The kernel's lead depends on the CPU (on one Intel Xeon it ran at half of
     torch's speed until its prefetch hint changed; bench/RESULTS.md), and every speedup in the
     table leans on it."""
-    import time
-
     import torch.nn.functional as F
 
     from mirror_rt import ops

@@ -108,8 +108,8 @@ def linear(x, weight, bias=None):
     draft's steps are such calls, and there a GEMM of 2-8 rows cost 1.5-2x a one-row product
     (bench/RESULTS.md). Everything else goes to torch (the reference is ``reference.linear_ref``).
     The test runs on every call of every layer, so it reads only cheap tensor attributes (is_cpu,
-    not device.type; not pick_backend, which looks the extension up each time). MIRROR_RT_BACKEND=ref or triton sends
-    every call to torch.
+    not device.type; not pick_backend, which looks the extension up each time).
+    MIRROR_RT_BACKEND=ref or triton sends every call to torch.
     """
     if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.is_cpu and weight.is_cpu
             and weight.dim() == 2 and weight.shape[0] > 0 and x.dim() >= 1
