@@ -7,7 +7,9 @@ One call = every linear of a SmolLM2-135M-shaped stack (q, k, v, o, gate, up, do
 applied to `rows` rows, as in one decoding pass of `rows` tokens: the weights stream from memory
 as they do in the model, instead of sitting in cache as one repeated matrix would.
 Providers: cpp (mirror_rt.ops.linear, the call the model's layers make: the C++ kernel through its
-address entry), torch (F.linear; the baseline).
+address entry), torch (F.linear; the baseline), cpp_bare (the same kernel called straight through
+``_C.small_linear_ptr`` into preallocated outputs: no eligibility test, no allocation; cpp minus
+cpp_bare is what ops.linear's Python wrapper costs).
 """
 from __future__ import annotations
 
@@ -24,6 +26,19 @@ from harness import Bench  # noqa: E402
 from mirror_rt import ops  # noqa: E402
 
 LAYER_SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
+
+
+def bare_calls(x: dict, weights: list, threads: int):
+    """The kernel alone on every weight: one _C.small_linear_ptr call each, outputs allocated once."""
+    ptr = ops._cpp().small_linear_ptr
+    outs = [torch.empty(x[w.shape[1]].shape[0], w.shape[0]) for w in weights]
+    calls = [(x[w.shape[1]].data_ptr(), x[w.shape[1]].shape[0], w.shape[1], w.data_ptr(), w.shape[0], 0, y.data_ptr(),
+              threads) for w, y in zip(weights, outs)]
+    def run():
+        for c in calls:
+            ptr(*c)
+        return outs  # held by the closure: the kernel writes into them
+    return run
 
 
 def main():
@@ -44,6 +59,7 @@ def main():
             bench.row("torch", shape, lambda: [F.linear(x[w.shape[1]], w) for w in weights], bytes_moved=nbytes)
             bench.row("cpp", shape, lambda: [ops.linear(x[w.shape[1]], w) for w in weights],
                       bytes_moved=nbytes, baseline="torch")
+            bench.row("cpp_bare", shape, bare_calls(x, weights, args.threads), bytes_moved=nbytes, baseline="torch")
     print(f"# C++ kernel's weight-prefetch hint on this CPU: {getattr(ops._cpp(), 'small_linear_prefetch_hint', '?')}")
     bench.finish(args.csv)
 
