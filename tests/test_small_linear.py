@@ -1,6 +1,9 @@
 """C++ small-row linear (mirror_rt._C.small_linear, through ops.linear) against the float64
 reference, its row independence, its argument checks, and where ops.linear sends each call."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -164,10 +167,6 @@ def test_linear_note_names_the_backend_and_times_the_kernel(monkeypatch):
 def test_a_smaller_openmp_team_than_asked_still_covers_every_output():
     """OMP_THREAD_LIMIT=1 hands the kernel a team of 1 when it asks for 3 (as a nested call would
     get): every output feature must still be computed."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import torch; from mirror_rt.ops.cpu import small_linear_cpu; "
             "from mirror_rt.ops.reference import linear_ref; g = torch.Generator().manual_seed(0); "
             "x, w = torch.randn(2, 96, generator=g), torch.randn(301, 96, generator=g); "
