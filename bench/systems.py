@@ -16,6 +16,10 @@ acceptance is reported beside the requested one. Every table says CONTROLLED-ACC
 
     python bench/systems.py                  # GPU: 8B and 14B shapes, acceptance {0.6, 0.8} x containment {0.5, 0.9}
     python bench/systems.py --tiny --device cpu   # a seconds-long smoke run of the same code
+    python bench/systems.py --device cpu --targets smollm2-135m --draft smollm2-draft --lane thread \
+        --window 3 --kappa 2 --acceptance 0.8 --containment 0.9   # the embedded default's shapes on a CPU
+
+Each row ends with where a step's time went (the decoder's phase timers, ms per step).
 """
 from __future__ import annotations
 
@@ -42,6 +46,11 @@ SHAPES = {  # public configs (config.json of each model family)
                       num_heads=40, num_kv_heads=8, head_dim=128, rope_theta=1000000.0),
     "draft-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                        num_kv_heads=2, head_dim=64, rope_theta=1000000.0),
+    # the embedded default target's shape, and a draft of its width (ours has 4 layers)
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_embeddings=True),
+    "smollm2-draft": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_layers=4, num_heads=9,
+                          num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_embeddings=True),
     "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                  num_kv_heads=2, head_dim=16),
     "tiny-draft": dict(arch="llama", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
@@ -49,10 +58,12 @@ SHAPES = {  # public configs (config.json of each model family)
 }
 
 
-def build(shape: str, vocab: int | None, device, dtype, seed: int) -> LlamaModel:
+def build(shape: str, vocab: int | None, device, dtype, seed: int, layers: int | None = None) -> LlamaModel:
     fields = dict(SHAPES[shape], max_position=8192)
     if vocab:
         fields["vocab_size"] = vocab
+    if layers:
+        fields["num_layers"] = layers
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build directly in bf16 on the device: no fp32 copy of 14B params
@@ -147,7 +158,7 @@ def run(args):
         if _over(deadline, f"{shape}: all rows"):
             continue
         target = build(shape, None, device, dtype, seed=1)
-        draft = build(args.draft, target.config.vocab_size, device, dtype, seed=2)
+        draft = build(args.draft, target.config.vocab_size, device, dtype, seed=2, layers=args.draft_layers)
         prompt = torch.randint(0, target.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(3))
         prompt = prompt.to(device)
         ar = AutoregressiveDecoder(target)
@@ -197,7 +208,8 @@ def _decoder(name, target, draft, oracle, args):
     # top-kappa, which is what "containment" means here (the ranked policy would re-weigh it).
     return MirrorDecoder(rec_target, odraft, MirrorConfig(
         exit_layer=target.num_layers // 2, top_k=args.kappa, window=args.window, max_branches=args.max_branches,
-        exit_head=OracleExit(rec_target, oracle), branch_policy="per_position", lane=args.lane))
+        exit_head=OracleExit(rec_target, oracle), branch_policy="per_position", lane=args.lane,
+        fallback=args.fallback))
 
 
 def _over(deadline, what: str) -> bool:
@@ -251,14 +263,23 @@ def _row(shape, decoder, acc, cont, out, wall, ar_wall, same):
             "step_ms": round(wall / max(s["steps"], 1) * 1e3, 2), "tok_s": round(s["new_tokens"] / wall, 1),
             "speedup_vs_ar": round(ar_wall / wall, 3), "mean_accepted": round(s["mean_accepted"], 2),
             "reuse_rate": round(s.get("reuse_rate", 0.0), 3), "fallback_rate": round(s.get("fallback_rate", 0.0), 3),
-            "overlap_fraction": round(s.get("overlap_fraction", 0.0), 3), "equals_ar": same}
+            "overlap_fraction": round(s.get("overlap_fraction", 0.0), 3), "equals_ar": same,
+            "phase_ms_per_step": _phases(s)}
+
+
+def _phases(stats) -> str:
+    """Where a step's time went: 'name=ms ...' per step, from the decoder's phase timers (the
+    prompt's prefill excluded, since it is not a step)."""
+    steps = max(stats["steps"], 1)
+    return " ".join(f"{k}={v / steps * 1e3:.1f}" for k, v in stats.get("phase_s", {}).items()
+                    if k not in ("prefill", "first_window"))
 
 
 def _fmt(r):
     return (f"{r['target']:>10} {r['decoder']:>7} acc={r['acceptance']} cont={r['containment']} "
             f"step {r['step_ms']:>8} ms  {r['tok_s']:>7} tok/s  x{r['speedup_vs_ar']:<6} accepted {r['mean_accepted']:<5} "
             f"reuse {r['reuse_rate']:<5} fallback {r['fallback_rate']:<5} overlap {r['overlap_fraction']:<5} "
-            f"==AR {r['equals_ar']}")
+            f"==AR {r['equals_ar']}  [{r['phase_ms_per_step']}]")
 
 
 def main(argv=None):
@@ -268,10 +289,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
     p.add_argument("--containment", type=float, nargs="+", default=[0.5, 0.9])
+    p.add_argument("--draft-layers", type=int, default=None, help="override the draft shape's layer count")
     p.add_argument("--window", type=int, default=7)
     p.add_argument("--kappa", type=int, default=8)
     p.add_argument("--max-branches", type=int, default=None)
     p.add_argument("--lane", default="auto")
+    p.add_argument("--fallback", default="recompute", help="Mirror after a miss: recompute or exit")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of the same code")

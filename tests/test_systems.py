@@ -37,3 +37,17 @@ def test_time_budget_skips_and_names_rows(systems, tmp_path, capsys):
     rows = systems.main(["--tiny", "--device", "cpu", "--budget-s", "1e-9", "--csv", str(tmp_path / "s.csv")])
     assert rows == []
     assert "# skipped (time budget): tiny: all rows" in capsys.readouterr().out
+
+
+def test_fallback_and_draft_layers_reach_the_decoders(systems):
+    # Containment 0: every step misses. "recompute" then rolls out a fresh window (its own phase);
+    # "exit" starts the next step at once and never does.
+    common = ["--tiny", "--device", "cpu", "--lane", "inline", "--window", "3", "--kappa", "2",
+              "--acceptance", "0.5", "--containment", "0.0", "--draft-layers", "2"]
+    recompute = systems.main(common + ["--fallback", "recompute"])[-1]
+    exit_rows = systems.main(common + ["--fallback", "exit"])
+    assert recompute["decoder"] == exit_rows[-1]["decoder"] == "mirror"
+    assert "fallback=" in recompute["phase_ms_per_step"]
+    assert "fallback=" not in exit_rows[-1]["phase_ms_per_step"]
+    assert all(r["equals_ar"] for r in exit_rows[1:])
+    assert systems.build("tiny-draft", 512, "cpu", systems.torch.float32, seed=0, layers=2).num_layers == 2
