@@ -204,12 +204,14 @@ def _decoder(name, target, draft, oracle, args):
     if name == "sd":
         return SpeculativeDecoder(target, odraft, args.window)
     rec_target = RecordingModel(target)
-    # per_position: the oracle controls membership of the true token in every position's
-    # top-kappa, which is what "containment" means here (the ranked policy would re-weigh it).
+    # per_position (the default here): the oracle controls membership of the true token in every
+    # position's top-kappa, which is what "containment" means. "ranked" re-weighs it: the oracle's
+    # exit is certain of the true token, so ranked rolls out (about) the one branch that is the
+    # correction when it is contained: Mirror's best case, with the fewest rollouts.
     return MirrorDecoder(rec_target, odraft, MirrorConfig(
         exit_layer=target.num_layers // 2, top_k=args.kappa, window=args.window, max_branches=args.max_branches,
-        exit_head=OracleExit(rec_target, oracle), branch_policy="per_position", lane=args.lane,
-        fallback=args.fallback))
+        exit_head=OracleExit(rec_target, oracle), branch_policy=args.branch_policy, lane=args.lane,
+        fallback=args.fallback, min_branch_prob=args.min_branch_prob))
 
 
 def _over(deadline, what: str) -> bool:
@@ -263,7 +265,8 @@ def _row(shape, decoder, acc, cont, out, wall, ar_wall, same):
             "step_ms": round(wall / max(s["steps"], 1) * 1e3, 2), "tok_s": round(s["new_tokens"] / wall, 1),
             "speedup_vs_ar": round(ar_wall / wall, 3), "mean_accepted": round(s["mean_accepted"], 2),
             "reuse_rate": round(s.get("reuse_rate", 0.0), 3), "fallback_rate": round(s.get("fallback_rate", 0.0), 3),
-            "overlap_fraction": round(s.get("overlap_fraction", 0.0), 3), "equals_ar": same,
+            "overlap_fraction": round(s.get("overlap_fraction", 0.0), 3),
+            "branches_per_step": round(s.get("branches", 0) / max(s["steps"], 1), 2), "equals_ar": same,
             "phase_ms_per_step": _phases(s)}
 
 
@@ -279,6 +282,7 @@ def _fmt(r):
     return (f"{r['target']:>10} {r['decoder']:>7} acc={r['acceptance']} cont={r['containment']} "
             f"step {r['step_ms']:>8} ms  {r['tok_s']:>7} tok/s  x{r['speedup_vs_ar']:<6} accepted {r['mean_accepted']:<5} "
             f"reuse {r['reuse_rate']:<5} fallback {r['fallback_rate']:<5} overlap {r['overlap_fraction']:<5} "
+            f"branches {r['branches_per_step']:<5} "
             f"==AR {r['equals_ar']}  [{r['phase_ms_per_step']}]")
 
 
@@ -295,6 +299,8 @@ def main(argv=None):
     p.add_argument("--max-branches", type=int, default=None)
     p.add_argument("--lane", default="auto")
     p.add_argument("--fallback", default="recompute", help="Mirror after a miss: recompute or exit")
+    p.add_argument("--branch-policy", default="per_position", help="Mirror's branches: per_position or ranked")
+    p.add_argument("--min-branch-prob", type=float, default=0.0, help="ranked: drop branches below this")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of the same code")

@@ -51,3 +51,15 @@ def test_fallback_and_draft_layers_reach_the_decoders(systems):
     assert "fallback=" not in exit_rows[-1]["phase_ms_per_step"]
     assert all(r["equals_ar"] for r in exit_rows[1:])
     assert systems.build("tiny-draft", 512, "cpu", systems.torch.float32, seed=0, layers=2).num_layers == 2
+
+
+def test_ranked_oracle_rolls_out_the_correction(systems):
+    # The oracle's exit is certain of the true token, so "ranked" rolls out (about) the one branch
+    # that is the correction: with containment 1 nearly every step reuses, with few branches.
+    rows = systems.main(["--tiny", "--device", "cpu", "--lane", "inline", "--window", "3", "--kappa", "1",
+                         "--branch-policy", "ranked", "--min-branch-prob", "0.05",
+                         "--acceptance", "0.5", "--containment", "1.0"])
+    mirror = rows[-1]
+    assert mirror["decoder"] == "mirror" and mirror["equals_ar"]
+    assert mirror["reuse_rate"] > 0.8 and mirror["fallback_rate"] == 0.0
+    assert 0 < mirror["branches_per_step"] <= 1.5  # per_position would roll out one per position: 4
