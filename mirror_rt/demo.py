@@ -46,6 +46,18 @@ def threads_note(mirror) -> str:
             f"{mirror.draft_threads})")
 
 
+def core_sharing_note(mirror) -> str:
+    """A line for runs where Mirror's draft took a share of the target's CPU cores, '' otherwise.
+    There the target's suffix runs on fewer cores than SD's target does, which on a CPU no draft
+    repays: with an oracle draft on the default's shapes Mirror still trailed SD (bench/RESULTS.md,
+    tenth session). Call it while the decoder's lane is open."""
+    if mirror.step_threads(torch.get_num_threads()) is None:
+        return ""
+    return ("note: Mirror-SD's draft runs on a share of the target's own CPU cores here, so its target's "
+            "suffix gets fewer cores than SD's target; Mirror-SD pays where the draft has a device of its "
+            "own (README: Limits)")
+
+
 def linear_note(model, rows=(1, 4), reps=3) -> str:
     """Which backend takes the decoders' few-row linears here and, for the C++ small-row kernel,
     its speed against torch's F.linear on this CPU: one pass over every linear of ``model`` (its
@@ -127,7 +139,7 @@ def run_demo(args):
     for ids in tqdm(prompts, desc="prompts x decoders", unit="prompt", file=sys.stderr):
         for name, dec in decoders.items():
             results[name].append(dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id))
-    threads = threads_note(decoders["mirror"])
+    threads, sharing = threads_note(decoders["mirror"]), core_sharing_note(decoders["mirror"])
     for dec in decoders.values():
         if hasattr(dec, "close"):
             dec.close()
@@ -144,6 +156,8 @@ def run_demo(args):
     print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
     for outs in results.values():
         print(" " + format_prediction(predict_from_stats([o.stats for o in outs])))
+    if sharing:
+        print(sharing)
     return results
 
 

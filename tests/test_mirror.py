@@ -356,6 +356,25 @@ def test_cpu_lane_prefills_with_every_thread_then_shares_them(lane, draft_thread
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("lane, shares", [("inline", False), ("thread", True)])
+def test_demo_notes_when_the_draft_shares_the_targets_cores(lane, shares):
+    """The demo says so when Mirror's draft took a share of the target's CPU cores (a thread or
+    process lane), and says nothing when the draft runs inline."""
+    from mirror_rt.demo import core_sharing_note
+
+    target, draft = tiny_pair()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, top_k=2, window=3, lane=lane)) as dec:
+            dec.generate(torch.tensor([[1, 2, 3]]), 4)
+            note = core_sharing_note(dec)
+    finally:
+        torch.set_num_threads(before)
+    assert bool(note) == shares
+    assert not shares or "share of the target's own CPU cores" in note
+
+
 @pytest.mark.parametrize("lane", ["thread", "process"])
 def test_suffix_takes_every_core_once_the_rollouts_are_done(lane):
     """A slow suffix beside quick rollouts: its first layer runs on the target's share, and once the
