@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import device_name, git_commit  # noqa: E402
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder  # noqa: E402
+from mirror_rt.decoders.mirror import FALLBACKS  # noqa: E402
+from mirror_rt.decoders.mirror_exit import POLICIES  # noqa: E402
 from mirror_rt.models.config import ModelConfig  # noqa: E402
 from mirror_rt.models.derive import ModelWrapper  # noqa: E402
 from mirror_rt.models.llama import LlamaModel  # noqa: E402
@@ -46,7 +48,8 @@ SHAPES = {  # public configs (config.json of each model family)
                       num_heads=40, num_kv_heads=8, head_dim=128, rope_theta=1000000.0),
     "draft-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                        num_kv_heads=2, head_dim=64, rope_theta=1000000.0),
-    # the embedded default target's shape, and a draft of its width (ours has 4 layers)
+    # the embedded default target's shape, and a draft of its width (ours has 4 layers, as here, but
+    # scores 8,192 tokens where this one's head scores the full vocabulary)
     "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                          num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_embeddings=True),
     "smollm2-draft": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_layers=4, num_heads=9,
@@ -298,8 +301,8 @@ def main(argv=None):
     p.add_argument("--kappa", type=int, default=8)
     p.add_argument("--max-branches", type=int, default=None)
     p.add_argument("--lane", default="auto")
-    p.add_argument("--fallback", default="recompute", help="Mirror after a miss: recompute or exit")
-    p.add_argument("--branch-policy", default="per_position", help="Mirror's branches: per_position or ranked")
+    p.add_argument("--fallback", default="recompute", choices=FALLBACKS, help="Mirror after a miss")
+    p.add_argument("--branch-policy", default="per_position", choices=POLICIES, help="Mirror's branches")
     p.add_argument("--min-branch-prob", type=float, default=0.0, help="ranked: drop branches below this")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)

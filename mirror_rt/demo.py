@@ -48,14 +48,16 @@ def threads_note(mirror) -> str:
 
 def core_sharing_note(mirror) -> str:
     """A line for runs where Mirror's draft took a share of the target's CPU cores, '' otherwise.
-    There the target's suffix runs on fewer cores than SD's target does, which on a CPU no draft
-    repays: with an oracle draft on the default's shapes Mirror still trailed SD (bench/RESULTS.md,
-    tenth session). Call it while the decoder's lane is open."""
-    if mirror.step_threads(torch.get_num_threads()) is None:
+    There the target's suffix runs on fewer threads than SD's target does. On 2 cores no draft
+    repays that: with an oracle draft on the default's shapes Mirror still trailed SD
+    (bench/RESULTS.md, tenth session). Call it while the decoder's lane is open."""
+    total = torch.get_num_threads()
+    suffix = mirror.step_threads(total)
+    if suffix is None:
         return ""
-    return ("note: Mirror-SD's draft runs on a share of the target's own CPU cores here, so its target's "
-            "suffix gets fewer cores than SD's target; Mirror-SD pays where the draft has a device of its "
-            "own (README: Limits)")
+    return (f"note: Mirror-SD's suffix ran on {suffix} of the {total} threads SD's target uses, its draft on "
+            f"{mirror.draft_threads}; it gains only where the suffix loses less to that split than the draft "
+            f"saves, which 2 cores never allow (README: Limits; python bench/core_bandwidth.py measures the split)")
 
 
 def linear_note(model, rows=(1, 4), reps=3) -> str:

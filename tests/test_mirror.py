@@ -372,7 +372,7 @@ def test_demo_notes_when_the_draft_shares_the_targets_cores(lane, shares):
     finally:
         torch.set_num_threads(before)
     assert bool(note) == shares
-    assert not shares or "share of the target's own CPU cores" in note
+    assert not shares or "suffix ran on 1 of the 2 threads SD's target uses, its draft on 1" in note
 
 
 @pytest.mark.parametrize("lane", ["thread", "process"])
