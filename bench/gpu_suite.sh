@@ -35,6 +35,20 @@ run_systems() {
   return $rc
 }
 
+run_systems_small() {
+  # The embedded default's shapes with the draft on the GPU (a stream beside the target) and on
+  # the host CPU (a device of its own: Mirror-SD's premise). Mirror's best case: ranked branches.
+  local common="--targets smollm2-135m --draft smollm2-draft --window 3 --kappa 1 --branch-policy ranked
+    --min-branch-prob 0.05 --acceptance 0.8 1.0 --containment 0.9 --new-tokens 64 --budget-s 30"
+  local rc=0
+  timeout 50 "$PY" bench/systems.py $common --csv "$RESULTS/systems_small_gpu_draft.csv" \
+    > "$RESULTS/systems_small.log" 2>&1 || rc=$?
+  timeout 50 "$PY" bench/systems.py $common --draft-device cpu --lane process \
+    --csv "$RESULTS/systems_small_cpu_draft.csv" >> "$RESULTS/systems_small.log" 2>&1 || rc=$?
+  grep -E "^(#| +smollm2)|FAILED|skipped" "$RESULTS/systems_small.log" | grep -v "^# reproduce"
+  return $rc
+}
+
 summary() {
   "$PY" - "$RESULTS" <<'EOF'
 import csv, os, sys
@@ -62,13 +76,13 @@ if va:
         rf = next((s for s in va if s["provider"] == "reference" and all(s[k] == r[k] for k in ("mode", "B", "T", "V"))), {})
         print(f"{r['mode']:>9} {r['B']:>3} {r['T']:>3} {r['V']:>6} {rf.get('us', ''):>10} {r['us']:>9} "
               f"{r.get('speedup_vs_reference', ''):>8} {r.get('bw_frac', ''):>6} {r.get('same', ''):>5}")
-sy = rows("systems.csv")
+sy = rows("systems.csv") + rows("systems_small_gpu_draft.csv") + rows("systems_small_cpu_draft.csv")
 if sy:
     print("systems, CONTROLLED-ACCEPTANCE (random weights + oracle; speedup vs AR in the same run)")
-    print(f"{'target':>10} {'decoder':>7} {'acc':>4} {'cont':>4} {'step_ms':>8} {'tok/s':>7} {'speedup':>7} "
+    print(f"{'target':>12} {'draft on':>8} {'decoder':>7} {'acc':>4} {'cont':>4} {'step_ms':>8} {'tok/s':>7} {'speedup':>7} "
           f"{'accepted':>8} {'reuse':>5} {'fallbk':>6} {'overlap':>7} {'==AR':>5}")
     for r in sy:
-        print(f"{r['target']:>10} {r['decoder']:>7} {r['acceptance']:>4} {r['containment']:>4} {r['step_ms']:>8} "
+        print(f"{r['target']:>12} {r.get('draft_device', ''):>8} {r['decoder']:>7} {r['acceptance']:>4} {r['containment']:>4} {r['step_ms']:>8} "
               f"{r['tok_s']:>7} {r['speedup_vs_ar']:>7} {r['mean_accepted']:>8} {r['reuse_rate']:>5} "
               f"{r['fallback_rate']:>6} {r['overlap_fraction']:>7} {r['equals_ar']:>5}")
 if not ta and not va and not sy:
@@ -84,10 +98,11 @@ STEPS=(
   "bench tree_attention|timeout 100 $PY bench/bench_tree_attention.py --csv $RESULTS/tree_attention.csv"
   "bench verify_accept|timeout 70 $PY bench/bench_verify_accept.py --csv $RESULTS/verify_accept.csv"
   "bench systems (controlled acceptance)|run_systems"
+  "bench systems, default's shapes|run_systems_small"
 )
 
 declare -a STATUS
-export -f install_if_needed env_report run_systems
+export -f install_if_needed env_report run_systems run_systems_small
 export RESULTS
 export PY
 start=$SECONDS

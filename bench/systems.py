@@ -154,14 +154,16 @@ def run(args):
     containment). Each row is printed and appended to args.csv as soon as it is measured, so a
     run cut short by a time limit keeps what it measured; rows that would start after
     args.budget_s seconds are skipped and named."""
-    device, dtype = torch.device(args.device), torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    device, dtype = torch.device(args.device), _dtype_for(args.device)
+    draft_device = torch.device(args.draft_device or args.device)
     deadline = time.perf_counter() + args.budget_s if args.budget_s else None
     out = RowSink(args.csv)
     for shape in args.targets:
         if _over(deadline, f"{shape}: all rows"):
             continue
         target = build(shape, None, device, dtype, seed=1)
-        draft = build(args.draft, target.config.vocab_size, device, dtype, seed=2, layers=args.draft_layers)
+        draft = build(args.draft, target.config.vocab_size, draft_device, _dtype_for(draft_device.type), seed=2,
+                      layers=args.draft_layers)
         prompt = torch.randint(0, target.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(3))
         prompt = prompt.to(device)
         ar = AutoregressiveDecoder(target)
@@ -172,7 +174,7 @@ def run(args):
         _sync(device)
         ar_s = time.perf_counter() - t0
         path = prompt[0].tolist() + ref.tokens[0].tolist()
-        out.add(_row(shape, "ar", None, None, ref, ar_s, ar_s, None))
+        out.add(dict(_row(shape, "ar", None, None, ref, ar_s, ar_s, None), draft_device=draft_device.type))
         if args.profile:
             _profile(lambda: ar.generate(prompt, 16))
         for acc in args.acceptance:
@@ -195,7 +197,8 @@ def run(args):
                     if hasattr(dec, "close"):
                         dec.close()
                 wall = time.perf_counter() - t0
-                out.add(_row(shape, name, acc, cont, res, wall, ar_s, res.tokens.tolist() == ref.tokens.tolist()))
+                same = res.tokens.tolist() == ref.tokens.tolist()
+                out.add(dict(_row(shape, name, acc, cont, res, wall, ar_s, same), draft_device=draft_device.type))
         del target, draft
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -256,6 +259,10 @@ def _profile(fn):
     print(prof.key_averages().table(sort_by=key, row_limit=8))
 
 
+def _dtype_for(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -293,6 +300,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--targets", nargs="+", default=["llama3-8b", "qwen3-14b"])
     p.add_argument("--draft", default="draft-0.5b")
+    p.add_argument("--draft-device", default=None,
+                   help="the draft's device (default: --device); e.g. cpu beside a CUDA target: a device of its own")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
     p.add_argument("--containment", type=float, nargs="+", default=[0.5, 0.9])

@@ -63,3 +63,12 @@ def test_ranked_oracle_rolls_out_the_correction(systems):
     assert mirror["decoder"] == "mirror" and mirror["equals_ar"]
     assert mirror["reuse_rate"] > 0.8 and mirror["fallback_rate"] == 0.0
     assert 0 < mirror["branches_per_step"] <= 1.5  # per_position would roll out one per position: 4
+
+
+def test_draft_device_is_named_in_every_row(systems):
+    # Beside a CUDA target, --draft-device cpu gives the draft a device of its own (Mirror-SD's
+    # premise; measured only on a lent GPU). Here both are the CPU: the flag's path and the column.
+    rows = systems.main(["--tiny", "--device", "cpu", "--draft-device", "cpu", "--lane", "inline", "--window", "3",
+                         "--kappa", "2", "--acceptance", "0.5", "--containment", "0.5"])
+    assert [r["draft_device"] for r in rows] == ["cpu"] * 3
+    assert all(r["equals_ar"] for r in rows[1:])
