@@ -39,11 +39,11 @@ run_systems_small() {
   # The embedded default's shapes with the draft on the GPU (a stream beside the target) and on
   # the host CPU (a device of its own: Mirror-SD's premise). Mirror's best case: ranked branches.
   local common="--targets smollm2-135m --draft smollm2-draft --window 3 --kappa 1 --branch-policy ranked
-    --min-branch-prob 0.05 --acceptance 0.8 1.0 --containment 0.9 --new-tokens 64 --budget-s 30"
+    --min-branch-prob 0.05 --acceptance 0.8 1.0 --containment 0.9 --new-tokens 64 --budget-s 25"
   local rc=0
-  timeout 50 "$PY" bench/systems.py $common --csv "$RESULTS/systems_small_gpu_draft.csv" \
+  timeout 40 "$PY" bench/systems.py $common --csv "$RESULTS/systems_small_gpu_draft.csv" \
     > "$RESULTS/systems_small.log" 2>&1 || rc=$?
-  timeout 50 "$PY" bench/systems.py $common --draft-device cpu --lane process \
+  timeout 40 "$PY" bench/systems.py $common --draft-device cpu --lane process \
     --csv "$RESULTS/systems_small_cpu_draft.csv" >> "$RESULTS/systems_small.log" 2>&1 || rc=$?
   grep -E "^(#| +smollm2)|FAILED|skipped" "$RESULTS/systems_small.log" | grep -v "^# reproduce"
   return $rc
