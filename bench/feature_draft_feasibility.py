@@ -2,6 +2,9 @@
 it against the shipped SS draft on the same held-out answers.
 
     python bench/feature_draft_feasibility.py --work-dir /tmp/fd --gen-time 1500 --train-time 1200
+    # on a lent GPU, with the target from the training bundle (python -m mirror_rt.train.pack):
+    python bench/feature_draft_feasibility.py --work-dir /tmp/fd --device cuda --target .gpu_bundle/MODEL.gguf \
+        --gen-batch 512 --batch 64 --gen-time 150 --train-time 200
 
 The draft (Li et al., EAGLE, 2024) is one decoder layer over fc([embedding of token t+1, the target's
 final feature at t]); it predicts the target's feature at t+1 (smooth-L1) and, through the target's
@@ -61,7 +64,7 @@ class FeatureDraft(nn.Module):
         B, T, _ = x.shape
         cos, sin = rope_cos_sin(positions, self.target[0].inv_freq, x.dtype)
         q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-        mask = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, T, T)
         kk, vv = k, v
         if k_prev is not None:
             kk, vv, mask = torch.cat([k_prev, k], 1), torch.cat([v_prev, v], 1), torch.cat([prev_mask, mask], -1)
@@ -85,6 +88,7 @@ def target_features(target, seqs, unit: bool, batch_size: int = 8):
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         ids, _ = pad_batch([seqs[i] for i in idx], pad=0)  # right padding: causal, never seen by real tokens
+        ids = ids.to(target.device)
         T = ids.shape[1]
         h = target.run_layers(target.embed(ids), 0, target.num_layers, target.new_cache(T, batch=len(idx)))
         h = target.norm(h)
@@ -102,7 +106,7 @@ def train(draft, seqs, weights, feats, head, args, log=print):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     groups = [order[s:s + args.batch] for s in range(0, len(order), args.batch)]
-    H = head.shape[1]
+    H, dev = head.shape[1], head.device
     step, epoch, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < args.train_time:
         for g in torch.randperm(len(groups)).tolist():
@@ -110,13 +114,13 @@ def train(draft, seqs, weights, feats, head, args, log=print):
                 break
             idx = groups[g]
             T, B = max(len(seqs[i]) for i in idx) - 1, len(idx)
-            ids, f_in, f_out, w = (torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, H),
-                                   torch.zeros(B, T, H), torch.zeros(B, T))
+            ids, f_in, f_out, w = (torch.zeros(B, T, dtype=torch.long, device=dev), torch.zeros(B, T, H, device=dev),
+                                   torch.zeros(B, T, H, device=dev), torch.zeros(B, T, device=dev))
             for r, i in enumerate(idx):
                 n = len(seqs[i]) - 1
                 ids[r, :n], f_in[r, :n], f_out[r, :n] = torch.tensor(seqs[i][1:]), feats[i][:-1], feats[i][1:]
                 w[r, :n] = torch.tensor(weights[i][-n:])
-            positions = torch.arange(T).expand(B, T)
+            positions = torch.arange(T, device=dev).expand(B, T)
             teacher = F.softmax(f_out @ head.T, -1)
             loss, x_feat = 0.0, f_in
             for _ in range(args.unroll):
@@ -142,22 +146,25 @@ def rollouts(draft, target, active, seq, starts, unit: bool, window: int = 7) ->
     reads the true input at position c (token c+1, the target's feature at c), then feeds its own
     predicted features and tokens back; step k attends to the true keys <= c and its own steps.
     ``active``: int64 [Va] target ids the draft may propose."""
+    dev = target.device
+    active, starts = active.to(dev), starts.to(dev)
     feats = target_features(target, [seq], unit)[0]
     head = feature_head(target, active, unit)
     L, N = len(seq) - 1, len(starts)
-    out, K, V = draft.block(draft.inputs(torch.tensor([seq[1:]]), feats[None, :-1]), torch.arange(L)[None])
+    out, K, V = draft.block(draft.inputs(torch.tensor([seq[1:]], device=dev), feats[None, :-1]),
+                            torch.arange(L, device=dev)[None])
     f_hat = out[0, starts]
     proposals = [active[(f_hat @ head.T).argmax(-1)]]
     k_prev, v_prev = K[0].expand(N, -1, -1, -1), V[0].expand(N, -1, -1, -1)
-    prev_mask = (torch.arange(L)[None, :] <= starts[:, None])[:, None, :]
+    prev_mask = (torch.arange(L, device=dev)[None, :] <= starts[:, None])[:, None, :]
     for k in range(2, window + 1):
         x = draft.inputs(proposals[-1][:, None], f_hat[:, None])
         o, k_new, v_new = draft.block(x, (starts + k - 1)[:, None], k_prev, v_prev, prev_mask)
         k_prev, v_prev = torch.cat([k_prev, k_new], 1), torch.cat([v_prev, v_new], 1)
-        prev_mask = torch.cat([prev_mask, torch.ones(N, 1, 1, dtype=torch.bool)], -1)
+        prev_mask = torch.cat([prev_mask, torch.ones(N, 1, 1, dtype=torch.bool, device=dev)], -1)
         f_hat = o[:, 0]
         proposals.append(active[(f_hat @ head.T).argmax(-1)])
-    return torch.stack(proposals, 1)
+    return torch.stack(proposals, 1).cpu()
 
 
 def walk(draft, target, vocab, prompt, answer, unit: bool, window: int = 7) -> list[int]:
@@ -195,15 +202,18 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=384)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--target", default=None, help="the target's GGUF or HF dir (default: the embedded default)")
+    ap.add_argument("--gen-batch", type=int, default=48, help="prompts answered at once")
     ap.add_argument("--limit-train", type=int, default=None, help="train on the first N answered prompts only")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
 
-    path = default_target_path()
-    target = load_target(path, "cpu", "float32")
-    cfg = PipelineConfig(n_templates=args.n_templates, n_eval=40, max_new_tokens=256, gen_batch=48,
+    path = args.target or default_target_path()
+    target = load_target(path, args.device, "float32")
+    cfg = PipelineConfig(n_templates=args.n_templates, n_eval=40, max_new_tokens=256, gen_batch=args.gen_batch,
                          gen_time=max(args.gen_time, 1e-9))  # generate_answers reads 0 as "no limit"
     prompts = prepare_prompts(load_tokenizer(path), cfg)
     prompts["eval"] = prompts["eval"][:args.eval_prompts]
@@ -218,7 +228,7 @@ def main(argv=None):
     print(f"{len(seqs)} training sequences, {sum(map(len, seqs))} tokens ({sum(len(a) for _, a in pairs)} answer "
           f"tokens); target features in {time.perf_counter() - t0:.0f}s", flush=True)
     head = feature_head(target, ss_draft.vocab_ids, args.unit_features)
-    draft = FeatureDraft(target, args.fc_init)
+    draft = FeatureDraft(target, args.fc_init).to(target.device)
     steps = train(draft, seqs, weights, feats, head, args)
     print(f"trained {steps} steps in {args.train_time:.0f}s", flush=True)
 
