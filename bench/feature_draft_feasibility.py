@@ -2,9 +2,11 @@
 it against the shipped SS draft on the same held-out answers.
 
     python bench/feature_draft_feasibility.py --work-dir /tmp/fd --gen-time 1500 --train-time 1200
-    # on a lent GPU, with the target from the training bundle (python -m mirror_rt.train.pack):
-    python bench/feature_draft_feasibility.py --work-dir /tmp/fd --device cuda --target .gpu_bundle/MODEL.gguf \
-        --gen-batch 512 --batch 64 --gen-time 150 --train-time 200
+    # on a lent GPU after mirror_rt/train/gpu_train.sh (which assembles the target GGUF under
+    # /tmp/mirror_rt_bundle and leaves its answers in its work dir): no tokenizer needed there
+    PYTHONPATH=/tmp/mirror_rt_site python bench/feature_draft_feasibility.py --work-dir /tmp/mirror_rt_work --device cuda \
+        --target /tmp/mirror_rt_bundle/MODEL.gguf --prompts-json .gpu_bundle/b/prompts.json --gen-batch 512 --batch 64 \
+        --gen-time 0 --train-time 200
 
 The draft (Li et al., EAGLE, 2024) is one decoder layer over fc([embedding of token t+1, the target's
 final feature at t]); it predicts the target's feature at t+1 (smooth-L1) and, through the target's
@@ -21,6 +23,7 @@ answers in the same run. Not part of the package: results and conclusions are in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections import Counter
@@ -205,6 +208,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--target", default=None, help="the target's GGUF or HF dir (default: the embedded default)")
     ap.add_argument("--gen-batch", type=int, default=48, help="prompts answered at once")
+    ap.add_argument("--prompts-json", default=None,
+                    help="tokenized prompts (a training bundle's b/prompts.json) instead of tokenizing here")
     ap.add_argument("--limit-train", type=int, default=None, help="train on the first N answered prompts only")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -215,7 +220,11 @@ def main(argv=None):
     target = load_target(path, args.device, "float32")
     cfg = PipelineConfig(n_templates=args.n_templates, n_eval=40, max_new_tokens=256, gen_batch=args.gen_batch,
                          gen_time=max(args.gen_time, 1e-9))  # generate_answers reads 0 as "no limit"
-    prompts = prepare_prompts(load_tokenizer(path), cfg)
+    if args.prompts_json:
+        with open(args.prompts_json) as f:
+            prompts = json.load(f)
+    else:
+        prompts = prepare_prompts(load_tokenizer(path), cfg)
     prompts["eval"] = prompts["eval"][:args.eval_prompts]
     answers = get_answers(target, prompts, cfg, args.work_dir)
     ss_draft, _ = load_default_draft(target)
