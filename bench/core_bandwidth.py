@@ -21,6 +21,7 @@ it takes r_t * r_d / (r_t + r_d) of SD's time, and never less: on 2 cores r_t = 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,8 @@ import time
 
 import torch
 
-LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_small_linear import LAYER_SHAPES  # noqa: E402  (the default's layer linears, one list for both)
 
 
 def stream_rate(threads: int, layers: int, reps: int) -> float:

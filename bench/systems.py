@@ -174,7 +174,7 @@ def run(args):
         _sync(device)
         ar_s = time.perf_counter() - t0
         path = prompt[0].tolist() + ref.tokens[0].tolist()
-        out.add(dict(_row(shape, "ar", None, None, ref, ar_s, ar_s, None), draft_device=draft_device.type))
+        out.add(_row(shape, "ar", None, None, ref, ar_s, ar_s, None, draft_device))
         if args.profile:
             _profile(lambda: ar.generate(prompt, 16))
         for acc in args.acceptance:
@@ -198,7 +198,7 @@ def run(args):
                         dec.close()
                 wall = time.perf_counter() - t0
                 same = res.tokens.tolist() == ref.tokens.tolist()
-                out.add(dict(_row(shape, name, acc, cont, res, wall, ar_s, same), draft_device=draft_device.type))
+                out.add(_row(shape, name, acc, cont, res, wall, ar_s, same, draft_device))
         del target, draft
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -268,7 +268,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _row(shape, decoder, acc, cont, out, wall, ar_wall, same):
+def _row(shape, decoder, acc, cont, out, wall, ar_wall, same, draft_device):
     s = out.stats
     return {"regime": "CONTROLLED-ACCEPTANCE", "target": shape, "decoder": decoder, "acceptance": acc,
             "containment": cont, "tokens": s["new_tokens"], "steps": s["steps"],
@@ -277,7 +277,7 @@ def _row(shape, decoder, acc, cont, out, wall, ar_wall, same):
             "reuse_rate": round(s.get("reuse_rate", 0.0), 3), "fallback_rate": round(s.get("fallback_rate", 0.0), 3),
             "overlap_fraction": round(s.get("overlap_fraction", 0.0), 3),
             "branches_per_step": round(s.get("branches", 0) / max(s["steps"], 1), 2), "equals_ar": same,
-            "phase_ms_per_step": _phases(s)}
+            "phase_ms_per_step": _phases(s), "draft_device": draft_device.type}
 
 
 def _phases(stats) -> str:

@@ -4,9 +4,9 @@ import os
 import subprocess
 import sys
 
-from helpers import load_bench_script
+from helpers import ROOT, load_bench_script
 
-SUITE = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_suite.sh")
+SUITE = os.path.join(ROOT, "bench", "gpu_suite.sh")
 
 
 def test_suite_parses():
