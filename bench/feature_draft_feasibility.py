@@ -196,7 +196,7 @@ def main(argv=None):
     ap.add_argument("--n-templates", type=int, default=2000)
     ap.add_argument("--eval-prompts", type=int, default=16)
     ap.add_argument("--train-time", type=float, default=1200)
-    # defaults: EAGLE's recipe, the best of the settings tried here (bench/RESULTS.md, eighth session)
+    # defaults: EAGLE's recipe, the best of the settings tried here (bench/RESULTS.md, "A feature-conditioned draft")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cls-weight", type=float, default=0.1)
     ap.add_argument("--unroll", type=int, default=1, choices=(1, 2))

@@ -17,7 +17,7 @@ DEFAULT_LOOKUP = 4
 DEFAULT_LOOKUP_WINDOW = 0
 # The draft's windows end where it is unsure (decoders/drafting.py, confident): with our weak default
 # draft a full window mostly costs draft passes and verified rows for nothing. 0.6 was the best of
-# 0.2-0.9 in a simulation on prompts apart from the evaluation ones (bench/RESULTS.md, sixth session).
+# 0.2-0.9 in a simulation on prompts apart from the evaluation ones (bench/RESULTS.md, "Why the defaults").
 # The library's decoders keep full windows unless asked.
 DEFAULT_MIN_DRAFT_PROB = 0.6
 

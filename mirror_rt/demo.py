@@ -50,7 +50,7 @@ def core_sharing_note(mirror) -> str:
     """A line for runs where Mirror's draft took a share of the target's CPU cores, '' otherwise.
     There the target's suffix runs on fewer threads than SD's target does. On 2 cores no draft
     repays that: with an oracle draft on the default's shapes Mirror still trailed SD
-    (bench/RESULTS.md, tenth session). Call it while the decoder's lane is open."""
+    (bench/RESULTS.md, "Mirror-SD against SD with an oracle draft"). Call it while the decoder's lane is open."""
     total = torch.get_num_threads()
     suffix = mirror.step_threads(total)
     if suffix is None:

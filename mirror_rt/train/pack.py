@@ -82,7 +82,7 @@ def read_answers(path: str) -> dict:
     if not isinstance(data, dict) or "train_prompts" not in data or "train" not in data \
             or len(data["train_prompts"]) != len(data["train"]) or "max_new_tokens" not in data:
         raise SystemExit(f"pack: {path} is not an answers file that lists its prompts "
-                         "(train_prompts, train and max_new_tokens, as gpu_train writes since the sixth session)")
+                         "(train_prompts, train and max_new_tokens, as gpu_train writes them)")
     return data
 
 
