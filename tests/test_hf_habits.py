@@ -134,3 +134,119 @@ def test_streamer_takes_batches_and_tensors(byte_tok, capsys):
     streamer(ids[3:])
     streamer.end()
     assert capsys.readouterr().out == "hello world, the world says hello"
+
+
+# --- loaded transformers models in ----------------------------------------------------------
+
+def _our_logits(model, ids):
+    return model(ids, model.new_cache(ids.shape[1]))
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False),
+                                        ("mistral", False)])
+def test_loaded_transformers_model_shares_its_weights(arch, tied):
+    import mirror_rt
+    from helpers import assert_close, hf_logits, random_hf_model
+
+    hf = random_hf_model(arch, seed=3, tie_word_embeddings=tied)
+    model = mirror_rt.load_model(hf)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in hf.named_parameters(remove_duplicate=False):
+        assert ours[name.removeprefix("model.")].data_ptr() == p.data_ptr(), f"{name} was copied"
+    ids = torch.randint(0, hf.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))
+    assert_close(_our_logits(model, ids), hf_logits(hf, ids), 1e-4, f"{arch} logits")
+    with torch.no_grad():  # an in-place edit of hf's weights shows in ours: one storage
+        hf.model.norm.weight.mul_(0.5)
+    assert_close(_our_logits(model, ids), hf_logits(hf, ids), 1e-4, f"{arch} logits after an edit")
+    assert hf.model.norm.weight.requires_grad  # we did not change hf's parameters' flags
+    assert mirror_rt.generation.resolve_eos(model) == [2]  # the checkpoint's EOS
+
+
+def test_unsupported_transformers_model_lists_the_supported():
+    import transformers
+
+    from mirror_rt import load_model
+
+    cfg = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        load_model(transformers.GPT2LMHeadModel(cfg))
+    with pytest.raises(TypeError, match="checkpoint path or a loaded transformers model"):
+        load_model(42)
+
+
+def test_decoder_guard_points_to_load_model():
+    from helpers import random_hf_model
+
+    from mirror_rt import load_model
+    from mirror_rt.models.from_hf import check_model
+
+    hf = random_hf_model("llama")
+    with pytest.raises(TypeError, match=r"load_model\(target\)"):
+        check_model(hf, "target")
+    check_model(load_model(hf))  # ours passes
+    with pytest.raises(TypeError, match="mirror_rt model"):
+        check_model(object())
+
+
+# --- loading conventions --------------------------------------------------------------------
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    from helpers import save_hf_checkpoint
+
+    hf = save_hf_checkpoint(tmp_path, "llama", seed=1)
+    return tmp_path, hf
+
+
+@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+                                         ("float32", torch.float32), ("fp16", torch.float16),
+                                         ("torch.float16", torch.float16), (torch.bfloat16, torch.bfloat16)])
+def test_dtype_names(hf_dir, name, dtype):
+    from mirror_rt import load_model
+
+    model = load_model(hf_dir[0], dtype=name)
+    assert model.dtype == dtype and model.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad, exc", [("bfloat", ValueError), (torch.int8, ValueError), (3, TypeError)])
+def test_bad_dtype_named(hf_dir, bad, exc):
+    from mirror_rt import load_model
+
+    with pytest.raises(exc, match="dtype"):
+        load_model(hf_dir[0], dtype=bad)
+
+
+def test_single_safetensors_file(hf_dir):
+    from helpers import assert_close, hf_logits
+
+    from mirror_rt import load_model
+
+    path, hf = hf_dir
+    (path / "generation_config.json").write_text('{"eos_token_id": [2, 5]}')
+    model = load_model(path / "model.safetensors")
+    ids = torch.arange(3, 20)[None]
+    assert_close(_our_logits(model, ids), hf_logits(hf, ids), 1e-4, "single file")
+    assert model.source == str(path)  # the tokenizer is looked up in the folder
+    assert mirror_rt_eos(model) == [2, 5]
+    lonely = path / "elsewhere"
+    lonely.mkdir()
+    (lonely / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(lonely / "model.safetensors")
+
+
+def mirror_rt_eos(model):
+    from mirror_rt.generation import resolve_eos
+
+    return resolve_eos(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
+def test_device_checked_before_loading(tmp_path):
+    from mirror_rt import load_model
+
+    # the path does not exist: the device error comes first, before any file is read
+    with pytest.raises(ValueError, match=r"device 'cuda' requested but .*(no CUDA|no CUDA GPU).*available: cpu"):
+        load_model(tmp_path / "nothing", device="cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        load_model(tmp_path / "nothing", device="gpu0")

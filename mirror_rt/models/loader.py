@@ -14,35 +14,56 @@ import torch
 from tqdm.auto import tqdm
 
 from mirror_rt.models.config import ModelConfig
+from mirror_rt.models.device_dtype import resolve_device, resolve_dtype
 from mirror_rt.models.llama import LlamaModel
 from mirror_rt.models.rope import inverse_frequencies
 
 
-def load_model(path, device="cpu", dtype=None) -> LlamaModel:
+def load_model(path, device=None, dtype=None) -> LlamaModel:
     """Load a Llama-family model.
 
-    path:   a Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not)
-            or a ``.gguf`` file (quantised tensors are dequantised).
-    device: torch device; dtype: parameter dtype (default float32 on CPU, bfloat16 on CUDA).
-    The returned model has ``.source`` (the path, for the tokenizer), ``.tokenizer_tokens`` (see
-    ``tokenizer_tokens``) and is in eval mode.
+    path:   a Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not),
+            one ``.safetensors`` file with its config.json beside it, a ``.gguf`` file (quantised
+            tensors are dequantised), or a loaded transformers model (LlamaForCausalLM,
+            MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), whose weight tensors the
+            returned model shares (``from_hf``; device/dtype None keep its own).
+    device: a torch device or its name (default cpu), checked before loading: one this torch
+            cannot use raises ValueError naming the devices it has.
+    dtype:  a torch float dtype or its name ("bfloat16"/"bf16", "float16"/"fp16", "float32";
+            default float32 on CPU, bfloat16 elsewhere).
+    The returned model has ``.source`` (the checkpoint directory or file, for the tokenizer),
+    ``.tokenizer_tokens`` (see ``tokenizer_tokens``), ``.generation_config`` (generation_config.json's
+    contents or None, for its EOS: ``mirror_rt.generation.resolve_eos``) and is in eval mode.
     """
+    if isinstance(path, torch.nn.Module):
+        from mirror_rt.models.from_hf import from_hf
+
+        return from_hf(path, device=None if device is None else resolve_device(device),
+                       dtype=None if dtype is None else resolve_dtype(dtype, torch.device("cpu")))
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_model takes a checkpoint path or a loaded transformers model, "
+                        f"got {type(path).__name__}")
     path = os.fspath(path)
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if os.path.isdir(path):
-        cfg, tensors = _read_hf_dir(path)
-        tokens = tokenizer_tokens(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    generation_config = None
+    if os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".safetensors")):
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        cfg, tensors = _read_hf_dir(folder, files=None if folder == path else [path])
+        tokens = tokenizer_tokens(folder)
+        generation_config = _generation_config(folder)
+        path = folder  # the tokenizer lives in the folder
     elif os.path.isfile(path) and path.endswith(".gguf"):
         cfg, tensors, tokens = _read_gguf(path)
     else:
-        raise ValueError(f"model path {path!r} is neither a checkpoint directory nor a .gguf file")
+        raise ValueError(f"model path {path!r} is neither a checkpoint directory, a .safetensors file "
+                         "nor a .gguf file")
     with torch.device("meta"):
         model = LlamaModel(cfg)
     _assign(model, tensors, path)
     model.source = path
     model.tokenizer_tokens = tokens
+    model.generation_config = generation_config
     model = model.to(device=device, dtype=dtype).eval()
     c = model.config  # .to(dtype) cast the rotary buffer too: rebuild it in fp32
     model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
@@ -96,7 +117,17 @@ def _assign(model: LlamaModel, tensors: dict, path: str):
 
 # --- Hugging Face directory -------------------------------------------------------------------
 
-def _read_hf_dir(path):
+def _generation_config(path) -> dict | None:
+    """generation_config.json beside config.json (its eos_token_id may list more EOS ids)."""
+    file = os.path.join(path, "generation_config.json")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None  # optional: a missing or broken one leaves the config's EOS
+
+
+def _read_hf_dir(path, files=None):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -108,7 +139,7 @@ def _read_hf_dir(path):
             cfg = ModelConfig.from_hf(json.load(f))
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = files or sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ValueError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not loaded)")
     tensors = {}
