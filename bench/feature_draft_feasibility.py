@@ -32,13 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mirror_rt.answers import pad_batch, sd_acceptance
 from mirror_rt.default import default_target_path, load_default_draft
 from mirror_rt.models.llama import DecoderLayer, _causal_attention
 from mirror_rt.models.rope import rope_cos_sin
 from mirror_rt.tokenizer import load_tokenizer
-from mirror_rt.train.generate import pad_batch
 from mirror_rt.train.pipeline import PipelineConfig, get_answers, load_target, prepare_prompts, sequences
-from mirror_rt.train.train_draft import sd_acceptance
 
 
 class FeatureDraft(nn.Module):

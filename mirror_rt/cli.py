@@ -153,7 +153,7 @@ def cmd_generate(args):
 def cmd_demo(args):
     from mirror_rt.demo import run_demo
 
-    return run_demo(args)
+    return run_demo(args, load_pair, make_decoder)
 
 
 def build_parser():

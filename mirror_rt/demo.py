@@ -104,7 +104,7 @@ def demo_prompts(args) -> tuple[list[str], str]:
 
     from mirror_rt.default import DEMO_PROMPTS
     from mirror_rt.specbench import load_questions
-    from mirror_rt.train.data import SPEC_BENCH_DEFAULT, SPEC_BENCH_ENV
+    from mirror_rt.prompts import SPEC_BENCH_DEFAULT, SPEC_BENCH_ENV
 
     path = args.prompt_file or os.environ.get(SPEC_BENCH_ENV) or SPEC_BENCH_DEFAULT
     if args.prompt_file and not os.path.isfile(args.prompt_file):
@@ -118,8 +118,11 @@ def demo_prompts(args) -> tuple[list[str], str]:
     return (prompts[: args.prompts] if args.prompts else prompts), source
 
 
-def run_demo(args):
-    from mirror_rt.cli import load_pair, make_decoder
+def run_demo(args, load_pair, make_decoder):
+    """The demo from parsed ``mirror-rt demo`` arguments. ``load_pair(args)`` -> (target, draft,
+    tokenizer, draft label) and ``make_decoder(name, target, draft, args)`` -> a decoder come from
+    the CLI, which owns the arguments they read (so this module never imports the CLI).
+    Returns {decoder name: [GenerationOutput per prompt]}."""
     from mirror_rt.tokenizer import encode_chat
 
     args.window = args.window or DEMO_WINDOW

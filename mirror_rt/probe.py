@@ -76,8 +76,7 @@ def run_probe(target, prompts: list[list[int]], answers: list[list[int]], layers
               exit_heads=(), draft=None, window: int = 7) -> ProbeResult:
     """The probe over given prompts and the target's greedy answers to them (see module doc).
     layers: exit layers to report (default 1..N-1); exit_heads: ExitHead objects (``.exit_layer``)."""
-    from mirror_rt.train.generate import teacher_forward
-    from mirror_rt.train.train_draft import simulate_sd
+    from mirror_rt.answers import simulate_sd, teacher_forward
 
     N = target.num_layers
     layers = list(layers) if layers else list(range(1, N))
@@ -185,11 +184,11 @@ def _ints(text):
 def cmd_probe(args):
     import json
 
+    from mirror_rt import prompts as D
+    from mirror_rt.answers import generate_answers
     from mirror_rt.exit_head import load_exit_head
     from mirror_rt.models import load_model
     from mirror_rt.tokenizer import encode_chat, load_tokenizer
-    from mirror_rt.train import data as D
-    from mirror_rt.train.generate import generate_answers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,7 +240,7 @@ def register(sub):
     p.add_argument("--exit-head", action="append", help="trained exit head file (repeatable)")
     p.add_argument("--prompt-file", help="Spec-Bench question.jsonl (default: the shared dev half)")
     p.add_argument("--split", default="eval", choices=["eval", "train", "all"],
-                   help="which prompts (mirror_rt.train.data split; default: the held-out eval half)")
+                   help="which prompts (mirror_rt.prompts split; default: the held-out eval half)")
     p.add_argument("--prompts", type=int, default=8, help="how many, taken evenly across the file's families")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--layers", default="all", help="'all' or a comma list")

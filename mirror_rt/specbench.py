@@ -29,9 +29,9 @@ def load_questions(path, categories=None, limit: int | None = None, split: str =
     """Questions from a Spec-Bench question.jsonl (fields question_id, category, turns).
     categories: names of families (mt_bench, qa, ...) or raw categories (writing, ...) to keep.
     limit: at most this many prompts per task family, in file order (None: all).
-    split: "eval" keeps only the questions our training never saw (mirror_rt.train.data's split),
+    split: "eval" keeps only the questions our training never saw (mirror_rt.prompts' split),
     "train" the others, "all" every question."""
-    from mirror_rt.train.data import is_eval_question
+    from mirror_rt.prompts import is_eval_question
 
     if split not in ("eval", "train", "all"):
         raise ValueError(f"split must be 'eval', 'train' or 'all', got {split!r}")

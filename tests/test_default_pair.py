@@ -58,7 +58,7 @@ def test_demo_takes_the_evaluation_split_one_per_family(tmp_path):
 
     from mirror_rt.cli import build_parser
     from mirror_rt.demo import demo_prompts
-    from mirror_rt.train.data import is_eval_question
+    from mirror_rt.prompts import is_eval_question
 
     path = tmp_path / "question.jsonl"
     cats = ["writing", "qa", "summarization", "math_reasoning"]

@@ -1,10 +1,11 @@
 """probe: its numbers equal a direct computation on a tiny random model; the prompt split."""
 import torch
 
+from mirror_rt import prompts as Q
+from mirror_rt.answers import generate_answers
 from mirror_rt.models.derive import random_model, truncated_copy
 from mirror_rt.probe import format_table, run_probe, write_csv, write_png
 from mirror_rt.train import data as D
-from mirror_rt.train.generate import generate_answers
 
 
 def _direct_layer_logits(model, ids):
@@ -86,12 +87,12 @@ def test_prompt_split_is_disjoint_and_documented(tmp_path):
     qs = [{"question_id": i, "category": "x", "turns": [f"q{i}"]} for i in range(80, 100)]
     f = tmp_path / "q.jsonl"
     f.write_text("\n".join(json.dumps(q) for q in qs))
-    train, ev = D.train_questions(str(f)), D.eval_questions(str(f))
+    train, ev = Q.train_questions(str(f)), Q.eval_questions(str(f))
     assert {q["question_id"] for q in ev} == {i for i in range(80, 100) if (i // 2) % 2 == 0}
     assert not {q["question_id"] for q in train} & {q["question_id"] for q in ev}
     assert len(train) + len(ev) == len(qs)
     prompts = D.training_prompts(5, spec_bench=str(f))
-    assert not set(prompts) & set(D.first_turns(ev))
+    assert not set(prompts) & set(Q.first_turns(ev))
     assert D.template_prompts(5, seed=1) == D.template_prompts(5, seed=1)
     many = D.template_prompts(2000, seed=0)
     assert len(many) == len(set(many)) == 2000  # distinct: a repeated prompt adds no data
@@ -140,6 +141,6 @@ def test_gpu_bundle_reassembles_the_target(tmp_path, monkeypatch):
 
 def test_spread_takes_prompts_across_the_families():
     rows = [f"{fam}{i}" for fam in "abcd" for i in range(5)]  # grouped by family, like Spec-Bench
-    assert D.spread(rows, 4) == ["a0", "b0", "c0", "d0"]
-    assert D.spread(rows, 8) == ["a0", "a2", "b0", "b2", "c0", "c2", "d0", "d2"]
-    assert D.spread(rows, 50) == rows and D.spread(rows, 0) == []
+    assert Q.spread(rows, 4) == ["a0", "b0", "c0", "d0"]
+    assert Q.spread(rows, 8) == ["a0", "a2", "b0", "b2", "c0", "c2", "d0", "d2"]
+    assert Q.spread(rows, 50) == rows and Q.spread(rows, 0) == []

@@ -9,7 +9,8 @@ from mirror_rt.decoders.base import Sampler, prefill
 from mirror_rt.models.derive import random_model
 from mirror_rt.models.llama import LlamaModel
 from mirror_rt.models.streaming import NEG, StreamingDraft, load_streaming_draft, save_streaming_draft
-from mirror_rt.train.train_draft import sd_acceptance, train_draft
+from mirror_rt.answers import sd_acceptance
+from mirror_rt.train.train_draft import train_draft
 
 V = 48
 

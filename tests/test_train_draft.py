@@ -140,7 +140,7 @@ def test_a_later_call_answers_only_the_prompts_the_first_had_no_time_for(tmp_pat
     _write_answers(path, train_prompts=[[1, 2], [1, 3], [1, 4]], train=[[6], None, None],
                    eval_prompts=[[1, 5]], eval=[[7]], gen_tokens=2, gen_s=1.0)
     fake = FakeAnswers(budget=1)  # time runs out again after one
-    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake)
+    monkeypatch.setattr("mirror_rt.answers.generate_answers", fake)
     got = P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)
     assert fake.asked == [[[1, 3], [1, 4]]]  # eval was cached; train asked only for what was missing
     assert got["train"] == [[6], [8, 3], None] and got["eval"] == [[7]]
@@ -159,7 +159,7 @@ def test_answers_from_an_earlier_run_join_training_but_never_as_eval_prompts(tmp
     _write_answers(path, train_prompts=[[1, 9], [1, 2], [1, 5]], train=[[4], [6], [3]],
                    eval_prompts=[[1, 6]], eval=[[2]])
     fake = FakeAnswers()
-    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake)
+    monkeypatch.setattr("mirror_rt.answers.generate_answers", fake)
     prompts = {"train": [[1, 2], [1, 3]], "eval": [[1, 5]], "eos": [0]}
     got = P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)
     assert prompts["train"] == [[1, 2], [1, 3], [1, 9]]
@@ -172,7 +172,7 @@ def test_an_answers_file_without_its_prompts_is_used_only_when_it_lines_up(tmp_p
     cfg = P.PipelineConfig.preset("tiny", gen_time=None)
     path = P.answers_file(str(tmp_path))
     fake = FakeAnswers()
-    monkeypatch.setattr("mirror_rt.train.generate.generate_answers", fake)
+    monkeypatch.setattr("mirror_rt.answers.generate_answers", fake)
     _write_answers(path, train=[[6], [7]], eval=[[5]])  # the format before train_prompts
     prompts = {"train": [[1, 2], [1, 3]], "eval": [[1, 5]], "eos": [0]}
     assert P.get_answers(None, prompts, cfg, str(tmp_path), log=_quiet)["train"] == [[6], [7]]

@@ -1,67 +1,18 @@
-"""Offline training text and the train/eval prompt split (never a hub download).
+"""Offline training text (never a hub download): the prompts whose target answers train the draft
+and the exit head (``mirror_rt.answers`` makes the answers).
 
 Sources:
-* Spec-Bench questions (``question.jsonl``; ``turns[0]`` is the user message), split by id:
-  **evaluation** = question_id with ``(question_id // 2) % 2 == 0``, **train-allowed** = the rest.
-  ``is_eval_question`` is the one definition; training code only ever sees ``train_questions``
-  and evaluation (probe, demo, bench) uses ``eval_questions``. The split is by id, so it holds
-  for any subset of the file and for the other half of Spec-Bench.
-* The Python documentation shipped with the interpreter (``pydoc_data.topics``).
-* Hand-written instruction templates (``template_prompts``), some quoting pydoc paragraphs.
-The target's own greedy answers to these prompts are the training sequences
-(``mirror_rt.train.generate``).
+* the train-allowed side of the Spec-Bench split (``mirror_rt.prompts``: its one definition; the
+  evaluation side never enters training);
+* the Python documentation shipped with the interpreter (``pydoc_data.topics``);
+* hand-written instruction templates (``template_prompts``), some quoting pydoc paragraphs.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 
-SPEC_BENCH_ENV = "MIRROR_RT_SPEC_BENCH"
-SPEC_BENCH_DEFAULT = "/work/shared/data/spec_bench/question.jsonl"
-
-
-def is_eval_question(question_id: int) -> bool:
-    """The split: evaluation prompts are those with (question_id // 2) % 2 == 0."""
-    return (int(question_id) // 2) % 2 == 0
-
-
-def spec_bench_path(path: str | None = None) -> str:
-    path = path or os.environ.get(SPEC_BENCH_ENV) or SPEC_BENCH_DEFAULT
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Spec-Bench question file {path!r} not found (set {SPEC_BENCH_ENV} or pass a path)")
-    return path
-
-
-def load_questions(path: str | None = None) -> list[dict]:
-    """Spec-Bench questions: dicts with question_id, category, turns."""
-    with open(spec_bench_path(path)) as f:
-        out = [json.loads(line) for line in f if line.strip()]
-    for q in out:
-        if "question_id" not in q or not q.get("turns"):
-            raise ValueError(f"Spec-Bench entry without question_id/turns: {str(q)[:80]}")
-    return out
-
-
-def train_questions(path: str | None = None) -> list[dict]:
-    return [q for q in load_questions(path) if not is_eval_question(q["question_id"])]
-
-
-def eval_questions(path: str | None = None) -> list[dict]:
-    return [q for q in load_questions(path) if is_eval_question(q["question_id"])]
-
-
-def spread(items: list, n: int) -> list:
-    """n items taken evenly across the list, in order (all of them when n >= len): Spec-Bench files
-    are grouped by category, so the first n would all come from the first family."""
-    if n >= len(items):
-        return list(items)
-    return [items[i * len(items) // n] for i in range(max(n, 0))]
-
-
-def first_turns(questions: list[dict]) -> list[str]:
-    return [q["turns"][0] for q in questions]
+from mirror_rt.prompts import first_turns, train_questions
 
 
 def pydoc_paragraphs(min_chars: int = 200, max_chars: int = 1200) -> list[str]:

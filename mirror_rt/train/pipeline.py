@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from mirror_rt import prompts as Q
 from mirror_rt.train import data as D
 from mirror_rt.train.common import seed_everything, write_json
 
@@ -96,11 +97,11 @@ def prepare_prompts(tokenizer, cfg: PipelineConfig, spec_bench: str | None = Non
     from mirror_rt.train.self_prompts import chat_frame
 
     train_texts = D.training_prompts(cfg.n_templates, cfg.seed, spec_bench)
-    evals = D.eval_questions(spec_bench)
-    evals = D.spread(evals, cfg.n_eval)
+    evals = Q.eval_questions(spec_bench)
+    evals = Q.spread(evals, cfg.n_eval)
     eos = tokenizer.eos_token_id
     return {"train": encode_prompts(tokenizer, train_texts),
-            "eval": encode_prompts(tokenizer, D.first_turns(evals)),
+            "eval": encode_prompts(tokenizer, Q.first_turns(evals)),
             "eval_ids": [q["question_id"] for q in evals],
             "eos": [int(eos)] if eos is not None else [],
             "frame": chat_frame(tokenizer),
@@ -173,7 +174,7 @@ def get_answers(target, prompts: dict, cfg: PipelineConfig, work_dir: str, log=p
     - answered prompts of the file that are not in prompts["train"] join it (in this dict), except
       any equal to an evaluation prompt.
     Returns {"train": [...], "eval": [...], ...} aligned with prompts["train"] / prompts["eval"]."""
-    from mirror_rt.train.generate import generate_answers
+    from mirror_rt.answers import generate_answers
 
     path = answers_file(work_dir)
     known, known_eval, counters = _cached_answers(path, prompts, cfg.max_new_tokens)
@@ -283,7 +284,8 @@ def run_exit(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_d
 def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_dir: str, log=print) -> dict:
     """Train the SS draft; save out_dir/draft.safetensors (+ shards). Returns metrics."""
     from mirror_rt.models.streaming import StreamingDraft, save_streaming_draft
-    from mirror_rt.train.train_draft import VAL_KEYS, sd_acceptance, select_vocab, train_draft
+    from mirror_rt.answers import sd_acceptance
+    from mirror_rt.train.train_draft import VAL_KEYS, select_vocab, train_draft
 
     t0 = time.perf_counter()
     pad = prompts["eos"][0] if prompts["eos"] else 0

@@ -40,7 +40,7 @@ def sample_self_prompts(target, frame: dict, n: int, max_tokens: int = 96, batch
     the target closed within max_tokens and that are at least min_tokens long. Prompts equal to
     one in `exclude` (the evaluation prompts) are dropped. Seeded; each of n + n // 4 draws is one
     sampled sequence, so fewer than n come back when turns run long or repeat."""
-    from mirror_rt.train.generate import generate_answers
+    from mirror_rt.answers import generate_answers
 
     if n <= 0:
         return []

@@ -222,7 +222,7 @@ def train_draft(draft, seqs, weights, *, steps: int, batch_size: int = 8, max_le
         teacher = None
         if target is not None and kd > 0:
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                from mirror_rt.train.generate import teacher_forward
+                from mirror_rt.answers import teacher_forward
                 _, teacher = teacher_forward(target, ids)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss, parts = ss_loss(draft, ids, w, teacher, kd, stream_weight)
@@ -254,58 +254,3 @@ def train_draft(draft, seqs, weights, *, steps: int, batch_size: int = 8, max_le
     draft.eval()
     save()
     return history
-
-
-@torch.inference_mode()
-def simulate_sd(draft, prompt: list[int], answer: list[int], window: int = 7, use_streams: bool = True):
-    """Exact greedy vanilla-SD simulation of one sequence against the target's precomputed greedy
-    answer: each step the draft proposes `window` tokens from the committed context, accepted =
-    the longest prefix equal to the answer, then the target's own token follows.
-    Returns (steps [(answer index p, accepted a)], draft passes)."""
-    ctx, steps, passes, p = list(prompt), [], 0, 0
-    if hasattr(draft, "set_context_tokens"):
-        draft.set_context_tokens(prompt)
-    cache = draft.new_cache(min(len(prompt) + len(answer) + 2 * window + 8, draft.config.max_position))
-    while p < len(answer):
-        if cache.length < len(ctx) - 1:
-            tail = ctx[cache.length:-1]
-            draft.run_layers(draft.embed(torch.tensor([tail], device=draft.device)), 0, draft.num_layers, cache)
-            cache.commit(len(tail))
-        n = window
-        if use_streams and getattr(draft, "n_streams", 0):
-            toks, _, info = draft.propose_streams(cache, ctx[-1], n)
-            passes += info["passes"]
-        else:
-            toks, feed = [], ctx[-1]
-            for i in range(n):
-                feed = int(draft(torch.tensor([[feed]], device=draft.device), cache, tree_offset=i)[0, -1].argmax())
-                toks.append(feed)
-            passes += n
-        ref = answer[p:p + n]
-        a = 0
-        while a < len(ref) and toks[a] == ref[a]:
-            a += 1
-        a = min(a, len(answer) - 1 - p)
-        steps.append((p, a))
-        cache.commit(min(a + 1, n))
-        ctx += answer[p:p + a + 1]
-        p += a + 1
-    if hasattr(draft, "set_context_tokens"):
-        draft.set_context_tokens(None)
-    return steps, passes
-
-
-def sd_acceptance(draft, prompts: list[list[int]], answers: list[list[int]], window: int = 7,
-                  use_streams: bool = True) -> dict:
-    """Mean accepted length, histogram and draft passes per window of ``simulate_sd`` over
-    sequences (what a greedy SpeculativeDecoder run with this draft would report)."""
-    hist, passes = Counter(), 0
-    for prompt, answer in zip(prompts, answers):
-        if len(answer) < 2:
-            continue
-        steps, n = simulate_sd(draft, prompt, answer, window, use_streams)
-        passes += n
-        hist.update(a for _, a in steps)
-    steps = sum(hist.values())
-    return {"mean_accepted": sum(k * v for k, v in hist.items()) / max(steps, 1), "steps": steps,
-            "hist": dict(sorted(hist.items())), "passes_per_window": passes / max(steps, 1), "window": window}

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mirror_rt.exit_head import new_exit_head
 from mirror_rt.train.common import load_checkpoint, save_checkpoint, save_curve, seed_everything
-from mirror_rt.train.generate import pad_batch
+from mirror_rt.answers import pad_batch
 
 
 @torch.inference_mode()

@@ -1,12 +1,17 @@
-"""The target's own greedy answers to prompts: the training (and probe/eval) sequences.
-(Sampled continuations too: ``mirror_rt.train.self_prompts`` draws user turns this way.)
+"""The target's own answers to prompts, and what training, the probe and benchmarks measure on them.
 
-``generate_answers`` batches prompts through transformers' ``generate`` (left padding) when
-transformers is importable, with the target's weights copied from our runner (Llama-family),
-and falls back to our own autoregressive decoder one prompt at a time.
-``pad_batch`` right-pads sequences for teacher-forced forwards (causal: pads never leak left).
+* ``generate_answers``: the target's greedy (or sampled) answers. It batches prompts through
+  transformers' ``generate`` (left padding) when transformers is importable, with the target's
+  weights copied from our runner (Llama-family, ``to_hf``), and falls back to our own
+  autoregressive decoder one prompt at a time.
+* ``pad_batch`` right-pads sequences for teacher-forced forwards (causal: pads never leak left);
+  ``teacher_forward`` runs one and keeps chosen layers' hidden states.
+* ``simulate_sd`` / ``sd_acceptance``: the exact greedy vanilla-SD walk of a draft against those
+  answers (what a greedy ``SpeculativeDecoder`` with that draft would accept, without the target).
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from tqdm.auto import tqdm
@@ -150,3 +155,58 @@ def teacher_forward(target, ids: torch.Tensor, layers=()):
         keep[layer], done = h, layer
     h = target.run_layers(h, done, target.num_layers, cache)
     return keep, target.head(h)
+
+
+@torch.inference_mode()
+def simulate_sd(draft, prompt: list[int], answer: list[int], window: int = 7, use_streams: bool = True):
+    """Exact greedy vanilla-SD simulation of one sequence against the target's precomputed greedy
+    answer: each step the draft proposes `window` tokens from the committed context, accepted =
+    the longest prefix equal to the answer, then the target's own token follows.
+    Returns (steps [(answer index p, accepted a)], draft passes)."""
+    ctx, steps, passes, p = list(prompt), [], 0, 0
+    if hasattr(draft, "set_context_tokens"):
+        draft.set_context_tokens(prompt)
+    cache = draft.new_cache(min(len(prompt) + len(answer) + 2 * window + 8, draft.config.max_position))
+    while p < len(answer):
+        if cache.length < len(ctx) - 1:
+            tail = ctx[cache.length:-1]
+            draft.run_layers(draft.embed(torch.tensor([tail], device=draft.device)), 0, draft.num_layers, cache)
+            cache.commit(len(tail))
+        n = window
+        if use_streams and getattr(draft, "n_streams", 0):
+            toks, _, info = draft.propose_streams(cache, ctx[-1], n)
+            passes += info["passes"]
+        else:
+            toks, feed = [], ctx[-1]
+            for i in range(n):
+                feed = int(draft(torch.tensor([[feed]], device=draft.device), cache, tree_offset=i)[0, -1].argmax())
+                toks.append(feed)
+            passes += n
+        ref = answer[p:p + n]
+        a = 0
+        while a < len(ref) and toks[a] == ref[a]:
+            a += 1
+        a = min(a, len(answer) - 1 - p)
+        steps.append((p, a))
+        cache.commit(min(a + 1, n))
+        ctx += answer[p:p + a + 1]
+        p += a + 1
+    if hasattr(draft, "set_context_tokens"):
+        draft.set_context_tokens(None)
+    return steps, passes
+
+
+def sd_acceptance(draft, prompts: list[list[int]], answers: list[list[int]], window: int = 7,
+                  use_streams: bool = True) -> dict:
+    """Mean accepted length, histogram and draft passes per window of ``simulate_sd`` over
+    sequences (what a greedy SpeculativeDecoder run with this draft would report)."""
+    hist, passes = Counter(), 0
+    for prompt, answer in zip(prompts, answers):
+        if len(answer) < 2:
+            continue
+        steps, n = simulate_sd(draft, prompt, answer, window, use_streams)
+        passes += n
+        hist.update(a for _, a in steps)
+    steps = sum(hist.values())
+    return {"mean_accepted": sum(k * v for k, v in hist.items()) / max(steps, 1), "steps": steps,
+            "hist": dict(sorted(hist.items())), "passes_per_window": passes / max(steps, 1), "window": window}
