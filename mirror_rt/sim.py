@@ -125,3 +125,58 @@ def format_prediction(pred: dict) -> str:
     return (f"[{pred['decoder']}] law: {law} ms -> predicted step {ms(pred['pred_step_s'])} ms, "
             f"measured {ms(pred['meas_step_s'])} ms ({pred['explained']:.0%} explained); "
             f"tok/s predicted {pred['pred_tok_s']:.1f}, measured {pred['meas_tok_s']:.1f}")
+
+
+# --- the law applied to a plan (mirror_rt.planner): what one Mirror-SD step is predicted to give ---
+
+def accepted_by_position(accept_rates, window: int) -> float:
+    """E[A] for a window of `window` tokens with per-position acceptance a_1, a_2, ... (a_i: the
+    probability that w_i is accepted once w_1..w_{i-1} were; the last rate repeats beyond the list):
+    sum_{j=1..window} prod_{i<=j} a_i."""
+    if window <= 0:
+        return 0.0
+    if not accept_rates:
+        raise ValueError("accepted_by_position needs at least one acceptance rate")
+    total, reach = 0.0, 1.0
+    for j in range(window):
+        reach *= accept_rates[min(j, len(accept_rates) - 1)]
+        total += reach
+    return total
+
+
+def reuse_probability(hit_per_unit: float, units: float) -> float:
+    """P(the target's correction is among the branches) when each unit of branch budget (a
+    candidate per position, or a ranked branch) independently holds it with hit_per_unit:
+    1 - (1 - p)^units."""
+    if units <= 0:
+        return 0.0
+    return 1.0 - (1.0 - hit_per_unit) ** units
+
+
+def overlap_span(suffix: float, draft_gen: float, overlap: str) -> float:
+    """The middle of a Mirror step: max(suffix, draft) overlapped, their sum serially."""
+    return max(suffix, draft_gen) if overlap == "overlapped" else suffix + draft_gen
+
+
+def plan_rate(tokens_full: float, t_full: float, miss: float, fallback: str, t_fallback: float = 0.0,
+              t_empty: float = 0.0, miss_empty: float | None = None) -> tuple[float, float, float]:
+    """(tokens/s, mean seconds per step, mean tokens per step) of a Mirror plan in steady state.
+
+    tokens_full, t_full: tokens and seconds of a step with a window (1 + E[A]; the law's step time).
+    miss: P(no branch and no copied window holds the next window).
+    fallback "recompute": every miss adds t_fallback (a fresh window while the target waits).
+    fallback "exit": a miss makes the next step empty (1 token, t_empty); an empty step misses
+    again with miss_empty (default miss): empty steps per full step = miss / (1 - miss_empty)."""
+    if fallback == "recompute":
+        step = t_full + miss * t_fallback
+        return tokens_per_s(tokens_full, step), step, tokens_full
+    m0 = min(miss if miss_empty is None else miss_empty, 0.99)
+    empties = miss / (1.0 - m0)
+    tokens, seconds, steps = tokens_full + empties, t_full + empties * t_empty, 1.0 + empties
+    return tokens_per_s(tokens, seconds), seconds / steps, tokens / steps
+
+
+def sd_rate(accept_rates, window: int, draft_token: float, target_pass) -> float:
+    """Vanilla SD tokens/s at `window`: (1 + E[A]) / (window * draft_token + target_pass(window + 1))."""
+    return tokens_per_s(1.0 + accepted_by_position(accept_rates, window),
+                        sd_step_time(window * draft_token, target_pass(window + 1)))

@@ -1,0 +1,212 @@
+"""The planner on synthetic StepRecords: a made-up machine whose phase times and acceptance follow
+known rules, so each test knows which plan is right (the plans change speed only; the Mirror
+decoder's lossless tests cover the tokens)."""
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from mirror_rt.plan_model import candidate_plans, predict_plan
+from mirror_rt.planner import FixedPlanner, Plan, StepRecord, make_planner
+from mirror_rt.planner_auto import AutoPlanner, LineFit, MeasuredCosts, MeasuredRates
+
+
+@dataclass
+class Config:  # the fields a planner reads (MirrorConfig's names)
+    window: int = 7
+    kappa: int = 8
+    max_branches: int | None = None
+    min_branch_prob: float = 0.0
+    fallback: str = "recompute"
+    branch_policy: str = "per_position"
+    plan: str = "auto"
+
+
+@dataclass
+class Machine:
+    """Seconds per phase: target work grows with tokens checked; rollouts cost `per_branch` per
+    branch per depth; on shared cores overlap multiplies suffix and draft by `shared_slowdown`."""
+    prefix: float = 0.010
+    suffix: float = 0.030
+    per_token: float = 0.001
+    per_branch: float = 0.001
+    pass_s: float = 0.001
+    alpha: float = 0.6          # acceptance per position
+    hit: float = 0.5            # P(one candidate per position holds the correction)
+    shared_slowdown: float = 1.0
+    noise: float = 0.0
+
+    def step(self, plan: Plan, rng: random.Random) -> StepRecord:
+        jitter = lambda s: s * (1 + rng.uniform(-self.noise, self.noise))  # noqa: E731
+        if plan.overlap == "off":
+            return StepRecord(plan, 0, 0, False, False, False, 0, None,
+                              {"prefix": jitter(self.prefix), "suffix": jitter(self.suffix), "verify": 0.001})
+        n, T = plan.window, plan.window + 1
+        a = 0
+        while a < n and rng.random() < self.alpha:
+            a += 1
+        branches = T * plan.kappa
+        contained = rng.random() < 1 - (1 - self.hit) ** plan.kappa
+        slow = self.shared_slowdown if plan.overlap == "overlapped" else 1.0
+        suffix = jitter(self.suffix + self.per_token * T) * slow
+        draft = jitter(n * (self.pass_s + self.per_branch * branches)) * slow
+        phases = {"prefix": jitter(self.prefix + self.per_token * T), "exit": 0.001, "suffix": suffix,
+                  "draft": draft, "verify": 0.001,
+                  "wait": max(0.0, draft - suffix) if plan.overlap == "overlapped" else draft}
+        if not contained:
+            phases["fallback"] = n * self.pass_s * 2
+        return StepRecord(plan, a, n, contained, False, not contained, branches, contained, phases)
+
+
+def run(planner, machine, steps=200, seed=0):
+    rng = random.Random(seed)
+    for _ in range(steps):
+        planner.observe(machine.step(planner.plan(), rng))
+    return planner
+
+
+def settled(machine, steps=200, config=None, **kw):
+    return run(AutoPlanner(config or Config(), **kw), machine, steps).current
+
+
+def test_fixed_planner_returns_the_configs_settings():
+    p = make_planner(Config(window=3, kappa=2, fallback="exit", plan="fixed", min_branch_prob=0.05), None)
+    assert isinstance(p, FixedPlanner)
+    assert p.plan() == Plan(3, 2, None, 0.05, "exit", "overlapped")
+    p.observe(Machine().step(p.plan(), random.Random(0)))
+    assert p.history[0][0] == p.plan() and p.history[0][1] is None and p.history[0][2] > 0
+
+
+def test_top_k_is_read_as_kappa():
+    @dataclass
+    class Old:
+        window: int = 4
+        top_k: int = 3
+        plan: str = "fixed"
+    assert make_planner(Old(), None).plan().kappa == 3
+
+
+def test_keeps_rollouts_inside_the_suffix_when_overlap_pays():
+    plan = settled(Machine())  # own device: overlap costs nothing
+    assert plan.overlap == "overlapped"
+    m = Machine()
+    T = plan.window + 1
+    rollouts = plan.window * (m.pass_s + m.per_branch * T * plan.kappa)
+    assert rollouts <= (m.suffix + m.per_token * T) * 1.15  # the draft fits (nearly) under the suffix
+
+
+def test_stops_overlapping_when_the_cores_are_shared():
+    plan = settled(Machine(shared_slowdown=2.0))
+    assert plan.overlap != "overlapped"
+
+
+def test_inline_lane_never_overlaps():
+    @dataclass
+    class Placement:
+        lane: str = "inline"
+    p = run(AutoPlanner(Config(), Placement()), Machine(), 60)
+    assert all(plan.overlap != "overlapped" for plan, _, _ in p.history)
+
+
+def test_rollout_cost_up_means_fewer_branches():
+    cheap = settled(Machine(per_branch=0.0002))
+    dear = settled(Machine(per_branch=0.004))
+    assert dear.window * dear.kappa < cheap.window * cheap.kappa
+
+
+def test_longer_suffix_means_more_branches():
+    # a fresh window costs 4 ms a token: branches that save it are worth their rollouts
+    short = settled(Machine(suffix=0.010, per_branch=0.001, pass_s=0.004))
+    long = settled(Machine(suffix=0.080, per_branch=0.001, pass_s=0.004))
+    rollout_tokens = lambda p: p.window * (p.window + 1) * p.kappa  # noqa: E731
+    assert rollout_tokens(long) > rollout_tokens(short)
+    assert (long.window + 1) * long.kappa >= (short.window + 1) * short.kappa
+
+
+def test_higher_acceptance_means_a_longer_window():
+    low = settled(Machine(alpha=0.3, per_branch=0.0005))
+    high = settled(Machine(alpha=0.9, per_branch=0.0005))
+    assert high.window > low.window
+
+
+def test_target_alone_when_the_draft_never_helps():
+    plan = settled(Machine(alpha=0.0, hit=0.01, per_branch=0.003, shared_slowdown=2.0))
+    assert plan.overlap == "off"
+
+
+def test_hysteresis_no_flapping_on_noisy_records():
+    p = run(AutoPlanner(Config()), Machine(noise=0.3), 300, seed=1)
+    after_warmup = [plan for plan, _, _ in p.history[len(p.warmup):]]
+    switches = sum(1 for a, b in zip(after_warmup, after_warmup[1:]) if a != b)
+    probes = len(after_warmup) // p.probe_every
+    assert switches <= 2 * probes + 6  # probes come and go; the plan itself settles
+
+
+def test_warmup_is_cheap_and_history_records_predictions():
+    p = run(AutoPlanner(Config(window=7, kappa=8)), Machine(), 40)
+    for plan in p.warmup:
+        assert plan.window <= 7 and plan.kappa <= 4
+    assert {"overlapped", "serial"} <= {plan.overlap for plan in p.warmup}
+    late = p.history[-10:]
+    assert all(pred is not None and pred > 0 and meas > 0 for _, pred, meas in late)
+    s = p.summary()
+    assert sum(s["plans"].values()) == 40 and s["plan_now"] == p.current.label() and s["plan_pred_tok_s"] > 0
+
+
+def test_prediction_tracks_measurement_on_a_steady_machine():
+    p = run(AutoPlanner(Config()), Machine(), 200)
+    tail = [(pred, meas) for plan, pred, meas in p.history[-60:] if plan == p.current]
+    pred = sum(x for x, _ in tail) / len(tail)
+    meas = sum(y for _, y in tail) / len(tail)
+    assert pred == pytest.approx(meas, rel=0.15)
+
+
+def test_plans_stay_within_the_configs_bounds():
+    p = run(AutoPlanner(Config(window=3, kappa=2)), Machine(alpha=0.95, per_branch=0.0), 100)
+    assert all(plan.window <= 3 and plan.kappa <= 2 for plan, _, _ in p.history)
+
+
+def test_bad_settings_get_clear_errors():
+    with pytest.raises(ValueError, match="plan must be one of"):
+        make_planner(Config(plan="fast"), None)
+    with pytest.raises(ValueError, match="config.window"):
+        AutoPlanner(Config(window=0))
+    with pytest.raises(ValueError, match="config.kappa"):
+        AutoPlanner(Config(kappa=1.5))
+    with pytest.raises(ValueError, match="margin"):
+        AutoPlanner(Config(), margin=-0.1)
+    with pytest.raises(ValueError, match="Plan.overlap"):
+        Plan(3, 2, None, 0.0, "recompute", "parallel")
+    with pytest.raises(ValueError, match="Plan.fallback"):
+        Plan(3, 2, None, 0.0, "retry", "serial")
+    with pytest.raises(ValueError, match="Plan.kappa"):
+        Plan(3, 0, None, 0.0, "exit", "serial")
+    with pytest.raises(TypeError, match="StepRecord"):
+        AutoPlanner(Config()).observe({"accepted": 1})
+
+
+def test_line_fit_and_rates():
+    f = LineFit(decay=1.0, ridge=0.0)
+    for x in (1, 2, 3, 4):
+        f.add(x, 2 + 0.5 * x)
+    assert f(6) == pytest.approx(5.0)
+    flat = LineFit()
+    flat.add(3, 7.0)
+    assert flat(1) == pytest.approx(7.0) and flat(8) == pytest.approx(7.0)  # one size seen: no slope
+    r = MeasuredRates("per_position")
+    plan = Plan(4, 2, None, 0.0, "recompute", "serial")
+    for a in (4, 4, 0, 0):  # positions 1..4 tried twice and accepted; position 1 rejected twice
+        r.add(StepRecord(plan, a, 4, True, False, False, 10, True, {}))
+    rates = r.accept_rates
+    assert rates[0] < rates[1] and len(rates) == 4
+    costs = MeasuredCosts()
+    assert costs.suffix(4, "overlapped") == 0 and costs.off() == 0  # nothing measured yet: free
+    pred = predict_plan(plan, costs, r, "per_position")
+    assert pred.tok_s == 0.0 and pred.tokens_per_step > 1
+
+
+def test_candidates_cover_the_bounds():
+    plans = candidate_plans(5, 6)
+    assert {p.window for p in plans if p.overlap != "off"} == {1, 2, 3, 4, 5}
+    assert {p.kappa for p in plans if p.overlap != "off"} == {1, 2, 4, 6}
+    assert sum(p.overlap == "off" for p in plans) == 1
