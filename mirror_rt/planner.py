@@ -12,6 +12,7 @@ fallback or overlap, the step commits the target's tokens (DESIGN.md §6).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 FALLBACKS = ("recompute", "exit")
@@ -72,14 +73,26 @@ class StepRecord:
 
 def config_kappa(config) -> int:
     """kappa from a config that names it ``kappa`` (or ``top_k``, the older name)."""
-    return getattr(config, "kappa", None) or getattr(config, "top_k", None) or 8
+    kappa = getattr(config, "kappa", None)
+    if kappa is None:
+        with warnings.catch_warnings():  # an older config's top_k, read once
+            warnings.simplefilter("ignore", DeprecationWarning)
+            kappa = getattr(config, "top_k", None)
+    return kappa if kappa is not None else 8
+
+
+def config_field(config, name: str, default):
+    """A setting from the config itself or from its draft options (``config.draft``)."""
+    if hasattr(config, name):
+        return getattr(config, name)
+    return getattr(getattr(config, "draft", None), name, default)
 
 
 def fixed_plan(config) -> Plan:
     """The config's own settings as a plan: window, kappa, branch cap, floor, fallback, overlapped."""
     return Plan(window=int(getattr(config, "window", 7)), kappa=int(config_kappa(config)),
-                max_branches=getattr(config, "max_branches", None),
-                min_branch_prob=float(getattr(config, "min_branch_prob", 0.0)),
+                max_branches=config_field(config, "max_branches", None),
+                min_branch_prob=float(config_field(config, "min_branch_prob", 0.0)),
                 fallback=getattr(config, "fallback", "recompute"), overlap="overlapped")
 
 

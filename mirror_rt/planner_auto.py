@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from types import SimpleNamespace
 
 from mirror_rt.plan_model import Prediction, best_plan, candidate_plans, off_plan, predict_plan
-from mirror_rt.planner import Plan, StepRecord, config_kappa
+from mirror_rt.planner import Plan, StepRecord, config_field, config_kappa
 
 DECAY = 0.97  # weight of a step's evidence per later step: about the last 30 steps count
 
@@ -215,7 +215,7 @@ class AutoPlanner:
                              f">= 2; got {margin}, {patience}, {replan_every}, {probe_every}")
         self.policy = getattr(config, "branch_policy", "ranked")
         self.margin, self.patience, self.replan_every, self.probe_every = margin, patience, replan_every, probe_every
-        cap, floor = getattr(config, "max_branches", None), float(getattr(config, "min_branch_prob", 0.0))
+        cap, floor = config_field(config, "max_branches", None), float(config_field(config, "min_branch_prob", 0.0))
         lane = getattr(placement, "lane", None) or getattr(config, "lane", "auto")
         overlaps = ("serial",) if lane == "inline" else ("overlapped", "serial")
         self.plans = candidate_plans(self.max_window, self.max_kappa, cap, floor, overlaps)
