@@ -17,6 +17,11 @@ The step law is mirror_rt.sim's (DESIGN.md §1, plus the fallback term):
 The draft runs on a second device (its own bandwidth and matrix rate). Rates: E[A] from a per-token
 acceptance alpha (E[A] = alpha + ... + alpha^gamma) or given; fallback rate = 1 - containment or given;
 or both read from our own runs (specbench CSV: the mirror/sd rows per task family; or a stats JSON).
+
+A second table puts the planner (mirror_rt.planner_auto's search, mirror_rt.plan_model) on hardware
+profiles: the paper's GPU + NPU, an H200 with the draft on a second stream, an H200 with a Q4 draft
+on the host CPU, and a 2-core CPU. For each: the plan it picks within --window/--kappa, its
+predicted speedup over AR, SD at its best window, and the fixed plan at the bounds.
 """
 from __future__ import annotations
 
@@ -29,7 +34,11 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mirror_rt.sim import expected_accepted, mirror_step_time, sd_step_time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from mirror_rt.plan_model import best_plan, candidate_plans, predict_plan  # noqa: E402
+from mirror_rt.planner import Plan  # noqa: E402
+from mirror_rt.sim import expected_accepted, mirror_step_time, sd_rate, sd_step_time, tokens_per_s  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,125 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# --- the planner on hardware profiles ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Profile:
+    """Where target and draft run. slow_t / slow_d: how much longer the suffix / the rollouts take
+    while the two overlap (1.0: the draft has a device of its own)."""
+    name: str
+    target: Shape
+    draft: Shape
+    dev_t: Device
+    dev_d: Device
+    slow_t: float = 1.0
+    slow_d: float = 1.0
+    target_bytes: float = 2.0   # bytes per weight (bf16 2, fp32 4, Q4_0 0.5625)
+    draft_bytes: float = 2.0
+    rendezvous_s: float = 30e-6  # each of exit -> draft and verdict -> draft
+    note: str = ""
+
+
+H200 = Device(4.8e12, 989e12)       # H200 SXM: 4.8 TB/s HBM3e, ~989 TFLOP/s dense bf16
+NPU = Device(1.6e12, 320e12)        # assumed NPU-class draft device (Ascend 910B-like: ~1.6 TB/s, ~320 TFLOP/s)
+HOST_CPU = Device(2.0e11, 4e12)     # assumed server host: ~200 GB/s DRAM, ~4 TFLOP/s on the cores it lends
+SMOL = Shape("SmolLM2-135M", 30, 576, 1536, 9, 3, 64, 49152, source="HuggingFaceTB/SmolLM2-135M config.json")
+SMOL_DRAFT = Shape("smollm2-draft", 4, 576, 1536, 9, 3, 64, 8192, source="our draft: 4 layers, 8k-token head")
+TWO_CORES = Device(25e9, 0.15e12)   # 2-core CPU: both cores stream ~25 GB/s (bench/core_bandwidth.py)
+
+
+def draft_for(target: Shape) -> Shape:
+    return Shape(**{**DRAFT_BODY.__dict__, "vocab": target.vocab, "name": f"draft({target.vocab})"})
+
+
+def profiles() -> list[Profile]:
+    q14, q32 = TARGETS["qwen3-14b"], TARGETS["qwen3-32b"]
+    return [
+        Profile("GPU + NPU (paper)", q14, draft_for(q14), H100, NPU, note="draft on its own NPU (assumed rates)"),
+        Profile("H200, draft 2nd stream", q14, draft_for(q14), H200, H200, slow_t=1.10, slow_d=1.25,
+                note="one GPU; concurrent kernels share HBM and SMs (assumed slowdowns 1.10 / 1.25)"),
+        Profile("H200 + host-CPU draft", q32, draft_for(q32), H200, HOST_CPU, draft_bytes=0.5625,
+                rendezvous_s=50e-6, note="Q4_0 draft on the host's cores (assumed host rates)"),
+        Profile("2-core CPU (this one)", SMOL, SMOL_DRAFT, TWO_CORES, TWO_CORES, slow_t=1.82, slow_d=1.82,
+                target_bytes=4.0, draft_bytes=4.0, rendezvous_s=1e-3,
+                note="fp32; overlap gives each side one core: 25 / 13.7 GB/s (RESULTS, core bandwidth)"),
+    ]
+
+
+class RooflineCosts:
+    """mirror_rt.plan_model's ``costs`` from the roofline of one profile."""
+
+    def __init__(self, prof: Profile, context: int, exit_frac: float):
+        self.p, self.context = prof, context
+        self.le = max(1, min(prof.target.layers - 1, round(prof.target.layers * exit_frac)))
+
+    def _t(self, side: str, tokens: float, **kw) -> float:
+        p = self.p
+        shape, dev, nbytes = (p.target, p.dev_t, p.target_bytes) if side == "t" else (p.draft, p.dev_d, p.draft_bytes)
+        return roofline_s(forward_cost(shape, max(tokens, 1), self.context, dtype_bytes=nbytes, **kw), dev)
+
+    def prefix(self, T):
+        return self._t("t", T, layers=self.le, lm_head=False)
+
+    def exit(self, T):
+        return self._t("t", T, layers=0) + self.p.rendezvous_s  # the exit head: the LM head (logit lens)
+
+    def suffix(self, T, overlap):
+        slow = self.p.slow_t if overlap == "overlapped" else 1.0
+        return slow * self._t("t", T, layers=self.p.target.layers - self.le)
+
+    def draft(self, branches, depth, overlap):
+        slow = self.p.slow_d if overlap == "overlapped" else 1.0
+        return slow * depth * self._t("d", branches) if branches > 0 else 0.0
+
+    def verify(self, T):
+        return self.p.rendezvous_s
+
+    def fallback(self, window):
+        return window * self._t("d", 1)
+
+    def lane(self):
+        return 0.0
+
+    def off(self):
+        return self._t("t", 1)
+
+    def residual(self, overlap):
+        return 0.0
+
+
+def plan_profile(prof: Profile, alpha: float, containment: float, max_window: int, max_kappa: int,
+                 context: int = 1024, exit_frac: float = 0.5) -> dict:
+    """The planner's choice on one profile, its predicted speedup over AR, SD at its best window and
+    Mirror-SD at the fixed (max_window, max_kappa) plan, all from the same law."""
+    costs = RooflineCosts(prof, context, exit_frac)
+    p_unit = 1.0 - (1.0 - containment) ** (1.0 / max_kappa)  # containment is given at max_kappa
+    rates = SimpleNamespace(accept_rates=[alpha], hit_per_unit=p_unit, lookup_rate=0.0, fill=1.0)
+    plan, pred = best_plan(candidate_plans(max_window, max_kappa), costs, rates, "per_position")
+    ar = tokens_per_s(1.0, costs.off())
+    sd = {w: sd_rate([alpha], w, costs.fallback(1), lambda T: costs._t("t", T)) for w in range(1, max_window + 1)}
+    sd_w = max(sd, key=sd.get)
+    fixed = predict_plan(Plan(max_window, max_kappa, None, 0.0, "recompute", "overlapped"), costs, rates,
+                         "per_position")
+    return {"profile": prof.name, "plan": plan, "pred": pred, "ar_ms": 1e3 / ar, "sd_window": sd_w,
+            "sd_x": sd[sd_w] / ar, "mirror_x": pred.tok_s / ar, "fixed_x": fixed.tok_s / ar, "note": prof.note}
+
+
+def print_profiles(alpha: float, containment: float, max_window: int, max_kappa: int, context: int):
+    print(f"\nPLANNER on hardware profiles (PREDICTION; alpha {alpha}, containment {containment} at kappa "
+          f"{max_kappa}; the planner's bounds: window {max_window}, kappa {max_kappa})")
+    head = (f"{'profile':>24} {'AR ms':>6} {'planner chooses':>28} {'Mirror x':>8} {'SD x (w)':>9} "
+            f"{'fixed w/k x':>11}")
+    print(head + "\n" + "-" * len(head))
+    rows = [plan_profile(p, alpha, containment, max_window, max_kappa, context) for p in profiles()]
+    for r in rows:
+        print(f"{r['profile']:>24} {r['ar_ms']:6.2f} {r['plan'].label():>28} {r['mirror_x']:8.2f} "
+              f"{r['sd_x']:6.2f} ({r['sd_window']}) {r['fixed_x']:11.2f}")
+    for p in profiles():
+        print(f"  {p.name}: {p.note}")
+    return rows
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.from_csv:
@@ -220,6 +348,8 @@ def main(argv=None):
     print(f"draft: {DRAFT_BODY.name} {DRAFT_BODY.layers}L h{DRAFT_BODY.hidden} ffn{DRAFT_BODY.intermediate} "
           f"{DRAFT_BODY.heads}/{DRAFT_BODY.kv_heads} heads, the target's vocabulary [{DRAFT_BODY.source}]")
     print(PAPER_ABSTRACT)
+    alpha = a.acceptance
+    print_profiles(alpha, a.containment, a.window, a.kappa, a.context)
     return 0
 
 

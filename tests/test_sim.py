@@ -113,3 +113,48 @@ def test_paper_column_is_the_abstracts_range_and_never_invented(monkeypatch):
     assert sim.paper_speedup("qa") == "n/a"  # per-family numbers unknown: not made up
     monkeypatch.setattr(sim, "PAPER_TABLE1", {"qa": 3.25})
     assert sim.paper_speedup("qa") == "3.25"
+
+
+def test_law_over_plans_by_hand():
+    from mirror_rt.sim import accepted_by_position, overlap_span, plan_rate, reuse_probability, sd_rate
+    assert accepted_by_position([0.5, 0.5, 0.5], 3) == pytest.approx(expected_accepted(0.5, 3))
+    assert accepted_by_position([1.0, 0.5], 3) == pytest.approx(1 + 0.5 + 0.25)  # the last rate repeats
+    assert accepted_by_position([0.9], 0) == 0.0
+    with pytest.raises(ValueError):
+        accepted_by_position([], 2)
+    assert reuse_probability(0.5, 2) == pytest.approx(0.75) and reuse_probability(0.5, 0) == 0.0
+    assert overlap_span(3.0, 5.0, "overlapped") == 5.0 and overlap_span(3.0, 5.0, "serial") == 8.0
+    # recompute: each miss adds a fresh window: 2 tokens in 10 + 0.5 * 4 = 12 s
+    assert plan_rate(2.0, 10.0, 0.5, "recompute", t_fallback=4.0) == pytest.approx((2 / 12, 12.0, 2.0))
+    # exit: a miss (p 0.5) makes the next step empty (1 token, 6 s); an empty step misses with 0.5:
+    # one empty step per full step -> (2 + 1) tokens in (10 + 6) s over 2 steps
+    assert plan_rate(2.0, 10.0, 0.5, "exit", t_empty=6.0) == pytest.approx((3 / 16, 8.0, 1.5))
+    # SD: (1 + E[A]) / (w * draft + target(w + 1))
+    assert sd_rate([0.5], 2, 1.0, lambda T: 2.0 * T) == pytest.approx((1 + 0.75) / (2 + 6))
+
+
+def test_planner_on_profiles_overlaps_where_the_draft_has_its_own_device(capsys):
+    sim = load_simulate()
+    rows = {r["profile"]: r for r in sim.print_profiles(0.8, 0.9, 7, 8, 1024)}
+    out = capsys.readouterr().out
+    assert "PLANNER on hardware profiles" in out and "2-core CPU" in out
+    own_device = [p.name for p in sim.profiles() if p.name != "2-core CPU (this one)"]
+    assert len(own_device) == 3
+    for name in own_device:
+        r = rows[name]
+        assert r["plan"].overlap == "overlapped", name
+        assert r["mirror_x"] > r["sd_x"] > 1, name  # the law puts planned Mirror-SD ahead of SD's best window
+        assert r["mirror_x"] >= r["fixed_x"] - 1e-9  # the plan is never worse than the bounds' fixed plan
+    cpu = rows["2-core CPU (this one)"]
+    assert cpu["mirror_x"] < cpu["sd_x"]  # shared cores: SD stays ahead (RESULTS, perfect-draft section)
+
+
+def test_profile_choice_moves_with_the_draft_device():
+    sim = load_simulate()
+    gpu_npu = sim.profiles()[0]
+    fast = sim.plan_profile(gpu_npu, 0.8, 0.9, 7, 8)
+    slow_npu = sim.Profile("slow NPU", gpu_npu.target, gpu_npu.draft, gpu_npu.dev_t,
+                           sim.Device(0.2e12, 40e12))
+    slow = sim.plan_profile(slow_npu, 0.8, 0.9, 7, 8)
+    work = lambda p: p.window * (p.window + 1) * p.kappa  # noqa: E731 - rollout tokens a step
+    assert work(slow["plan"]) < work(fast["plan"])
