@@ -8,6 +8,8 @@ import argparse
 import sys
 import time
 
+from mirror_rt.cli_checks import check_args
+
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 # The context lookup (mirror_rt/decoders/lookup.py) is on in the CLI: on held-out Spec-Bench
 # answers it raised greedy SD's mean accepted length at window 7 from 0.33 to 1.10 with our
@@ -79,7 +81,10 @@ def load_pair(args):
     target = load_model(path, device=args.device)
     if not args.target:
         target.name = default.DEFAULT_TARGET_NAME
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(target.source or path)
+    args.exit_head_fn = None
+    if getattr(args, "decoder", None) == "ar":  # no draft, no exit head: nothing to load
+        return target, None, tokenizer, None
     if args.draft:
         draft, label = load_draft(args.draft, target), args.draft
     elif args.target:
@@ -87,7 +92,6 @@ def load_pair(args):
         label = f"truncated copy of the target ({default.DEFAULT_DRAFT_LAYERS} of {target.num_layers} layers + LM head)"
     else:
         draft, label = default.load_default_draft(target)
-    args.exit_head_fn = None
     if args.exit_head and args.exit_head != "none":
         from mirror_rt.exit_head import load_exit_head
         args.exit_head_fn = load_exit_head(args.exit_head, target)
@@ -125,27 +129,23 @@ def make_decoder(name, target, draft, args):
 
 
 def cmd_generate(args):
+    from mirror_rt.generation import TextStreamer, resolve_eos
     from mirror_rt.tokenizer import encode_chat
 
     target, draft, tok, label = load_pair(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = encode_chat(tok, prompt, target.device)
     dec = make_decoder(args.decoder, target, draft, args)
-    shown = []
-
-    def stream(new):  # decode the whole text each time so multi-token characters come out right
-        before = tok.decode(shown, skip_special_tokens=True)
-        shown.extend(new)
-        sys.stdout.write(tok.decode(shown, skip_special_tokens=True)[len(before):])
-        sys.stdout.flush()
-
-    out = dec.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, temperature=args.temperature,
+    stream = TextStreamer(tok)  # prints text as later tokens can no longer change it
+    eos = resolve_eos(target) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    out = dec.generate(ids, args.max_new_tokens, eos_token_id=eos, temperature=args.temperature,
                        seed=args.seed, stream=stream)
+    stream.end()
     print()
     s = out.stats
     extra = f", reuse {s['reuse_rate']:.0%}, fallback {s['fallback_rate']:.0%}" if "reuse_rate" in s else ""
     print(f"[{args.decoder}] {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, mean accepted "
-          f"{s['mean_accepted']:.2f}{extra}; draft: {label}", file=sys.stderr)
+          f"{s['mean_accepted']:.2f}{extra}{f'; draft: {label}' if label else ''}", file=sys.stderr)
     if hasattr(dec, "close"):
         dec.close()
 
@@ -191,6 +191,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
+        check_args(args)  # bad values fail here, before any model loads
         args.func(args)
     except USER_ERRORS as e:
         print(f"mirror-rt: error: {e}", file=sys.stderr)

@@ -250,3 +250,137 @@ def test_device_checked_before_loading(tmp_path):
         load_model(tmp_path / "nothing", device="cuda")
     with pytest.raises(ValueError, match="not a torch device"):
         load_model(tmp_path / "nothing", device="gpu0")
+
+
+# --- errors before work: the CLI ------------------------------------------------------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: the CLI must refuse bad arguments before loading."""
+    import mirror_rt.models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(mirror_rt.models, "load_model", refuse)
+    monkeypatch.setattr("mirror_rt.models.loader.load_model", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--window", "0"], "--window must be >= 1"),
+    (["--window", "65"], "--window must be <= 64"),
+    (["--kappa", "0"], "--kappa must be >= 1"),
+    (["--min-draft-prob", "1.5"], "--min-draft-prob must be in"),
+    (["--min-branch-prob", "-0.1"], "--min-branch-prob must be in"),
+    (["--lane", "gpu"], "--lane must be one of"),
+    (["--target", "/no/such/dir"], "no such file"),
+    (["--draft", "truncated:x"], "truncated:N"),
+    (["--exit-head", "/no/such/head.safetensors"], "no such file"),
+])
+def test_cli_checks_arguments_before_loading(no_loading, capsys, argv, message):
+    import time
+
+    from mirror_rt.cli import main
+
+    t0 = time.perf_counter()
+    assert main(["generate", "hi", *argv]) == 2
+    assert time.perf_counter() - t0 < 2.0
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
+def test_cli_checks_the_device_before_loading(no_loading, capsys):
+    from mirror_rt.cli import main
+
+    assert main(["generate", "hi", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' requested" in err and "Traceback" not in err
+
+
+def test_cli_target_without_tokenizer_says_so(no_loading, tmp_path, capsys):
+    from helpers import save_hf_checkpoint
+
+    from mirror_rt.cli import main
+
+    save_hf_checkpoint(tmp_path, "llama")
+    assert main(["generate", "hi", "--target", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer files" in err and "sentencepiece" not in err
+
+
+@pytest.fixture
+def tiny_dir_with_tokenizer(tmp_path, byte_tok):
+    """A tiny random Llama saved with the byte-level tokenizer (vocabulary 300 >= its 287 tokens)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from helpers import save_hf_checkpoint
+
+    save_hf_checkpoint(tmp_path, "llama", seed=2, vocab_size=300, eos_token_id=299)
+    PreTrainedTokenizerFast(tokenizer_object=byte_tok).save_pretrained(str(tmp_path))
+    return tmp_path
+
+
+def test_cli_ar_streams_text_and_names_no_draft(tiny_dir_with_tokenizer, capsys):
+    from mirror_rt import AutoregressiveDecoder, load_model
+    from mirror_rt.cli import main
+
+    assert main(["generate", "hello world", "--target", str(tiny_dir_with_tokenizer), "--decoder", "ar",
+                 "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert "draft:" not in err and "[ar] 6 tokens" in err
+    model = load_model(tiny_dir_with_tokenizer)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir_with_tokenizer))
+    ids = torch.tensor([tok("hello world")["input_ids"]])
+    expected = AutoregressiveDecoder(model).generate(ids, 6).tokens[0].tolist()
+    assert out == tok.decode(expected, skip_special_tokens=True) + "\n"
+
+
+# --- errors before work: the ops ------------------------------------------------------------
+
+def test_forced_triton_on_cpu_says_why(monkeypatch):
+    from mirror_rt import ops
+
+    monkeypatch.setenv("MIRROR_RT_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops, "_triton_ok", lambda: True)  # installed or not, the device is the problem
+    with pytest.raises(ValueError, match="MIRROR_RT_BACKEND=triton cannot run on cpu.*TRITON_INTERPRET=1"):
+        ops.pick_backend(torch.device("cpu"))
+    monkeypatch.setattr(ops, "_triton_ok", lambda: False)
+    with pytest.raises(ValueError, match="MIRROR_RT_BACKEND=triton.*cannot be imported"):
+        ops.pick_backend(torch.device("cuda"))
+
+
+def test_forced_cpp_without_the_extension_says_why(monkeypatch):
+    from mirror_rt import ops
+
+    monkeypatch.setenv("MIRROR_RT_BACKEND", "cpp")
+    monkeypatch.setattr(ops, "_cpp", lambda: None)
+    with pytest.raises(ValueError, match="MIRROR_RT_BACKEND=cpp.*not built"):
+        ops.pick_backend(torch.device("cpu"), "tree_attention")
+    with pytest.raises(ValueError, match="MIRROR_RT_BACKEND=cpp.*CPU tensors"):
+        ops.pick_backend(torch.device("meta"), "tree_attention")
+    assert ops.pick_backend(torch.device("cpu")) == "cpp"  # an op without a C++ operator: the reference
+
+
+@pytest.mark.parametrize("mode", ["greedy", "match", "rejection"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_verify_accept_refuses_non_finite_logits(mode, bad):
+    from mirror_rt import ops
+
+    tokens = torch.tensor([[5, 1, 2], [5, 3, 4]])
+    parents = torch.tensor([[-1, 0, 1], [-1, 0, 1]], dtype=torch.int32)
+    logits = torch.randn(2, 3, 11)
+    extra = {"draft_probs": torch.full((2, 3, 11), 1 / 11)} if mode == "rejection" else {}
+    ops.verify_accept(tokens, parents, logits, mode, **extra)  # finite: fine
+    logits[1, 2, 7] = bad
+    with pytest.raises(FloatingPointError, match=r"target_logits hold NaN/inf values \(batch rows \[1\]\)"):
+        ops.verify_accept(tokens, parents, logits, mode, **extra)
+    if mode == "rejection":
+        extra["draft_probs"][0, 0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match="draft_probs"):
+            ops.verify_accept(tokens, parents, torch.randn(2, 3, 11), mode, **extra)

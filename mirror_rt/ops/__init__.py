@@ -47,10 +47,33 @@ def forced_backend() -> str:
     return _FORCED[1]
 
 
+def _why_forced_cannot_run(forced: str, device: torch.device, cpp_op: str | None) -> str | None:
+    """Why the forced backend cannot run this op on `device` here, or None when it can."""
+    if forced == "triton":
+        if not _triton_ok():
+            return "Triton (or mirror_rt.triton_kernels) cannot be imported"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            return ("the Triton kernels run on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 "
+                    "set before Triton is imported")
+        if device.type not in ("cpu", "cuda"):
+            return f"the Triton kernels do not run on {device.type} tensors"
+    if forced == "cpp" and cpp_op is not None:  # an op without a C++ operator runs the reference
+        if device.type != "cpu":
+            return f"the C++ operators run on CPU tensors, these are on {device}"
+        if not hasattr(_cpp() or object(), cpp_op):
+            return (f"the C++ extension mirror_rt._C is not built here (or lacks {cpp_op}); "
+                    "reinstall the package to build it")
+    return None
+
+
 def pick_backend(device: torch.device, cpp_op: str | None = None) -> str:
-    """Which backend runs an op on `device` (honours MIRROR_RT_BACKEND)."""
+    """Which backend runs an op on `device` (honours MIRROR_RT_BACKEND; a forced backend that
+    cannot run here raises ValueError saying which and why)."""
     forced = forced_backend()
     if forced:
+        why = _why_forced_cannot_run(forced, device, cpp_op)
+        if why:
+            raise ValueError(f"MIRROR_RT_BACKEND={forced} cannot run on {device.type} tensors here: {why}")
         return forced
     if device.type == "cuda" and _triton_ok():
         return "triton"
@@ -88,6 +111,9 @@ def verify_accept(tokens, parents, target_logits, mode="greedy", *, temperature=
     """
     checks.check_verify_accept(tokens, parents, target_logits, mode, temperature, top_k, top_p,
                                draft_probs, uniforms)
+    checks.check_finite("target_logits", target_logits)
+    if mode == "rejection":
+        checks.check_finite("draft_probs", draft_probs)
     if mode != "greedy" and uniforms is None:
         uniforms = torch.rand(tokens.shape, device=target_logits.device)
     backend = pick_backend(target_logits.device)

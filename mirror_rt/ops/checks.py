@@ -97,3 +97,12 @@ def check_verify_accept(tokens, parents, target_logits, mode, temperature, top_k
         _need(tuple(draft_probs.shape) == (B, T, V), ValueError,
               f"draft_probs must be [B={B}, T={T}, V={V}], got {tuple(draft_probs.shape)}")
         _need(draft_probs.is_floating_point(), TypeError, f"draft_probs must be float, got {draft_probs.dtype}")
+
+
+def check_finite(name: str, t: torch.Tensor):
+    """FloatingPointError when t holds NaN/inf (as the decoders raise for a model's logits): a NaN
+    logit would otherwise verify silently (argmax of NaN rows is 0). One host sync on a GPU."""
+    finite = torch.isfinite(t).flatten(1).all(1) if t.dim() > 1 else torch.isfinite(t).all()[None]
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        raise FloatingPointError(f"{name} hold NaN/inf values (batch rows {rows}); refusing to verify tokens")
