@@ -1,0 +1,205 @@
+"""AutoDecoder: autoregressive, vanilla SD or Mirror-SD, whichever this machine and pair run fastest.
+
+The first ``generate`` call measures all three on the request itself: AR writes the first few
+tokens, SD continues from them, Mirror-SD continues from SD's, each a short probe; then the
+latency law (mirror_rt.sim) turns each probe's phase times into a predicted tokens/s: AR's
+measured rate, SD's at its best window from its measured acceptance by position, Mirror-SD's
+from its planner. The fastest (a simpler decoder wins ties within ``margin``) writes the rest, and
+every later call, until its measured rate drifts more than ``drift`` from the prediction that
+chose it; the next call then measures again.
+
+Lossless whatever it picks: every decoder emits the target's tokens (greedy: exactly AR's), and a
+continuation from any prefix is the target's continuation. Sampling: each piece draws from the
+target's distribution given what came before, with its own seed derived from ``seed``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mirror_rt.decoders.autoregressive import AutoregressiveDecoder
+from mirror_rt.decoders.base import GenerationOutput, as_prompt
+from mirror_rt.decoders.mirror import MirrorConfig, MirrorDecoder
+from mirror_rt.decoders.speculative import SpeculativeDecoder
+from mirror_rt.sim import SETUP_PHASES, accepted_by_position, predict_from_stats, tokens_per_s
+
+NAMES = ("ar", "sd", "mirror")
+
+
+class AutoDecoder:
+    """target, draft: as for the other decoders; config: the MirrorConfig for Mirror-SD (its window
+    also bounds SD's); placement: Mirror-SD's Placement (None: its default).
+    probe: new tokens each decoder writes while measured (ar, sd, mirror); margin: how much faster a
+    more complex decoder must be predicted to be chosen; drift: the relative gap between the chosen
+    decoder's measured and predicted tokens/s that makes the next call measure again."""
+
+    def __init__(self, target, draft, config: MirrorConfig | None = None, placement=None, *,
+                 probe=(8, 16, 24), margin: float = 0.02, drift: float = 0.10):
+        if len(probe) != 3 or any(not isinstance(n, int) or n < 1 for n in probe):
+            raise ValueError(f"probe must be three positive token counts (ar, sd, mirror), got {probe!r}")
+        if not 0 <= margin < 1 or not 0 < drift < 1:
+            raise ValueError(f"AutoDecoder needs 0 <= margin < 1 and 0 < drift < 1, got {margin}, {drift}")
+        self.target, self.draft = target, draft
+        self.mirror = MirrorDecoder(target, draft, config) if placement is None else \
+            MirrorDecoder(target, draft, config, placement)
+        self.max_window = self.mirror.config.window
+        self.decoders = {"ar": AutoregressiveDecoder(target), "sd": SpeculativeDecoder(target, draft, self.max_window),
+                         "mirror": self.mirror}
+        self.probe, self.margin, self.drift = dict(zip(NAMES, probe)), margin, drift
+        self.estimates: dict[str, float] = {}   # predicted tokens/s per decoder from the last probes
+        self.choice: str | None = None
+        self.reason = ""
+        self.ratio = 1.0                        # running measured / predicted of the chosen decoder
+
+    # --- lifetime: Mirror-SD's lane -------------------------------------------------------------
+    def close(self):
+        self.mirror.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None, **kwargs):
+        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n] int64, stats); keywords as
+        the other decoders' generate (top_k, top_p, stream, stop, tokenizer, ...). stats: the chosen
+        decoder's, with decoder "auto", auto_choice, auto_reason, auto_estimates (predicted tok/s each)
+        and auto_pieces ([decoder, tokens] in order)."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        ids = as_prompt(input_ids, self.target.config.vocab_size, self.target.device)[None]
+        t0 = time.perf_counter()
+        stopper = _stop_checker(kwargs.get("stop"), kwargs.get("tokenizer"))
+        eos = _eos_ids(self.target, eos_token_id)
+        new, pieces, last_stats, done, used = [], [], None, False, None
+        order = [n for n in NAMES if self.choice is None and n not in self.estimates]
+        while not done and len(new) < max_new_tokens:
+            if order:  # still measuring
+                name = order.pop(0)
+            else:
+                name = used = self._choose()
+            budget = max_new_tokens - len(new)
+            n = min(budget, self.probe[name]) if name not in self.estimates else budget
+            piece_seed = None if seed is None else seed + 1_000_003 * len(pieces)
+            prefix = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], 1) if new else ids
+            out = self.decoders[name].generate(prefix, n, eos_token_id=eos_token_id, temperature=temperature,
+                                               seed=piece_seed, **kwargs)
+            got = out.tokens[0].tolist()
+            if stopper is not None:
+                keep = stopper(got)
+                if keep is not None:
+                    got, done = got[:keep], True
+            new += got
+            pieces.append([name, len(got)])
+            last_stats = out.stats
+            done = done or len(got) < n or (bool(got) and got[-1] in eos)
+            if name not in self.estimates and len(got) == n:
+                self.estimates[name] = self._estimate(name, out.stats)
+            elif name == self.choice:
+                self._track(out.stats)
+        if self.choice is None and len(self.estimates) == len(NAMES):
+            used = self._choose()
+        stats = dict(last_stats or {})
+        wall = time.perf_counter() - t0
+        stats.update(decoder="auto", new_tokens=len(new), wall_s=wall, tokens_per_s=tokens_per_s(len(new), wall),
+                     auto_choice=self.choice or used, auto_reason=self.reason, auto_estimates=dict(self.estimates) or None,
+                     auto_pieces=pieces)
+        return GenerationOutput(torch.tensor([new], dtype=torch.int64, device=self.target.device), stats)
+
+    # --- the choice -----------------------------------------------------------------------------
+    def _choose(self) -> str:
+        if self.choice is None:
+            est = self.estimates
+            best = "ar"
+            for name in ("sd", "mirror"):  # a more complex decoder must win by the margin
+                if name in est and est[name] > est[best] * (1 + self.margin):
+                    best = name
+            self.choice, self.ratio = best, 1.0
+            rest = ", ".join(f"{n} {est[n]:.1f}" for n in NAMES if n in est and n != best)
+            self.reason = (f"{best}: predicted {est[best]:.1f} tok/s against {rest} (latency law on a measured probe"
+                           f"{self._detail(best)}; margin {self.margin:.0%})")
+        return self.choice
+
+    def _detail(self, name: str) -> str:
+        if name == "sd":
+            return f", SD window {self.decoders['sd'].window}"
+        if name == "mirror" and getattr(self, "mirror_plan", None):
+            return f", plan {self.mirror_plan}"
+        return ""
+
+    def _estimate(self, name: str, stats: dict) -> float:
+        """Predicted decode tokens/s of `name` from its probe's stats."""
+        if name == "sd":
+            return self._best_sd(stats)
+        if name == "mirror":
+            planned = stats.get("plan_pred_tok_s")
+            self.mirror_plan = stats.get("plan_now")
+            if planned:
+                return planned
+        return _decode_rate(stats)
+
+    def _best_sd(self, stats: dict) -> float:
+        """SD at the window the law predicts fastest (1..the config's window), from the probe's
+        acceptance by position and its draft and target costs; switches SD to that window."""
+        steps, w = stats.get("steps", 0), self.decoders["sd"].window
+        if not steps:
+            return _decode_rate(stats)
+        ph = stats.get("phase_s", {})
+        draft_token = ph.get("draft", 0.0) / (steps * w)
+        target = (ph.get("target", 0.0) + ph.get("verify", 0.0)) / steps
+        rest = max(0.0, predict_from_stats(stats)["meas_step_s"] - draft_token * w - target)  # what the law misses
+        rates = _accept_rates(stats.get("accepted_hist", {}), w)
+        best = max(range(1, self.max_window + 1),
+                   key=lambda k: (1 + accepted_by_position(rates, k)) / (k * draft_token + target + rest))
+        if best != w:
+            self.decoders["sd"] = SpeculativeDecoder(self.target, self.draft, best)
+        return (1 + accepted_by_position(rates, best)) / (best * draft_token + target + rest)
+
+    def _track(self, stats: dict):
+        """After a piece by the chosen decoder: measure again next call if the rate drifted."""
+        if stats.get("new_tokens", 0) < 8 or not self.estimates.get(self.choice):
+            return
+        self.ratio = 0.5 * self.ratio + 0.5 * _decode_rate(stats) / self.estimates[self.choice]
+        if abs(self.ratio - 1) > self.drift:
+            self.reason += f"; measured {self.ratio:.0%} of the prediction: measuring again"
+            self.choice, self.estimates = None, {}
+
+
+def _decode_rate(stats: dict) -> float:
+    """Tokens/s of the decoding steps (prefill and other set-up excluded)."""
+    setup = sum(stats.get("phase_s", {}).get(p, 0.0) for p in SETUP_PHASES)
+    return tokens_per_s(stats.get("new_tokens", 0), max(stats.get("wall_s", 0.0) - setup, 1e-9))
+
+
+def _accept_rates(hist: dict, window: int) -> list[float]:
+    """a_i = P(w_i accepted | w_1..w_{i-1} accepted) from an accepted-length histogram at `window`."""
+    hist = {int(k): v for k, v in hist.items()}
+    rates = []
+    for i in range(1, window + 1):
+        reached = sum(v for k, v in hist.items() if k >= i - 1)
+        took = sum(v for k, v in hist.items() if k >= i)
+        rates.append((took + 0.5) / (reached + 1.0))
+    return rates
+
+
+def _eos_ids(target, eos_token_id) -> set:
+    try:
+        from mirror_rt.generation import resolve_eos
+        return set(resolve_eos(target, eos_token_id))
+    except ImportError:  # noqa: PERF203 - an older build: only the ids given
+        if eos_token_id is None:
+            return set()
+        return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def _stop_checker(stop, tokenizer):
+    """Stop strings across pieces: a callable(ids) -> how many of `ids` to keep, or None."""
+    if stop is None:
+        return None
+    from mirror_rt.generation import StopStrings
+    s = StopStrings(stop, tokenizer)
+    return s.feed

@@ -1,0 +1,113 @@
+"""AutoDecoder: lossless whatever it picks, says what it picked and why, measures again on drift."""
+import pytest
+import torch
+from mirror_helpers import SlowDraft, tiny_pair
+
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig
+from mirror_rt.decoders.auto import NAMES, AutoDecoder, _accept_rates
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair(layers=4)
+
+
+def prompt(seed, n=7, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, n), generator=g)
+
+
+def ar(target, ids, n):
+    return AutoregressiveDecoder(target).generate(ids, n, eos_token_id=[]).tokens.tolist()
+
+
+def config(window=3, kappa=2):
+    try:
+        return MirrorConfig(window=window, kappa=kappa)
+    except TypeError:  # a MirrorConfig from before kappa's rename
+        return MirrorConfig(window=window, top_k=kappa)
+
+
+def test_greedy_output_equals_ar_across_probes_and_calls(pair):
+    target, draft = pair
+    with AutoDecoder(target, draft, config(), probe=(3, 4, 5), drift=0.9) as dec:
+        for seed, n in ((0, 30), (1, 9), (2, 2), (3, 25)):
+            ids = prompt(seed)
+            out = dec.generate(ids, n, eos_token_id=[])
+            assert out.tokens.tolist() == ar(target, ids, n), f"prompt {seed}"
+            s = out.stats
+            assert s["decoder"] == "auto" and s["new_tokens"] == n == sum(k for _, k in s["auto_pieces"])
+        assert dec.choice in NAMES
+        assert s["auto_choice"] == dec.choice and dec.choice in s["auto_reason"] and "tok/s" in s["auto_reason"]
+        assert set(s["auto_estimates"]) == set(NAMES) and all(v > 0 for v in s["auto_estimates"].values())
+
+
+def test_first_call_measures_each_decoder_on_the_request(pair):
+    target, draft = pair
+    with AutoDecoder(target, draft, config(), probe=(2, 3, 4)) as dec:
+        out = dec.generate(prompt(5), 20, eos_token_id=[])
+    names = [name for name, _ in out.stats["auto_pieces"]]
+    assert names[:3] == ["ar", "sd", "mirror"] and names[3:] == [out.stats["auto_choice"]]
+    assert [k for _, k in out.stats["auto_pieces"]][:3] == [2, 3, 4]
+
+
+def test_a_slow_draft_makes_it_choose_ar(pair):
+    target, draft = pair
+    with AutoDecoder(target, SlowDraft(draft, 0.02), config(), probe=(4, 4, 6)) as dec:
+        ids = prompt(7)
+        out = dec.generate(ids, 16, eos_token_id=[])
+    assert out.tokens.tolist() == ar(target, ids, 16)
+    assert dec.choice == "ar" and out.stats["auto_reason"].startswith("ar:")
+
+
+def test_eos_inside_a_probe_ends_the_call(pair):
+    target, draft = pair
+    ids = prompt(11)
+    ref = ar(target, ids, 12)[0]
+    eos = ref[5]  # the 6th token: inside SD's probe (ar 3 + sd 4)
+    first = ref.index(eos)
+    with AutoDecoder(target, draft, config(), probe=(3, 4, 5)) as dec:
+        out = dec.generate(ids, 12, eos_token_id=eos)
+    assert out.tokens.tolist()[0] == ref[: first + 1]
+
+
+def test_choice_takes_the_margin_and_rechecks_on_drift(pair):
+    target, draft = pair
+    with AutoDecoder(target, draft, config(), margin=0.05, drift=0.10) as dec:
+        dec.estimates = {"ar": 100.0, "sd": 104.0, "mirror": 103.0}
+        assert dec._choose() == "ar"  # neither beats AR by 5%
+        dec.choice, dec.estimates = None, {"ar": 100.0, "sd": 110.0, "mirror": 120.0}
+        assert dec._choose() == "mirror" and "mirror: predicted 120.0 tok/s" in dec.reason
+        steady = {"new_tokens": 60, "wall_s": 0.5, "phase_s": {"prefill": 0.0}}  # 120 tok/s as predicted
+        dec._track(steady)
+        assert dec.choice == "mirror"
+        slow = {"new_tokens": 60, "wall_s": 1.0, "phase_s": {}}  # 60 tok/s: half the prediction
+        dec._track(slow)
+        assert dec.choice is None and dec.estimates == {} and "measuring again" in dec.reason
+
+
+def test_sd_window_follows_its_acceptance(pair):
+    target, draft = pair
+    assert _accept_rates({0: 10}, 3)[0] < 0.1
+    high = _accept_rates({3: 10}, 3)
+    assert all(r > 0.9 for r in high)
+    with AutoDecoder(target, draft, config(window=5)) as dec:
+        base = {"steps": 10, "new_tokens": 40, "wall_s": 1.0, "phase_s": {"draft": 0.05 * 5, "target": 0.5}}
+        dec.decoders["sd"].window = 5
+        dec._best_sd({**base, "accepted_hist": {5: 10}})
+        assert dec.decoders["sd"].window == 5  # everything accepted, cheap draft: the longest window
+        dec._best_sd({**base, "accepted_hist": {0: 10}})
+        assert dec.decoders["sd"].window == 1  # nothing accepted: the shortest
+
+
+def test_bad_settings_get_clear_errors(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="probe"):
+        AutoDecoder(target, draft, probe=(1, 0, 2))
+    with pytest.raises(ValueError, match="drift"):
+        AutoDecoder(target, draft, drift=0)
+    with AutoDecoder(target, draft, config()) as dec:
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            dec.generate(prompt(0), -1)
+        with pytest.raises(TypeError):
+            dec.generate([1, 2, 3], 4)
