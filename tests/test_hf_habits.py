@@ -384,3 +384,27 @@ def test_verify_accept_refuses_non_finite_logits(mode, bad):
         extra["draft_probs"][0, 0, 0] = float("nan")
         with pytest.raises(FloatingPointError, match="draft_probs"):
             ops.verify_accept(tokens, parents, torch.randn(2, 3, 11), mode, **extra)
+
+
+# --- the ops' docstrings are the contract ---------------------------------------------------
+
+@pytest.mark.parametrize("name, phrases", [
+    ("tree_attention", ["True = query i", "MAY", "cache_seqlens [B] int32", "[B, Tq, Hq, D]", "Hq % Hkv == 0",
+                        "D ** -0.5", "float32"]),
+    ("verify_accept", ["parents[:, 0] = -1", "parents[b, i] < i", "greedy", "match", "rejection",
+                       "draft_probs   [B, T, V]", "uniforms", "NON-ROOT", "not counted", "-1", "next_token [B] int64",
+                       "FloatingPointError", "min(1, p(x) / q(x))"]),
+])
+def test_ops_docstrings_carry_the_contract(name, phrases):
+    import doctest
+
+    from mirror_rt import ops
+
+    fn = getattr(ops, name)
+    for phrase in phrases:
+        assert phrase in fn.__doc__, f"ops.{name}'s docstring does not say {phrase!r}"
+    # its example runs and prints what it says
+    test = doctest.DocTestFinder().find(fn, name, globs={"torch": torch, name: fn})[0]
+    assert test.examples, f"ops.{name} has no example"
+    result = doctest.DocTestRunner().run(test)
+    assert result.failed == 0

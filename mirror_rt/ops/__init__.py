@@ -1,8 +1,12 @@
-"""Public kernels, dispatched by device.
+"""Public kernels, dispatched by device: the front door for embedders.
 
-CUDA tensors go to the Triton kernels, CPU tensors to the C++ operators when the extension is
-built, anything else to the torch reference. ``MIRROR_RT_BACKEND=ref|triton|cpp`` forces one
-(``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``). Every backend sees validated inputs.
+``tree_attention`` (attention of token-tree nodes over a KV prefix), ``verify_accept`` (accept a
+drafted tree against the target's logits) and ``linear``; each docstring is the whole contract
+(shapes, dtypes, mask and tree conventions, the acceptance modes). CUDA tensors go to the Triton
+kernels, CPU tensors to the C++ operators when the extension is built, anything else to the torch
+reference (``mirror_rt.ops.reference``, the slow obvious ground truth). ``MIRROR_RT_BACKEND=
+ref|triton|cpp`` forces one (``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``); a forced
+backend that cannot run here raises ValueError saying why. Every backend sees validated inputs.
 """
 from __future__ import annotations
 
@@ -83,12 +87,33 @@ def pick_backend(device: torch.device, cpp_op: str | None = None) -> str:
 
 
 def tree_attention(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask, sm_scale=None):
-    """Tree attention over a committed prefix plus the nodes of a token tree.
+    """Attention of token-tree nodes over a committed KV prefix plus the tree's own nodes.
 
-    q [B, Tq, Hq, D] (queries of the last Tq <= T tree nodes), k_cache/v_cache [B, S, Hkv, D]
-    (row b valid below cache_seqlens[b]), cache_seqlens [B] int32, k_tree/v_tree [B, T, Hkv, D],
-    tree_mask [B, Tq, T] bool. Returns [B, Tq, Hq, D] in q's dtype (fp32 accumulation).
-    Hq % Hkv == 0; sm_scale defaults to D ** -0.5; T <= 256.
+    Shapes and dtypes (B batch rows, Tq queries, T tree nodes, S cache slots, D head size):
+      q             [B, Tq, Hq, D]   float16 / bfloat16 / float32: queries of the LAST Tq of the
+                                     T tree nodes (1 <= Tq <= T; usually Tq == T)
+      k_cache       [B, S, Hkv, D]   q's dtype and device: the committed prefix; row b's keys at
+      v_cache       [B, S, Hkv, D]   slots [0, cache_seqlens[b]) are used, the rest is ignored
+      cache_seqlens [B] int32 (int64 accepted), each in [0, S]
+      k_tree        [B, T, Hkv, D]   keys / values of the T tree nodes themselves (not in the cache)
+      v_tree        [B, T, Hkv, D]
+      tree_mask     [B, Tq, T] bool  tree_mask[b, i, j] True = query i (tree node T - Tq + i) MAY
+                                     attend to tree node j; False = may not. A node normally
+                                     attends to its ancestors and itself (a chain: lower triangle).
+      sm_scale      float or None    score scale; None = D ** -0.5
+    Returns out [B, Tq, Hq, D] in q's dtype: for each query, softmax over (every valid prefix slot)
+    ∪ (the tree nodes its mask row allows), accumulated in float32. Grouped-query attention:
+    Hq % Hkv == 0 and query head h reads KV head h // (Hq // Hkv). T <= 256. A query that may
+    attend to nothing (empty prefix, all-False row) gets zeros. Every prefix slot is visible to
+    every query: a sliding window is applied by the model (models/llama.py), not here.
+    Bad shapes, dtypes or devices raise ValueError / TypeError before any kernel runs.
+
+    Example: two tree nodes, the second masked from the first; an empty prefix.
+    >>> kv = torch.randn(1, 2, 1, 4); q = torch.randn(1, 2, 2, 4)
+    >>> mask = torch.tensor([[[True, False], [True, True]]])
+    >>> out = tree_attention(q, kv[:, :0], kv[:, :0], torch.zeros(1, dtype=torch.int32), kv, kv, mask)
+    >>> out.shape, torch.allclose(out[0, 0], kv[0, 0].expand(2, 4))  # node 0 sees only itself
+    (torch.Size([1, 2, 2, 4]), True)
     """
     checks.check_tree_attention(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask)
     backend = pick_backend(q.device, "tree_attention")
@@ -103,11 +128,50 @@ def tree_attention(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask
 
 def verify_accept(tokens, parents, target_logits, mode="greedy", *, temperature=1.0, top_k=0,
                   top_p=1.0, draft_probs=None, uniforms=None):
-    """Verify a token tree (a chain is parents[i] = i - 1) against the target's logits.
+    """Verify a drafted token tree against the target's logits: what is accepted, what comes next.
 
-    tokens [B, T] int64 (node 0 = the pending root), parents [B, T] int32, target_logits [B, T, V].
-    Returns (accept_len [B] int32, accepted [B, T] int32 node ids root-first, -1 padded,
-    next_token [B] int64). See reference.verify_accept_ref for each mode's exact rule.
+    Inputs (B batch rows, T tree nodes, V vocabulary):
+      tokens        [B, T] int64    node 0 is the root: the pending token (committed, not yet fed
+                                    to the target), always accepted; tokens of nodes 1.. lie in [0, V)
+      parents       [B, T] int32    (int64 accepted) parents[:, 0] = -1 and 0 <= parents[b, i] < i
+                                    (topological order); a chain is parents[i] = i - 1
+      target_logits [B, T, V]       float16 / bfloat16 / float32: the target's logits AT node j,
+                                    i.e. its distribution of the token that follows node j;
+                                    NaN / inf raise FloatingPointError
+      mode          "greedy" | "match" | "rejection" (all lossless: the output follows the target)
+      temperature, top_k, top_p     applied to the target's p (and define q for the draft) before
+                                    any sampling rule; ignored by "greedy"; temperature > 0,
+                                    top_k >= 0 (0 = off), 0 < top_p <= 1 (1 = off)
+      draft_probs   [B, T, V] float "rejection" only: q at node j, the probabilities the draft drew
+                                    node j's children from (after its own temperature/top-k/top-p)
+      uniforms      [B, T] float in [0, 1): the randomness, for reproducible runs; None draws
+                                    torch.rand. "match": uniforms[b, j] samples the target token at
+                                    node j; "rejection": uniforms[b, i] (i >= 1) decides node i and
+                                    uniforms[b, 0] draws the final token
+    Rules:
+      greedy:    node i is accepted iff its parent is and tokens[i] == argmax(logits[parent]);
+                 next_token = argmax(logits[last accepted node]).
+      match:     the same with the argmax replaced by a sample s_j ~ p_j (inverse CDF of
+                 uniforms[b, j]); next_token = s_last. Needs no draft probabilities.
+      rejection: walk from the root; at an accepted node try its children in id order, accepting
+                 child x with probability min(1, p(x) / q(x)); after a rejection p <- norm(max(0,
+                 p - q)) and q loses x (recursive rejection sampling). When no child is accepted,
+                 next_token ~ the current p (the residual, or the bonus distribution).
+      The deepest accepted node wins (lowest node id on ties).
+    Returns (accept_len, accepted, next_token):
+      accept_len [B] int32          number of accepted NON-ROOT nodes (0..depth): the root is
+                                    not counted
+      accepted   [B, T] int32       the accepted path's node ids, root first (node 0), padded with -1
+      next_token [B] int64          the token after the path: the correction, or the bonus token
+                                    when the whole path was accepted
+    Bad shapes, dtypes, devices or a broken tree raise ValueError / TypeError before any kernel runs.
+
+    Example: a chain root -> 3 -> 2; the target's argmax is 3 after the root, 1 after token 3.
+    >>> logits = torch.zeros(1, 3, 5); logits[0, 0, 3] = logits[0, 1, 1] = logits[0, 2, 4] = 9.0
+    >>> tokens, parents = torch.tensor([[0, 3, 2]]), torch.tensor([[-1, 0, 1]], dtype=torch.int32)
+    >>> accept_len, accepted, next_token = verify_accept(tokens, parents, logits)
+    >>> accept_len.tolist(), accepted.tolist(), next_token.tolist()
+    ([1], [[0, 1, -1]], [1])
     """
     checks.check_verify_accept(tokens, parents, target_logits, mode, temperature, top_k, top_p,
                                draft_probs, uniforms)
