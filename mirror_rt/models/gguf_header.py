@@ -1,0 +1,150 @@
+"""A GGUF file's header (metadata and tensor table) read straight from the file.
+
+``gguf.GGUFReader`` builds a numpy view for every item of every metadata array, which for a
+tokenizer's 49k tokens and 49k merges costs seconds; here the same header is decoded with
+``struct`` in one pass over a memory map, and tensor data is left in the file (each tensor's
+absolute offset is given, for a memory-mapped view). Format: github.com/ggml-org/ggml, docs/gguf.md.
+"""
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+# GGUF metadata value types -> (struct format, numpy dtype) for the fixed-size ones.
+_SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
+            4: ("<I", np.uint32), 5: ("<i", np.int32), 6: ("<f", np.float32), 7: ("<?", np.bool_),
+            10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64)}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (rows first): GGUF lists dimensions innermost first
+    ggml_type: int          # gguf.GGMLQuantizationType value
+    offset: int             # absolute byte offset of the tensor's data in the file
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFHeader:
+    path: str
+    version: int
+    metadata: dict          # key -> int | float | bool | str | list
+    tensors: list[GGUFTensorInfo]
+    data_offset: int        # where tensor data starts (aligned)
+
+
+class _Cursor:
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ValueError(f"{self.path}: truncated GGUF header (at byte {self.pos})")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self):
+        n = self.unpack("<Q")
+        end = self.pos + n
+        if end > len(self.buf):
+            raise ValueError(f"{self.path}: truncated GGUF header (a string of {n} bytes at byte {self.pos})")
+        raw = self.buf[self.pos:end]
+        self.pos = end
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype][0])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            return self.array()
+        raise ValueError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
+
+    def array(self):
+        itype, count = self.unpack("<I"), self.unpack("<Q")
+        if itype in _SCALARS:  # one numpy read instead of `count` struct calls
+            dtype = np.dtype(_SCALARS[itype][1]).newbyteorder("<")
+            end = self.pos + count * dtype.itemsize
+            if end > len(self.buf):
+                raise ValueError(f"{self.path}: truncated GGUF header (an array of {count} at byte {self.pos})")
+            values = np.frombuffer(self.buf[self.pos:end], dtype=dtype).tolist()  # a slice: a bytes copy
+            self.pos = end
+            return values
+        if itype == _STRING:
+            return self._strings(count)
+        return [self.value(itype) for _ in range(count)]
+
+    def _strings(self, count):
+        buf, pos, out, unpack = self.buf, self.pos, [], struct.Struct("<Q").unpack_from
+        size = len(buf)
+        for _ in range(count):
+            if pos + 8 > size:
+                raise ValueError(f"{self.path}: truncated GGUF header (a string array at byte {pos})")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > size:
+                raise ValueError(f"{self.path}: truncated GGUF header (a string of {n} bytes at byte {pos})")
+            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self.pos = pos
+        return out
+
+
+def read_gguf_header(path) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF file (versions 2 and 3). ValueError names the file and
+    the problem for a file that is not GGUF or is cut short; tensor data is not read.
+
+    The last few headers read are kept (keyed by path, size and modification time), so the loader
+    and the tokenizer of one file share one read; treat the result as read-only."""
+    path = os.path.abspath(os.fspath(path))
+    st = os.stat(path)
+    return _read_cached(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(path, size, mtime_ns) -> GGUFHeader:
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            raise ValueError(f"{path}: empty file, not a GGUF file") from None
+    with mapped:
+        return _parse(mapped, path, len(mapped))
+
+
+def _parse(buf, path, size) -> GGUFHeader:
+    if buf[:4] != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (magic {buf[:4]!r})")
+    cur = _Cursor(buf, path)
+    cur.pos = 4
+    version = cur.unpack("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.unpack("<I"))
+    raw = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
+        raw.append((name, tuple(reversed(dims)), cur.unpack("<I"), cur.unpack("<Q")))
+    align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_offset = -(-cur.pos // align) * align
+    tensors = [GGUFTensorInfo(name, shape, gtype, data_offset + off) for name, shape, gtype, off in raw]
+    for t in tensors:
+        if t.offset > size:
+            raise ValueError(f"{path}: truncated GGUF file (tensor {t.name} starts past the end)")
+    return GGUFHeader(path, version, metadata, tensors, data_offset)
