@@ -110,6 +110,15 @@ class FixedPlanner:
     def observe(self, rec: StepRecord) -> None:
         self.history.append((rec.plan, None, rec.step_s()))
 
+    def summary(self) -> dict:
+        """For a decoder's stats: the one plan and its steps, and the measured mean step."""
+        steps = len(self.history)
+        measured = sum(m for _, _, m in self.history) / steps * 1e3 if steps else None
+        label = self.fixed.label()
+        return {"plans": {label: steps} if steps else {},
+                "plan_step_ms": {label: {"predicted": None, "measured": measured}} if steps else {},
+                "plan_now": label, "plan_pred_tok_s": None}
+
 
 def check_plan_setting(plan) -> str:
     if plan not in PLANS:

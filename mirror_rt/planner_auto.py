@@ -114,10 +114,10 @@ class MeasuredCosts:
 
     def add(self, rec: StepRecord, measured_s: float):
         ph, mode, T = rec.phase_s, rec.plan.overlap, rec.window_len + 1
-        self.residuals[mode].add(0, measured_s - self.law_step(rec))
-        if mode == "off":
+        if mode == "off" or "suffix" not in ph:  # the target alone (an "off" plan, or a step cut short)
             self.off_s.add(0, measured_s)
             return
+        self.residuals[mode].add(0, measured_s - self.law_step(rec))
         for name in ("prefix", "exit", "verify"):
             if name in ph:
                 self.fits[name].add(T, ph[name])

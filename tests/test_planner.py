@@ -210,3 +210,18 @@ def test_candidates_cover_the_bounds():
     assert {p.window for p in plans if p.overlap != "off"} == {1, 2, 3, 4, 5}
     assert {p.kappa for p in plans if p.overlap != "off"} == {1, 2, 4, 6}
     assert sum(p.overlap == "off" for p in plans) == 1
+
+
+def test_a_step_without_a_suffix_counts_as_the_target_alone():
+    p = AutoPlanner(Config())
+    plan = p.plan()
+    p.observe(StepRecord(plan, 0, 0, False, False, False, 0, None, {"target": 0.02}))
+    assert p.costs.off() == pytest.approx(0.02) and p.costs.residual(plan.overlap) == 0.0
+
+
+def test_fixed_planner_summary():
+    p = make_planner(Config(window=2, kappa=1, plan="fixed"), None)
+    assert p.summary()["plans"] == {}
+    run(p, Machine(), 5)
+    s = p.summary()
+    assert s["plans"] == {p.plan().label(): 5} and s["plan_step_ms"][p.plan().label()]["measured"] > 0
