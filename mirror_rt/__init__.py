@@ -1,7 +1,7 @@
 """mirror_rt: Mirror Speculative Decoding runtime.
 
 Public API (stable): ``load_model``, the decoders ``AutoregressiveDecoder``,
-``SpeculativeDecoder``, ``MirrorDecoder`` with ``MirrorConfig``, ``GenerationOutput``,
+``SpeculativeDecoder``, ``MirrorDecoder`` with ``MirrorConfig``, ``AutoDecoder``, ``GenerationOutput``,
 and the kernels in ``mirror_rt.ops`` (``tree_attention``, ``verify_accept``).
 
 The names load on first use (module ``__getattr__``), so ``import mirror_rt`` and its command
@@ -15,6 +15,7 @@ _LAZY = {
     "SpeculativeDecoder": "mirror_rt.decoders",
     "MirrorDecoder": "mirror_rt.decoders",
     "MirrorConfig": "mirror_rt.decoders",
+    "AutoDecoder": "mirror_rt.decoders",
     "GenerationOutput": "mirror_rt.decoders",
 }
 

@@ -8,3 +8,6 @@ __all__ = ["AutoregressiveDecoder", "SpeculativeDecoder", "GenerationOutput"]
 from mirror_rt.decoders.mirror import MirrorConfig, MirrorDecoder  # noqa: E402
 
 __all__ += ["MirrorDecoder", "MirrorConfig"]
+from mirror_rt.decoders.auto import AutoDecoder  # noqa: E402
+
+__all__ += ["AutoDecoder"]
