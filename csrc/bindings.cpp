@@ -12,6 +12,7 @@
 #include "ascend/tiling.h"
 #include "core/branch_tree.h"
 #include "core/info.h"
+#include "core/quant_linear.h"
 #include "core/small_linear.h"
 #include "core/tree_attention.h"
 #include "third_party/dlpack/dlpack.h"
@@ -359,6 +360,105 @@ void small_linear_ptr_py(uintptr_t x, int64_t rows, int64_t in, uintptr_t w, int
   small_linear_f32(a);
 }
 
+
+// --- quantized weights (GGUF block formats) ---------------------------------------------------
+
+QType quant_type(int type) {
+  if (quant_block_bytes(type) == 0)
+    value_error("qtype must be a GGML type id of Q4_0 (2), Q4_1 (3) or Q8_0 (8), got " + std::to_string(type));
+  return QType(type);
+}
+
+// Checks blocks [out, in/32 * block_bytes] uint8 against in; returns the row stride in bytes.
+int64_t check_blocks(const View& w, QType type, int64_t in) {
+  w.dtype(w.is(kDLUInt, 8) || w.is(kDLInt, 8), "uint8 (packed GGUF blocks)");
+  w.rank(2);
+  if (in < kQuantBlock || in % kQuantBlock)
+    value_error("in_features must be a positive multiple of " + std::to_string(kQuantBlock) + ", got " + std::to_string(in));
+  const int64_t row_bytes = in / kQuantBlock * quant_block_bytes(int(type));
+  if (w.size(1) != row_bytes)
+    value_error("weight blocks must be [out, " + std::to_string(row_bytes) + "] bytes for in_features=" +
+                std::to_string(in) + ", got shape " + shape_str(*w.t) + " (truncated or another type?)");
+  w.inner_contiguous();
+  return w.stride(0);
+}
+
+void quant_linear_py(py::handle x_, py::handle w_, int qtype, py::object bias_, py::handle out_, int num_threads) {
+  View x(x_, "x"), w(w_, "weight"), out(out_, "out");
+  const QType type = quant_type(qtype);
+  x.rank(2);
+  x.dtype(x.is(kDLFloat, 32), "float32");
+  out.dtype(out.is(kDLFloat, 32), "float32");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t w_stride = check_blocks(w, type, K);
+  const int64_t N = w.size(0);
+  if (M < 1) value_error("x must have at least one row, got shape " + shape_str(*x.t));
+  const std::string out_shape = dims("[rows, out]", {{"rows", M}, {"out", N}});
+  out.shape({M, N}, out_shape.c_str());
+  x.inner_contiguous();
+  out.inner_contiguous();
+  const float* bias = nullptr;
+  std::unique_ptr<View> b;
+  if (!bias_.is_none()) {
+    b = std::make_unique<View>(bias_, "bias");
+    b->dtype(b->is(kDLFloat, 32), "float32");
+    const std::string b_shape = dims("[out]", {{"out", N}});
+    b->shape({N}, b_shape.c_str());
+    b->contiguous();
+    bias = static_cast<const float*>(b->data());
+  }
+  QuantLinearArgs a{static_cast<const float*>(x.data()), M, K, x.stride(0), static_cast<const uint8_t*>(w.data()), N,
+                    w_stride, type, bias, static_cast<float*>(out.data()), out.stride(0), num_threads};
+  if (N == 0) return;
+  py::gil_scoped_release release;
+  quant_linear(a);
+}
+
+// quant_linear on raw addresses, for QuantLinear's hot path (see small_linear_ptr_py): the module
+// checked the blocks once when it was built, and x and out per call.
+void quant_linear_ptr_py(uintptr_t x, int64_t rows, int64_t in, uintptr_t w, int64_t out_features, int qtype,
+                         uintptr_t bias, uintptr_t y, int num_threads) {
+  const QType type = quant_type(qtype);
+  if (rows < 1 || in < kQuantBlock || in % kQuantBlock || out_features < 1 || !x || !w || !y)
+    value_error("quant_linear_ptr: rows and out_features must be positive, in_features a positive multiple of 32, "
+                "addresses non-null");
+  QuantLinearArgs a{reinterpret_cast<const float*>(x), rows, in, in, reinterpret_cast<const uint8_t*>(w), out_features,
+                    in / kQuantBlock * quant_block_bytes(qtype), type, reinterpret_cast<const float*>(bias),
+                    reinterpret_cast<float*>(y), out_features, num_threads};
+  py::gil_scoped_release release;
+  quant_linear(a);
+}
+
+void dequantize_rows_py(py::handle w_, int qtype, py::object ids_, py::handle out_, int num_threads) {
+  View w(w_, "weight"), out(out_, "out");
+  const QType type = quant_type(qtype);
+  out.rank(2);
+  out.dtype(out.is(kDLFloat, 32), "float32");
+  const int64_t K = out.size(1);
+  const int64_t w_stride = check_blocks(w, type, K);
+  const int64_t rows = w.size(0);
+  const int64_t* ids = nullptr;
+  int64_t n = rows;
+  std::unique_ptr<View> iv;
+  if (!ids_.is_none()) {
+    iv = std::make_unique<View>(ids_, "ids");
+    iv->dtype(iv->is(kDLInt, 64), "int64");
+    iv->rank(1);
+    iv->contiguous();
+    ids = static_cast<const int64_t*>(iv->data());
+    n = iv->size(0);
+    for (int64_t i = 0; i < n; ++i)  // an id outside the table would read outside the weight
+      if (ids[i] < 0 || ids[i] >= rows)
+        value_error("ids[" + std::to_string(i) + "]=" + std::to_string(ids[i]) + " outside [0, " + std::to_string(rows) + ")");
+  }
+  if (out.size(0) != n)
+    value_error("out must be [" + std::to_string(n) + ", in], got shape " + shape_str(*out.t));
+  out.inner_contiguous();
+  py::gil_scoped_release release;
+  dequantize_rows(static_cast<const uint8_t*>(w.data()), w_stride, type, K, ids, n, static_cast<float*>(out.data()),
+                  out.stride(0), num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -367,6 +467,20 @@ PYBIND11_MODULE(_C, m) {
   m.attr("max_tree_nodes") = kMaxTreeNodes;
   m.attr("small_linear_max_rows") = kSmallLinearMaxRows;
   m.attr("small_linear_prefetch_hint") = mirror_rt::small_linear_prefetch_hint();
+  m.attr("quant_linear_max_rows") = kQuantLinearMaxRows;
+  m.def("quant_linear", &quant_linear_py, py::arg("x"), py::arg("weight"), py::arg("qtype"), py::arg("bias"),
+        py::arg("out"), py::arg("num_threads") = 0,
+        "out [rows, out] = x [rows, in] float32 @ W^T, W as GGUF blocks uint8 [out, in/32*block_bytes] "
+        "of GGML type qtype (Q4_0=2, Q4_1=3, Q8_0=8); x quantized to int8 per 32-block.");
+  m.def("quant_linear_ptr", &quant_linear_ptr_py, py::arg("x"), py::arg("rows"), py::arg("in_features"),
+        py::arg("weight"), py::arg("out_features"), py::arg("qtype"), py::arg("bias"), py::arg("out"),
+        py::arg("num_threads") = 0, "quant_linear on contiguous buffers given by address (bias 0: none).");
+  m.def("dequantize_rows", &dequantize_rows_py, py::arg("weight"), py::arg("qtype"), py::arg("ids"), py::arg("out"),
+        py::arg("num_threads") = 0, "out [n, in] float32 = rows ids (int64 [n], or None: all) of the blocks.");
+  m.def("quant_block_bytes", &mirror_rt::quant_block_bytes, py::arg("qtype"), "Bytes of one 32-value block (0: unknown type).");
+  m.def("quant_linear_isa", &mirror_rt::quant_linear_isa, "\"avx2\" or \"portable\": the path quant_linear takes.");
+  m.def("quant_linear_force_portable", &mirror_rt::quant_linear_force_portable, py::arg("on"),
+        "Make quant_linear take its portable path (for tests).");
   m.def("openmp_max_threads", &mirror_rt::openmp_max_threads, "OpenMP threads the core may use");
   m.def("tree_attention", &tree_attention_py, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("cache_seqlens"), py::arg("k_tree"), py::arg("v_tree"), py::arg("tree_mask"),

@@ -200,7 +200,12 @@ def linear(x, weight, bias=None):
     The test runs on every call of every layer, so it reads only cheap tensor attributes (is_cpu,
     not device.type; not pick_backend, which looks the extension up each time).
     MIRROR_RT_BACKEND=ref or triton sends every call to torch.
+    A ``QuantWeight`` (weights kept in GGUF blocks; ``mirror_rt.ops.quant``) takes the quantized kernel.
     """
+    if not isinstance(weight, torch.Tensor):
+        from mirror_rt.ops.quant import quant_linear
+
+        return quant_linear(x, weight, bias)
     if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.is_cpu and weight.is_cpu
             and weight.dim() == 2 and weight.shape[0] > 0 and x.dim() >= 1
             and 0 < x.numel() <= _small_linear_rows() * x.shape[-1] and x.shape[-1] == weight.shape[1]

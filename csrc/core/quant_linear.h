@@ -1,0 +1,48 @@
+// y = x @ W^T for a few rows of fp32 x against W kept in GGUF's block formats (Q8_0, Q4_0, Q4_1):
+// a decoding step streams 4-7x fewer weight bytes than with fp32 W. As llama.cpp does, each row
+// of x is first quantized to int8 with one scale per 32-value block (and, for Q4_1, the block's
+// sum), so each block's dot product is integer multiply-adds; the block products are summed in
+// fp32 in the same order for every row count and thread count, so row m's result does not depend
+// on which rows come with it (a token decoded alone equals the same token inside a window).
+#pragma once
+#include <cstdint>
+
+namespace mirror_rt {
+
+// GGML's type ids, as GGUF files store them.
+enum class QType : int { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+
+constexpr int kQuantBlock = 32;         // values per block, every type
+constexpr int kQuantLinearMaxRows = 8;  // rows of x per pass over the weight (more rows: chunks of 8)
+
+// Bytes of one block: Q8_0 fp16 d + 32 int8; Q4_0 fp16 d + 16 nibble bytes; Q4_1 fp16 d, fp16 m + 16.
+// 0 for an unknown type id.
+int quant_block_bytes(int type);
+
+struct QuantLinearArgs {
+  const float* x;      // [rows, in], row stride x_stride (floats), contiguous along in
+  int64_t rows, in, x_stride;
+  const uint8_t* w;    // [out, in / 32 blocks], row stride w_stride (bytes)
+  int64_t out, w_stride;
+  QType type;
+  const float* bias;   // [out] or nullptr
+  float* y;            // [rows, out], row stride y_stride (floats)
+  int64_t y_stride;
+  int num_threads;     // <= 0: OpenMP's default
+};
+
+// rows >= 1 (prefill included: chunks of 8 rows over cache-sized tiles of W), in a multiple of
+// kQuantBlock; the binding checks every argument.
+void quant_linear(const QuantLinearArgs& a);
+
+// out[i, :] = W[ids[i], :] dequantized to fp32 (ids nullptr: rows 0..n-1); in a multiple of 32.
+// The embedding lookup of a quantized embedding, and the tiles of the large-T GEMM path.
+void dequantize_rows(const uint8_t* w, int64_t w_stride, QType type, int64_t in, const int64_t* ids,
+                     int64_t n, float* out, int64_t out_stride, int num_threads);
+
+// "avx2" or "portable": the path quant_linear takes on this CPU. force_portable(true) makes it take
+// the portable one (tests compare both).
+const char* quant_linear_isa();
+void quant_linear_force_portable(bool on);
+
+}  // namespace mirror_rt

@@ -1,0 +1,199 @@
+"""Quantized layers: linears and the embedding kept in GGUF's block formats (``mirror_rt.ops.quant``).
+
+``load_model`` keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as they are (``quant=None``, CPU) or
+quantizes a float checkpoint (``quant="q8_0"`` / ``"q4_0"``) with ``quantize_model``: the decoder
+layers' linears take the chosen type, the embedding and LM head Q8_0 (as llama.cpp's Q4 files do;
+a 4-bit head costs more accuracy than its bytes save), norms and rotary tables stay float32.
+
+``QuantLinear`` picks its kernel when it is built, not per call: the C++ quantized product for
+float32 CPU input (any row count: rows past 8 go in chunks of 8, each computed as if alone, so
+prefill and a verification window give the same rows a single-token step gives), the dequantized
+weight elsewhere. Inference only: a gradient through a quantized weight is refused.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mirror_rt.ops.quant import (BLOCK, QTYPE_NAMES, QTYPES, QuantWeight, check_blocks, dequantize_ref,
+                                 qtype_id, quant_linear, quant_linear_unchecked)
+
+__all__ = ["QuantLinear", "QuantEmbedding", "quantize", "quantize_q8_0", "quantize_q4_0", "quantize_q4_1",
+           "dequantize", "quantize_model", "weight_bytes", "is_quantized"]
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ bias) with W [out, in] kept as blocks (uint8 [out, in/32*block_bytes])."""
+
+    def __init__(self, blocks: torch.Tensor, qtype, shape, bias: torch.Tensor | None = None, check_scales=True):
+        super().__init__()
+        self.qtype = qtype_id(qtype)
+        self.out_features, self.in_features = (int(s) for s in shape)
+        self.register_buffer("blocks", check_blocks(blocks, self.qtype, shape, scales=check_scales))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @property
+    def weight(self) -> QuantWeight:
+        return QuantWeight(self.blocks, self.qtype, (self.out_features, self.in_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qtype) -> "QuantLinear":
+        w = linear.weight.detach()
+        return cls(quantize(w, qtype), qtype, w.shape, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("a quantized linear runs inference only; load the model with quant='dequantize' to train")
+        if x.dtype is torch.float32 and x.is_cpu and self.blocks.is_cpu and not torch.compiler.is_compiling():
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"x must be [..., {self.in_features}], got shape {tuple(x.shape)}")
+            if x.numel():
+                return quant_linear_unchecked(x.contiguous(), self.blocks, self.qtype, self.out_features, self.bias)
+        return quant_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"qtype={QTYPE_NAMES[self.qtype]}, bias={self.bias is not None}")
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup in a table kept as blocks: each id's row dequantized to float32."""
+
+    def __init__(self, blocks: torch.Tensor, qtype, shape, check_scales=True):
+        super().__init__()
+        self.qtype = qtype_id(qtype)
+        self.num_embeddings, self.embedding_dim = (int(s) for s in shape)
+        self.register_buffer("blocks", check_blocks(blocks, self.qtype, shape, "embedding", scales=check_scales))
+
+    @property
+    def weight(self) -> QuantWeight:
+        return QuantWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] int64 -> [..., H] float32 (an id outside the table raises ValueError)."""
+        rows = self.weight.dequantize(ids.reshape(-1).to("cpu"))
+        return rows.reshape(*ids.shape, self.embedding_dim).to(ids.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={QTYPE_NAMES[self.qtype]}"
+
+
+# --- quantizing float weights (ggml's reference rules, vectorized) ----------------------------
+
+def _blocks_of(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() != 2 or weight.shape[1] % BLOCK:
+        raise ValueError(f"a quantized weight must be 2-D with rows a multiple of {BLOCK} values, got shape "
+                         f"{tuple(weight.shape)}")
+    return weight.detach().to("cpu", torch.float32).reshape(weight.shape[0], -1, BLOCK)
+
+
+def _pack(*fields: torch.Tensor) -> torch.Tensor:
+    """Per-block fields ([out, nb] fp16 scales, [out, nb, k] uint8 bytes) -> blocks [out, nb*bytes]."""
+    parts = [f[..., None].contiguous().view(torch.uint8) if f.dtype == torch.float16 else f for f in fields]
+    out = torch.cat(parts, dim=-1)
+    return out.reshape(out.shape[0], -1).contiguous()
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q [out, nb, 32] in 0..15 -> [out, nb, 16] bytes: value j low, value j + 16 high."""
+    return (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
+
+
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """float [out, in] -> Q8_0 blocks uint8 [out, in/32*34]: d = max|w| / 127, q = round(w / d)."""
+    w = _blocks_of(weight)
+    d = w.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+    return _pack(d.half(), q)
+
+
+def quantize_q4_0(weight: torch.Tensor) -> torch.Tensor:
+    """float [out, in] -> Q4_0 blocks uint8 [out, in/32*18]: d = (the value of largest magnitude) / -8,
+    q = min(15, trunc(w / d + 8.5))."""
+    w = _blocks_of(weight)
+    idx = w.abs().argmax(-1, keepdim=True)
+    d = torch.gather(w, -1, idx)[..., 0] / -8.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.clamp((w * inv[..., None] + 8.5).trunc(), 0, 15).to(torch.int32)
+    return _pack(d.half(), _nibbles(q))
+
+
+def quantize_q4_1(weight: torch.Tensor) -> torch.Tensor:
+    """float [out, in] -> Q4_1 blocks uint8 [out, in/32*20]: m = min, d = (max - min) / 15,
+    q = min(15, trunc((w - m) / d + 0.5))."""
+    w = _blocks_of(weight)
+    lo, hi = w.amin(-1), w.amax(-1)
+    d = (hi - lo) / 15.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.clamp(((w - lo[..., None]) * inv[..., None] + 0.5).trunc(), 0, 15).to(torch.int32)
+    return _pack(d.half(), lo.half(), _nibbles(q))
+
+
+_QUANTIZERS = {QTYPES["q8_0"]: quantize_q8_0, QTYPES["q4_0"]: quantize_q4_0, QTYPES["q4_1"]: quantize_q4_1}
+
+
+def quantize(weight: torch.Tensor, qtype) -> torch.Tensor:
+    """float [out, in] -> blocks of ``qtype`` ("q8_0", "q4_0", "q4_1" or a GGML id)."""
+    return _QUANTIZERS[qtype_id(qtype)](weight)
+
+
+def dequantize(blocks: torch.Tensor, qtype, shape) -> torch.Tensor:
+    """blocks -> float32 [out, in] (the torch reference, ``mirror_rt.ops.quant.dequantize_ref``)."""
+    return dequantize_ref(check_blocks(blocks, qtype, shape, scales=False), qtype, shape)
+
+
+# --- whole models ---------------------------------------------------------------------------
+
+def _quantizable(linear: nn.Module) -> bool:
+    return isinstance(linear, nn.Linear) and linear.weight.shape[1] % BLOCK == 0
+
+
+def quantize_layers(layers: nn.Module, qtype) -> int:
+    """Swap every nn.Linear under ``layers`` (rows a multiple of 32) for a QuantLinear of
+    ``qtype``, in place. Returns how many were swapped."""
+    swapped = 0
+    for parent in list(layers.modules()):
+        for name, child in list(parent.named_children()):
+            if _quantizable(child):
+                setattr(parent, name, QuantLinear.from_linear(child, qtype))
+                swapped += 1
+    return swapped
+
+
+def quantize_model(model, qtype, head_qtype="q8_0"):
+    """Quantize a float LlamaModel on the CPU in place: decoder-layer linears to ``qtype``, the
+    embedding and LM head (tied: one table) to ``head_qtype``. Returns the model."""
+    if model.device.type != "cpu":
+        raise ValueError(f"quantized weights run on the CPU; the model is on {model.device}")
+    quantize_layers(model.layers, qtype)
+    emb = model.embed_tokens
+    if isinstance(emb, nn.Embedding) and emb.weight.shape[1] % BLOCK == 0:
+        tied = model.lm_head.weight is emb.weight
+        table = quantize(emb.weight, head_qtype)
+        model.embed_tokens = QuantEmbedding(table, head_qtype, emb.weight.shape)
+        if tied:
+            model.lm_head = QuantLinear(table, head_qtype, emb.weight.shape)
+    if _quantizable(model.lm_head):
+        model.lm_head = QuantLinear.from_linear(model.lm_head, head_qtype)
+    return model
+
+
+def is_quantized(model) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and persistent buffer of ``model``, each storage counted once
+    (a tied head and embedding share theirs)."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + [b for _, b in model.named_buffers()]
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.data_ptr(), t.numel(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,224 @@
+"""Weights kept in GGUF's block formats (Q8_0, Q4_0, Q4_1) and the products against them.
+
+A quantized weight [out, in] is a uint8 tensor [out, in / 32 * block_bytes]: each row is its
+32-value blocks in order, laid out as GGUF files store them (ggml's block_q8_0 / q4_0 / q4_1):
+
+    Q8_0: fp16 d, 32 x int8 q           value = q * d                 34 bytes
+    Q4_0: fp16 d, 16 bytes of nibbles   value = (q - 8) * d           18 bytes
+    Q4_1: fp16 d, fp16 m, 16 bytes      value = q * d + m             20 bytes
+
+(nibbles: byte j's low half is value j, its high half value j + 16). ``QuantWeight`` wraps such a
+tensor with its type and shape; ``ops.linear(x, quant_weight)`` takes the C++ kernel
+(``mirror_rt._C.quant_linear``: x quantized to int8 per 32-block, integer block products). The
+kernel computes each row of x the same way whatever rows come with it, so a token decoded alone and
+inside a verification window give bitwise-equal logits. ``quant_linear_ref`` is its slow reference
+(the same arithmetic in float64), ``dequantize_ref`` the format's reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BLOCK = 32
+QTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGML type ids, as GGUF files store them
+QTYPE_NAMES = {v: k for k, v in QTYPES.items()}
+BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+
+
+def qtype_id(qtype) -> int:
+    """A GGML type id from a name ("q8_0"), an id (8) or a gguf GGMLQuantizationType."""
+    if isinstance(qtype, str):
+        if qtype.lower() not in QTYPES:
+            raise ValueError(f"quantized type must be one of {sorted(QTYPES)}, got {qtype!r}")
+        return QTYPES[qtype.lower()]
+    value = int(qtype)
+    if value not in BLOCK_BYTES:
+        raise ValueError(f"quantized type id must be one of {sorted(BLOCK_BYTES)} (Q4_0, Q4_1, Q8_0), got {qtype!r}")
+    return value
+
+
+def row_bytes(qtype, in_features: int) -> int:
+    return in_features // BLOCK * BLOCK_BYTES[qtype_id(qtype)]
+
+
+def check_blocks(blocks, qtype, shape, name: str = "weight", scales: bool = True) -> torch.Tensor:
+    """The blocks of a [out, in] weight as a uint8 tensor [out, in / 32 * block_bytes], checked:
+    type, size (a truncated tensor is refused), and with ``scales`` every fp16 scale finite.
+    Raises ValueError/TypeError naming ``name``."""
+    q = qtype_id(qtype)
+    out, in_ = (int(s) for s in shape)
+    if in_ <= 0 or in_ % BLOCK:
+        raise ValueError(f"{name}: in_features must be a positive multiple of {BLOCK} for {QTYPE_NAMES[q]}, got {in_}")
+    if isinstance(blocks, np.ndarray):
+        blocks = torch.from_numpy(blocks)
+    if not isinstance(blocks, torch.Tensor):
+        raise TypeError(f"{name}: blocks must be a uint8 tensor, got {type(blocks).__name__}")
+    if blocks.dtype != torch.uint8:
+        raise TypeError(f"{name}: blocks must be uint8, got {blocks.dtype}")
+    want = (out, row_bytes(q, in_))
+    if blocks.numel() != want[0] * want[1]:
+        raise ValueError(f"{name}: {QTYPE_NAMES[q]} blocks of a [{out}, {in_}] weight take {want[0] * want[1]} bytes, "
+                         f"got {blocks.numel()} (truncated or another type?)")
+    blocks = blocks.reshape(want)
+    if scales and out:
+        bad = ~torch.isfinite(_fp16_field(blocks, q, 0))
+        if q == QTYPES["q4_1"]:
+            bad |= ~torch.isfinite(_fp16_field(blocks, q, 2))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}: {QTYPE_NAMES[q]} block scales must be finite; row {row} has inf/NaN (corrupt file?)")
+    return blocks
+
+
+def _fp16_field(blocks: torch.Tensor, q: int, offset: int) -> torch.Tensor:
+    """The fp16 at byte ``offset`` of every block: float32 [out, in / 32]."""
+    b = blocks.reshape(blocks.shape[0], -1, BLOCK_BYTES[q])[..., offset:offset + 2].contiguous()
+    return b.view(torch.float16).reshape(blocks.shape[0], -1).float()
+
+
+def dequantize_ref(blocks: torch.Tensor, qtype, shape) -> torch.Tensor:
+    """The format's reference: blocks [out, in/32*block_bytes] uint8 -> float32 [out, in] (plain torch)."""
+    q = qtype_id(qtype)
+    out, in_ = (int(s) for s in shape)
+    blk = blocks.reshape(out, in_ // BLOCK, BLOCK_BYTES[q])
+    d = _fp16_field(blocks, q, 0)[..., None]
+    if q == QTYPES["q8_0"]:
+        vals = blk[..., 2:].contiguous().view(torch.int8).float() * d
+    else:
+        nib = blk[..., 4:] if q == QTYPES["q4_1"] else blk[..., 2:]
+        qs = torch.cat([nib & 0x0F, nib >> 4], dim=-1).float()
+        vals = qs * d + _fp16_field(blocks, q, 2)[..., None] if q == QTYPES["q4_1"] else (qs - 8) * d
+    return vals.reshape(out, in_)
+
+
+def quantize_rows_q8_ref(x: torch.Tensor):
+    """The kernel's activation quantization: x [M, K] float32 -> (q int [M, K/32, 32] as float64,
+    d [M, K/32] float32): d = max|x| / 127 per 32-block, q = round-half-even(x / d)."""
+    xb = x.float().reshape(x.shape[0], -1, BLOCK)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return torch.round(xb * inv[..., None]).double(), d
+
+
+def quant_linear_ref(x: torch.Tensor, blocks: torch.Tensor, qtype, shape, bias=None) -> torch.Tensor:
+    """The C++ kernel's arithmetic in float64: x [..., in] float32 -> [..., out] float32."""
+    q = qtype_id(qtype)
+    out, in_ = (int(s) for s in shape)
+    rows = x.reshape(-1, in_)
+    xq, xd = quantize_rows_q8_ref(rows)
+    blk = blocks.reshape(out, in_ // BLOCK, BLOCK_BYTES[q])
+    dw = _fp16_field(blocks, q, 0).double()
+    if q == QTYPES["q8_0"]:
+        wq = blk[..., 2:].contiguous().view(torch.int8).double()
+    else:
+        nib = blk[..., 4:] if q == QTYPES["q4_1"] else blk[..., 2:]
+        wq = torch.cat([nib & 0x0F, nib >> 4], dim=-1).double() - (8 if q == QTYPES["q4_0"] else 0)
+    isum = torch.einsum("mbk,nbk->mnb", xq, wq)  # exact integers
+    y = (isum * dw[None] * xd.double()[:, None]).sum(-1)
+    if q == QTYPES["q4_1"]:
+        sums = xd.double() * xq.sum(-1)  # [M, nb]: d * sum(q) of each block of x
+        y = y + sums @ _fp16_field(blocks, q, 2).double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float().reshape(*x.shape[:-1], out)
+
+
+class QuantWeight:
+    """A [out, in] weight kept as GGUF blocks: what ``QuantLinear.weight`` returns. Enough of a
+    tensor's face for the code that reads a head's weight (``shape``, ``dtype`` (the compute dtype,
+    float32), ``device``, ``detach()``, row selection ``w[ids]``); ``ops.linear(x, w)`` multiplies."""
+
+    __slots__ = ("blocks", "qtype", "shape")
+
+    def __init__(self, blocks: torch.Tensor, qtype, shape):
+        self.qtype = qtype_id(qtype)
+        self.shape = torch.Size((int(shape[0]), int(shape[1])))
+        self.blocks = blocks
+
+    dtype = torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def dim(self) -> int:
+        return 2
+
+    def detach(self) -> "QuantWeight":
+        return self
+
+    def __getitem__(self, ids) -> "QuantWeight":
+        """Rows ``ids`` (an int64 tensor or list), still quantized (a copy of their blocks)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.blocks.device)
+        if ids.dim() != 1:
+            raise ValueError(f"QuantWeight selects rows with a 1-D id tensor, got shape {tuple(ids.shape)}")
+        return QuantWeight(self.blocks[ids], self.qtype, (ids.numel(), self.shape[1]))
+
+    def dequantize(self, ids=None) -> torch.Tensor:
+        """float32 [out, in] (or the rows ``ids`` [n] int64 only)."""
+        from mirror_rt import _C
+
+        ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long).reshape(-1).contiguous()
+        if self.blocks.device.type != "cpu":
+            full = dequantize_ref(self.blocks, self.qtype, self.shape)
+            return full if ids is None else full[ids.to(full.device)]
+        n = self.shape[0] if ids is None else ids.numel()
+        out = torch.empty(n, self.shape[1], dtype=torch.float32)
+        _C.dequantize_rows(self.blocks, self.qtype, ids, out, _threads())
+        return out
+
+    def float(self) -> torch.Tensor:
+        return self.dequantize()
+
+    def __repr__(self) -> str:
+        return f"QuantWeight({QTYPE_NAMES[self.qtype]}, shape={tuple(self.shape)}, {self.nbytes} bytes)"
+
+
+def _threads() -> int:
+    return torch.get_num_threads()  # torch.set_num_threads does not reach our OpenMP pool
+
+
+def quant_linear(x: torch.Tensor, weight: QuantWeight, bias=None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for a QuantWeight W [out, in]: x [..., in] (any float dtype; computed in
+    float32), bias [out] or None; returns [..., out] in x's dtype. CPU tensors take the C++ kernel
+    (any number of rows: more than 8 go in chunks of 8, each row computed as if alone); others
+    multiply by the dequantized weight."""
+    if not isinstance(weight, QuantWeight):
+        raise TypeError(f"weight must be a QuantWeight, got {type(weight).__name__}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x must be [..., {in_f}] for a [{out_f}, {in_f}] weight, got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias must be [{out_f}], got shape {tuple(bias.shape)}")
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        w = weight.dequantize().to(x.device, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if x.numel() == 0:
+        return x.new_empty(*x.shape[:-1], out_f)
+    xf = x.detach().float().contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    if torch.compiler.is_compiling():
+        y = torch.ops.mirror_rt.quant_linear(xf.reshape(-1, in_f), weight.blocks, weight.qtype, out_f, b)
+    else:
+        y = quant_linear_unchecked(xf, weight.blocks, weight.qtype, out_f, b)
+    return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
+
+
+def quant_linear_unchecked(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int, bias=None):
+    """The kernel by address, for callers that checked everything (QuantLinear at build time): x
+    contiguous float32 CPU [..., in], blocks contiguous checked uint8, bias contiguous float32 or None.
+    Returns float32 [..., out_features]."""
+    from mirror_rt import _C
+
+    k = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    _C.quant_linear_ptr(x.data_ptr(), x.numel() // k, k, blocks.data_ptr(), out_features, qtype,
+                        0 if bias is None else bias.data_ptr(), out.data_ptr(), _threads())
+    return out
+
+
+from mirror_rt.ops import quant_library  # noqa: E402,F401  (registers torch.ops.mirror_rt.quant_linear)

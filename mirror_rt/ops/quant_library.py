@@ -1,0 +1,30 @@
+"""``torch.ops.mirror_rt.quant_linear``: the quantized-weight product as a torch custom op, so
+``torch.compile`` traces through it (a fake implementation gives the output's shape) instead of
+breaking the graph at the C++ call. Eager code calls ``mirror_rt.ops.quant.quant_linear``, which
+skips the dispatcher's per-call cost."""
+from __future__ import annotations
+
+import torch
+
+from mirror_rt.ops.quant import quant_linear_unchecked
+
+
+@torch.library.custom_op("mirror_rt::quant_linear", mutates_args=())
+def quant_linear_op(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] float32 CPU, blocks uint8 [out_features, in/32*block_bytes] of GGML type qtype,
+    bias [out_features] float32 or None -> [M, out_features] float32."""
+    from mirror_rt import _C
+
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    _C.quant_linear(x.contiguous(), blocks, qtype, None if bias is None else bias.contiguous(), out,
+                    torch.get_num_threads())
+    return out
+
+
+@quant_linear_op.register_fake
+def _(x, blocks, qtype, out_features, bias=None):
+    return x.new_empty(x.shape[0], out_features)
+
+
+__all__ = ["quant_linear_op", "quant_linear_unchecked"]

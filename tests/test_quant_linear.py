@@ -1,0 +1,129 @@
+"""The quantized-weight kernels (mirror_rt._C.quant_linear, dequantize_rows) against their references:
+odd shapes, 1-8 rows and a prefill size, both code paths, bitwise row consistency, bad blocks."""
+import numpy as np
+import pytest
+import torch
+
+from mirror_rt import _C, ops
+from mirror_rt.models.quant import QuantEmbedding, QuantLinear, quantize
+from mirror_rt.ops.quant import QuantWeight, check_blocks, dequantize_ref, quant_linear, quant_linear_ref
+
+QTYPES = ("q8_0", "q4_0", "q4_1")
+
+
+def _weight(out, in_, qtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, in_, generator=g)
+    return w, quantize(w, qtype)
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def isa(request):
+    if request.param == "avx2" and _C.quant_linear_isa() != "avx2":
+        pytest.skip("no AVX2 on this CPU")
+    _C.quant_linear_force_portable(request.param == "portable")
+    yield request.param
+    _C.quant_linear_force_portable(False)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 37])
+def test_kernel_matches_references(qtype, rows, isa):
+    w, blocks = _weight(67, 160, qtype, seed=rows)  # odd feature count, an odd number of blocks
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(67)
+    got = quant_linear(x, QuantWeight(blocks, qtype, w.shape), bias)
+    # the kernel's own arithmetic (x quantized to int8 per block) in float64: only rounding apart
+    torch.testing.assert_close(got, quant_linear_ref(x, blocks, qtype, w.shape, bias), atol=2e-4, rtol=1e-5)
+    # dequantize-then-matmul: x's int8 rounding apart (about 0.5% of a row's scale)
+    want = x @ dequantize_ref(blocks, qtype, w.shape).T + bias
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_row_is_bitwise_the_same_whatever_rows_come_with_it(qtype, threads, isa):
+    w, blocks = _weight(333, 96, qtype)
+    W = QuantWeight(blocks, qtype, w.shape)
+    x = torch.randn(19, 96)
+    torch.set_num_threads(threads)
+    try:
+        together = quant_linear(x, W)
+        for m in (0, 7, 8, 18):
+            assert torch.equal(quant_linear(x[m:m + 1], W)[0], together[m])
+        for r in range(1, 9):
+            assert torch.equal(quant_linear(x[:r], W), together[:r])
+    finally:
+        torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_rows_and_embedding(qtype):
+    w, blocks = _weight(41, 64, qtype)
+    ref = dequantize_ref(blocks, qtype, w.shape)
+    assert torch.equal(QuantWeight(blocks, qtype, w.shape).dequantize(), ref)
+    ids = torch.tensor([[3, 40, 0], [3, 7, 7]])
+    emb = QuantEmbedding(blocks, qtype, w.shape)
+    assert torch.equal(emb(ids), ref[ids])
+    with pytest.raises(ValueError, match="outside"):
+        emb(torch.tensor([41]))
+    # quantizing a float weight and back stays within the format's step
+    step = {"q8_0": 1 / 127, "q4_0": 1 / 7, "q4_1": 1 / 15}[qtype]
+    assert ((ref - w).abs().amax(1) <= step * w.abs().amax(1) * 1.01 + 1e-6).all()
+
+
+def test_quantizers_match_ggml_bitwise():
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize as gguf_quantize
+
+    w = torch.randn(9, 128)
+    for qtype, gtype in (("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0), ("q4_1", Q.Q4_1)):
+        assert torch.equal(quantize(w, qtype), torch.from_numpy(gguf_quantize(w.numpy(), gtype)))
+
+
+def test_ops_linear_front_door_and_module():
+    w, blocks = _weight(48, 64, "q4_0")
+    layer = QuantLinear(blocks, "q4_0", w.shape, bias=torch.zeros(48))
+    x = torch.randn(2, 3, 64)
+    want = quant_linear_ref(x, blocks, "q4_0", w.shape)
+    torch.testing.assert_close(layer(x), want, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(ops.linear(x, layer.weight), want, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(ops.linear(x.double(), layer.weight), want.double(), atol=2e-4, rtol=1e-5)
+    sub = layer.weight.detach()[torch.tensor([5, 1])]
+    torch.testing.assert_close(ops.linear(x, sub), want[..., [5, 1]], atol=2e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="inference only"):
+        layer(torch.randn(1, 64, requires_grad=True))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
+        layer(torch.randn(1, 63))
+
+
+def test_bad_blocks_get_clear_errors():
+    w, blocks = _weight(4, 64, "q8_0")
+    with pytest.raises(ValueError, match="truncated"):
+        check_blocks(blocks.reshape(-1)[:-5], "q8_0", w.shape)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        check_blocks(blocks, "q8_0", (4, 60))
+    with pytest.raises(TypeError, match="uint8"):
+        check_blocks(blocks.float(), "q8_0", w.shape)
+    with pytest.raises(ValueError, match="one of"):
+        check_blocks(blocks, "q5_k", w.shape)
+    bad = blocks.clone()
+    bad[2, 0:2] = torch.tensor(np.array([np.inf], dtype=np.float16).view(np.uint8))
+    with pytest.raises(ValueError, match="row 2"):
+        QuantLinear(bad, "q8_0", w.shape)
+    out = torch.empty(1, 4)
+    with pytest.raises(ValueError, match="truncated"):
+        _C.quant_linear(torch.randn(1, 64), blocks[:, :-1], 8, None, out)
+    with pytest.raises(ValueError, match="qtype"):
+        _C.quant_linear(torch.randn(1, 64), blocks, 12, None, out)
+    with pytest.raises(ValueError, match="shape"):
+        _C.quant_linear(torch.randn(2, 64), blocks, 8, None, out)
+
+
+def test_custom_op_opcheck():
+    w, blocks = _weight(24, 64, "q4_1")
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.mirror_rt.quant_linear, (x, blocks, 3, 24, None))
+    torch.library.opcheck(torch.ops.mirror_rt.quant_linear, (x, blocks, 3, 24, torch.randn(24)))
+    torch.testing.assert_close(torch.ops.mirror_rt.quant_linear(x, blocks, 3, 24, None),
+                               quant_linear_ref(x, blocks, "q4_1", w.shape), atol=2e-4, rtol=1e-5)
