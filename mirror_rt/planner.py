@@ -120,6 +120,31 @@ class FixedPlanner:
                 "plan_now": label, "plan_pred_tok_s": None}
 
 
+def plan_report(stats) -> list[str]:
+    """Lines that show a run's decisions: AutoDecoder's choice and why, and the Mirror-SD plans used
+    (steps each) with the latency law's mean predicted step beside the measured one. stats: one
+    decoder's stats dict or a list of them (plans summed over the runs)."""
+    runs = [stats] if isinstance(stats, dict) else list(stats)
+    lines, reasons = [], {}
+    steps, pred, meas = {}, {}, {}
+    for s in runs:
+        if s.get("auto_choice"):
+            reasons[s["auto_reason"]] = None
+        for label, n in (s.get("plans") or {}).items():
+            row = (s.get("plan_step_ms") or {}).get(label, {})
+            steps[label] = steps.get(label, 0) + n
+            if row.get("measured") is not None:
+                meas[label] = meas.get(label, 0.0) + row["measured"] * n
+            if row.get("predicted") is not None:
+                pred[label] = pred.get(label, 0.0) + row["predicted"] * n
+    lines += [f"  auto decoder: {r}" for r in reasons]
+    for label, n in sorted(steps.items(), key=lambda kv: -kv[1]):
+        p = f"{pred[label] / n:.1f}" if label in pred else "-"
+        m = f"{meas[label] / n:.1f}" if label in meas else "-"
+        lines.append(f"  plan {label}: {n} steps, step predicted {p} ms, measured {m} ms")
+    return lines
+
+
 def check_plan_setting(plan) -> str:
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")

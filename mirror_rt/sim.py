@@ -53,7 +53,14 @@ def _merge(stats) -> dict:
     runs = [stats] if isinstance(stats, dict) else list(stats)
     if not runs:
         raise ValueError("predict_from_stats needs at least one stats dict")
-    merged = {"decoder": runs[0].get("decoder", "?"), "phase_s": {}}
+    via_auto = any(r.get("decoder") == "auto" for r in runs)
+    if via_auto:  # AutoDecoder: the pieces its chosen decoder wrote (the most frequent choice)
+        runs = [r["auto_last"] for r in runs if r.get("auto_last")]
+        if not runs:
+            raise ValueError("AutoDecoder stats hold no decoding piece: nothing to predict")
+        chosen = max(set(r.get("decoder") for r in runs), key=[r.get("decoder") for r in runs].count)
+        runs = [r for r in runs if r.get("decoder") == chosen]
+    merged = {"decoder": runs[0].get("decoder", "?"), "phase_s": {}, "via_auto": via_auto}
     for key in ("steps", "new_tokens", "wall_s", "reuse_hits", "fallbacks"):
         merged[key] = sum(r.get(key, 0) for r in runs)
     merged["accepted_sum"] = sum(r.get("mean_accepted", 0.0) * r.get("steps", 0) for r in runs)
@@ -79,7 +86,7 @@ def predict_from_stats(stats) -> dict:
     per = {k: v / steps for k, v in m["phase_s"].items()}
     ph = lambda name: per.get(name, 0.0)  # noqa: E731 - phases a decoder never ran cost nothing
     decoder = m["decoder"]
-    out = {"decoder": decoder, "steps": steps}
+    out = {"decoder": decoder, "steps": steps, "via_auto": m["via_auto"]}
     if decoder == "mirror":
         fallback_rate = m["fallbacks"] / steps
         fallback_time = m["phase_s"].get("fallback", 0.0) / m["fallbacks"] if m["fallbacks"] else 0.0
@@ -122,7 +129,8 @@ def format_prediction(pred: dict) -> str:
         law = f"draft {ms(t['draft_gen'])} + target {ms(t['target'])}"
     else:
         law = f"target {ms(t['target'])}"
-    return (f"[{pred['decoder']}] law: {law} ms -> predicted step {ms(pred['pred_step_s'])} ms, "
+    name = f"auto: {pred['decoder']}" if pred.get("via_auto") else pred["decoder"]
+    return (f"[{name}] law: {law} ms -> predicted step {ms(pred['pred_step_s'])} ms, "
             f"measured {ms(pred['meas_step_s'])} ms ({pred['explained']:.0%} explained); "
             f"tok/s predicted {pred['pred_tok_s']:.1f}, measured {pred['meas_tok_s']:.1f}")
 

@@ -111,3 +111,18 @@ def test_bad_settings_get_clear_errors(pair):
             dec.generate(prompt(0), -1)
         with pytest.raises(TypeError):
             dec.generate([1, 2, 3], 4)
+
+
+def test_plan_report_lines():
+    from mirror_rt.planner import plan_report
+
+    runs = [{"plans": {"w3 k2 exit overlapped": 4},
+             "plan_step_ms": {"w3 k2 exit overlapped": {"predicted": 10.0, "measured": 12.0}}},
+            {"plans": {"w3 k2 exit overlapped": 4, "off": 2},
+             "plan_step_ms": {"w3 k2 exit overlapped": {"predicted": 20.0, "measured": 12.0},
+                              "off": {"predicted": None, "measured": 5.0}}},
+            {"auto_choice": "sd", "auto_reason": "sd: predicted 30.0 tok/s"}]
+    lines = plan_report(runs)
+    assert lines[0] == "  auto decoder: sd: predicted 30.0 tok/s"
+    assert lines[1] == "  plan w3 k2 exit overlapped: 8 steps, step predicted 15.0 ms, measured 12.0 ms"
+    assert lines[2] == "  plan off: 2 steps, step predicted - ms, measured 5.0 ms"

@@ -158,3 +158,15 @@ def test_profile_choice_moves_with_the_draft_device():
     slow = sim.plan_profile(slow_npu, 0.8, 0.9, 7, 8)
     work = lambda p: p.window * (p.window + 1) * p.kappa  # noqa: E731 - rollout tokens a step
     assert work(slow["plan"]) < work(fast["plan"])
+
+
+def test_predict_from_auto_stats_uses_the_chosen_decoders_pieces():
+    m = mirror_stats(suffix=0.3, draft=0.2)
+    ar = {"decoder": "ar", "steps": 5, "new_tokens": 5, "mean_accepted": 0.0, "wall_s": 1.0,
+          "phase_s": {"prefill": 0.5, "target": 0.45}}
+    runs = [{"decoder": "auto", "auto_last": m}, {"decoder": "auto", "auto_last": m},
+            {"decoder": "auto", "auto_last": ar}]
+    p = predict_from_stats(runs)
+    assert p["decoder"] == "mirror" and p["steps"] == 20 and format_prediction(p).startswith("[auto: mirror]")
+    with pytest.raises(ValueError, match="no decoding piece"):
+        predict_from_stats([{"decoder": "auto", "auto_last": None}])

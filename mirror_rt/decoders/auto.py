@@ -67,8 +67,8 @@ class AutoDecoder:
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None, **kwargs):
         """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n] int64, stats); keywords as
         the other decoders' generate (top_k, top_p, stream, stop, tokenizer, ...). stats: the chosen
-        decoder's, with decoder "auto", auto_choice, auto_reason, auto_estimates (predicted tok/s each)
-        and auto_pieces ([decoder, tokens] in order)."""
+        decoder's, with decoder "auto", auto_choice, auto_reason, auto_estimates (predicted tok/s each),
+        auto_pieces ([decoder, tokens] in order) and auto_last (the last piece's own stats, for the law)."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         ids = as_prompt(input_ids, self.target.config.vocab_size, self.target.device)[None]
@@ -107,7 +107,7 @@ class AutoDecoder:
         wall = time.perf_counter() - t0
         stats.update(decoder="auto", new_tokens=len(new), wall_s=wall, tokens_per_s=tokens_per_s(len(new), wall),
                      auto_choice=self.choice or used, auto_reason=self.reason, auto_estimates=dict(self.estimates) or None,
-                     auto_pieces=pieces)
+                     auto_pieces=pieces, auto_last=last_stats)
         return GenerationOutput(torch.tensor([new], dtype=torch.int64, device=self.target.device), stats)
 
     # --- the choice -----------------------------------------------------------------------------
