@@ -1,21 +1,206 @@
-"""A model's forward, compiled where that is enabled (torch.compile; CUDA graphs on a GPU).
+"""A model's forward, compiled where that is enabled: torch.compile(fullgraph=True) of the
+static-shape forward, and CUDA graphs on a GPU (``mode="reduce-overhead"``).
 
 ``prepare(model, compile="auto")`` returns an object with the model's forward API (``embed``,
 ``run_layers``, ``head``, ``forward``/``__call__``, ``new_cache``, ``num_layers``, ``config``,
-``device``, ``dtype``). With ``compile=False`` it is the model itself.
+``device``, ``dtype``; anything else is the model's own). With ``compile=False`` it is the model.
+
+What is compiled: the full forward (ids -> logits), ``run_layers`` for any layer range (the
+prefix [0, l_e) and suffix [l_e, N) of Mirror-SD) and ``head``, each through the model's
+``run_layers_static``, which reads the KV cache through its device length only. One compiled
+artifact serves one *bucket*: (pieces, layer range, batch, new tokens T, cache capacity, tree
+offset, which optional inputs are given). Decoding meets a handful of buckets (T = 1; window + 1;
+the rollout tree sizes) and reuses them every step; the cache's capacity is rounded up
+(``CAPACITY_STEP``) so that prompts of different lengths share artifacts. Forwards of more than
+``max_tokens`` new tokens (the prompt's prefill) and buckets past ``max_buckets`` run eagerly.
+
+A compile failure (or any error of the compiled path) warns once and leaves the model eager for
+good; the eager forward then runs the same call, so a failure never costs a wrong token.
+Compiled artifacts are cached on disk by inductor (its FX graph cache) under
+``TORCHINDUCTOR_CACHE_DIR``, by default ``~/.cache/mirror_rt/inductor``: a second run of the same
+model and buckets loads them instead of compiling.
 """
 from __future__ import annotations
 
+import os
+import warnings
+
+import torch
+
 COMPILE_CHOICES = (False, True, "auto")
+CAPACITY_STEP = 256  # caches are allocated in multiples of this many tokens when compiled
 
 
 def _check_choice(compile):
-    if compile not in COMPILE_CHOICES or (compile is not False and compile is not True and compile != "auto"):
+    if not (compile is False or compile is True or (isinstance(compile, str) and compile == "auto")):
         raise ValueError(f"compile must be False, True or 'auto', got {compile!r}")
 
 
-def prepare(model, compile="auto"):
-    """The model, ready to run its forward compiled (compile=True), eagerly (False), or
-    compiled only where that measured faster ("auto")."""
+def resolve(compile, device) -> bool:
+    """Whether ``compile`` ("auto", True, False) means compiling on ``device``. "auto" compiles on
+    CUDA, where the eager step waits on the host's kernel launches, and not on a CPU: there the
+    step is bound by weight streaming and compiling a bucket costs tens of seconds that a typical
+    generation does not earn back (bench/bench_step.py measures both; bench/RESULTS.md)."""
     _check_choice(compile)
-    return model
+    if compile == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(compile)
+
+
+def prepare(model, compile="auto", *, mode=None, backend="inductor", max_tokens: int = 64, max_buckets: int = 16,
+            min_uses: int = 2):
+    """The model, ready to run its forward compiled (compile=True), eagerly (False), or compiled
+    where that is faster ("auto", see ``resolve``). mode: torch.compile's mode (default
+    "reduce-overhead" on CUDA: CUDA graphs; None on CPU). backend: torch.compile's backend."""
+    if not resolve(compile, model.device):
+        return model
+    if isinstance(model, CompiledModel):
+        return model
+    if mode is None and model.device.type == "cuda" and backend == "inductor":
+        mode = "reduce-overhead"
+    return CompiledModel(model, mode=mode, backend=backend, max_tokens=max_tokens, max_buckets=max_buckets,
+                         min_uses=min_uses)
+
+
+def _set_cache_dir():
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "mirror_rt", "inductor")
+
+
+# The compiled functions: module-level so that every CompiledModel shares their code (dynamo keeps
+# one cache entry per bucket and model on them).
+
+def _layers(model, hidden, start, end, k_bufs, v_bufs, length_t, positions, tree_mask, tree_offset):
+    return model.run_layers_static(hidden, start, end, k_bufs, v_bufs, length_t, positions, tree_mask, tree_offset)
+
+
+def _forward(model, ids, k_bufs, v_bufs, length_t, positions, tree_mask, tree_offset):
+    hidden = model.run_layers_static(model.embed(ids), 0, model.num_layers, k_bufs, v_bufs, length_t, positions,
+                                     tree_mask, tree_offset)
+    return model.head(hidden)
+
+
+def _head(model, hidden):
+    return model.head(hidden)
+
+
+class CompiledModel:
+    """A model whose forward pieces run compiled per bucket (see the module's docstring)."""
+
+    def __init__(self, model, *, mode=None, backend="inductor", max_tokens: int = 64, max_buckets: int = 16,
+                 min_uses: int = 2):
+        if not hasattr(model, "run_layers_static"):
+            raise TypeError(f"{type(model).__name__} has no static-shape forward (run_layers_static) to compile")
+        _set_cache_dir()
+        limit = max(64, 4 * max_buckets)  # dynamo's per-code cache: every bucket of every model
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               4 * limit)
+        self.model = model
+        self.mode, self.backend = mode, backend
+        self.max_tokens, self.max_buckets = max_tokens, max_buckets
+        self.min_uses = min_uses
+        self.buckets: set = set()  # compiled (or being compiled)
+        self._seen: dict = {}      # uses of buckets not compiled yet
+        self.enabled = True
+        self.error: BaseException | None = None
+        opts = dict(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+        self._compiled = {name: torch.compile(fn, **opts) for name, fn in
+                          (("layers", _layers), ("forward", _forward), ("head", _head))}
+        self._cuda_graphs = mode is not None and "overhead" in mode or mode == "max-autotune"
+
+    def __getattr__(self, name):  # config, num_layers, device, dtype, name, ... come from the model
+        return getattr(self.__dict__["model"], name)
+
+    def __repr__(self):
+        return f"CompiledModel({self.model.name}, {len(self.buckets)} buckets, enabled={self.enabled})"
+
+    # --- the forward API ---------------------------------------------------------------------
+
+    def new_cache(self, max_len: int, batch: int = 1):
+        """The model's cache, its capacity rounded up to a multiple of CAPACITY_STEP (within the
+        model's context) so that generations of different lengths share compiled artifacts."""
+        cache = self.model.new_cache(max_len, batch)  # checks max_len against the context
+        rounded = min(-(-max_len // CAPACITY_STEP) * CAPACITY_STEP, self.config.max_position)
+        if rounded > max_len:
+            cache = self.model.new_cache(rounded, batch)
+        if cache.device.type == "cuda":
+            # CUDA graphs may then update the buffers in place; guard=False: a new cache of the
+            # same shape re-records a graph instead of recompiling.
+            for buf in cache.k + cache.v:
+                torch._dynamo.mark_static_address(buf, guard=False)
+        return cache
+
+    def embed(self, ids):
+        return self.model.embed(ids)
+
+    def run_layers(self, hidden, start: int, end: int, cache, positions=None, tree_mask=None, tree_offset: int = 0):
+        """As ``LlamaModel.run_layers``, compiled for this bucket where enabled."""
+        self.model.check_forward(hidden, start, end, cache, tree_mask, tree_offset)
+        B, T, _ = hidden.shape
+        key = ("layers", start, end, B, T, cache.max_len, tree_offset, positions is None, tree_mask is None,
+               hidden.dtype)
+        if self._use(key, T):
+            out = self._run("layers", hidden, start, end, cache.k, cache.v, cache.length_t, positions, tree_mask,
+                            tree_offset)
+            if out is not None:
+                return out
+        return self.model.run_layers(hidden, start, end, cache, positions, tree_mask, tree_offset)
+
+    def head(self, hidden):
+        B, T, _ = hidden.shape
+        if self._use(("head", B, T, hidden.dtype), T):
+            out = self._run("head", hidden)
+            if out is not None:
+                return out
+        return self.model.head(hidden)
+
+    def forward(self, ids, cache, positions=None, tree_mask=None, tree_offset: int = 0):
+        """As ``LlamaModel.forward``: logits [B, T, V] float32 of new tokens ids [B, T]."""
+        B, T = ids.shape
+        self.model.check_forward(ids[..., None], 0, self.num_layers, cache, tree_mask, tree_offset)
+        key = ("forward", B, T, cache.max_len, tree_offset, positions is None, tree_mask is None)
+        if self._use(key, T):
+            out = self._run("forward", ids, cache.k, cache.v, cache.length_t, positions, tree_mask, tree_offset)
+            if out is not None:
+                return out
+        return self.model.forward(ids, cache, positions, tree_mask, tree_offset)
+
+    __call__ = forward
+
+    # --- buckets and fallback ----------------------------------------------------------------
+
+    def _use(self, key, T: int) -> bool:
+        """Whether this call runs compiled: a bucket is compiled on its min_uses-th call (a step
+        shape recurs; the prompt's prefill and one-off shapes do not, and stay eager)."""
+        if key in self.buckets:
+            return self.enabled
+        if not self.enabled or T > self.max_tokens or len(self.buckets) >= self.max_buckets:
+            return False
+        uses = self._seen.get(key, 0) + 1
+        if uses < self.min_uses:
+            self._seen[key] = uses
+            return False
+        self._seen.pop(key, None)
+        self.buckets.add(key)
+        return True
+
+    def _run(self, piece: str, *args):
+        """The compiled piece's output, or None after a failure (warned once; eager from then on)."""
+        try:
+            with torch.inference_mode():
+                if self._cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                # Inference and ordinary tensors differ in dispatch keys, which dynamo guards on:
+                # small inputs made outside inference mode are copied so both meet one graph.
+                args = [a.clone() if isinstance(a, torch.Tensor) and not a.is_inference() else a for a in args]
+                out = self._compiled[piece](self.model, *args)
+            # A CUDA graph's outputs live in its memory pool and the next replay overwrites them.
+            return out.clone() if self._cuda_graphs else out
+        except Exception as err:  # noqa: BLE001 - any failure of the compiled path falls back
+            self.enabled, self.error = False, err
+            warnings.warn(f"mirror_rt: compiling {self.model.name}'s forward failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly", RuntimeWarning,
+                          stacklevel=3)
+            return None

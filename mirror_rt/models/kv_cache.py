@@ -20,6 +20,11 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0  # committed tokens
+        self.length_t = torch.zeros(1, dtype=torch.int64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device if self.k else self.length_t.device
 
     def ensure_room(self, extra: int):
         if self.length + extra > self.max_len:
@@ -36,10 +41,14 @@ class StaticKVCache:
         """Commit the n slots after the committed prefix (a chain, already in place)."""
         self.ensure_room(n)
         self.length += n
+        if n:
+            self.length_t.add_(n)
 
     def rollback(self, length: int):
         if not 0 <= length <= self.length:
             raise ValueError(f"rollback length must be in [0, {self.length}], got {length}")
+        if length != self.length:
+            self.length_t.fill_(length)
         self.length = length
 
     def gather_region(self, node_slots):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mirror_rt import ops
+from mirror_rt.ops.library import linear_in_graph
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.kv_cache import StaticKVCache
 from mirror_rt.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -28,9 +29,12 @@ from mirror_rt.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 class Linear(nn.Linear):
     """nn.Linear through ``ops.linear``: a few rows of fp32 CPU input at inference (decoding
-    steps, verification, rollouts) take the C++ small-row kernel, the rest torch's GEMM."""
+    steps, verification, rollouts) take the C++ small-row kernel, the rest torch's GEMM. Under
+    torch.compile the same choice goes through ``torch.ops.mirror_rt.small_linear``."""
 
     def forward(self, x):
+        if torch.compiler.is_compiling():  # the custom op, which the graph can hold
+            return linear_in_graph(x, self.weight, self.bias)
         return ops.linear(x, self.weight, self.bias)
 
 
@@ -67,32 +71,65 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, plan: "_AttentionPlan"):
+    def forward(self, x, cos, sin, k_buf, v_buf, plan):
+        """x [B, T, H] -> [B, T, H]; writes the new K/V into k_buf/v_buf [B, S, Hkv, D] where the
+        plan says (an ``_AttentionPlan`` eagerly, a ``StaticAttentionPlan`` in compiled code)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        cache.write(layer, plan.start, k, v)
-        kc, vc = cache.k[layer], cache.v[layer]
-        end = plan.start + T
-        if plan.tree_mask is None:
-            out = _causal_attention(q, kc[:, :end], vc[:, :end], plan.causal_mask)
-        else:
-            tree = slice(cache.length, end)
-            out = ops.tree_attention(q, kc, vc, plan.seqlens, kc[:, tree], vc[:, tree], plan.tree_mask)
+        plan.write(k_buf, v_buf, k, v)
+        out = plan.attend(q, k_buf, v_buf)
         return self.o_proj(out.reshape(B, T, self.nh * self.hd))
 
 
 class _AttentionPlan:
-    """What every layer of one forward shares, built once per forward (not once per layer):
-    the first cache slot written, and either the chain's causal mask or the tree's inputs."""
+    """What every layer of one eager forward shares, built once per forward (not once per layer):
+    the first cache slot written, and either the chain's causal mask or the tree's inputs. Slices
+    by the cache's Python-int length, so attention reads only the valid prefix."""
 
     def __init__(self, cache: StaticKVCache, B: int, T: int, tree_offset: int, tree_mask, device):
-        self.start = cache.length + tree_offset
+        self.length, self.start, self.end = cache.length, cache.length + tree_offset, cache.length + tree_offset + T
         self.tree_mask = tree_mask
         self.causal_mask = self.seqlens = None
         if tree_mask is not None:
             self.seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=device)
         elif T > 1:  # a single new token sees every earlier slot: no mask at all
-            self.causal_mask = torch.ones(T, self.start + T, dtype=torch.bool, device=device).tril(self.start)
+            self.causal_mask = torch.ones(T, self.end, dtype=torch.bool, device=device).tril(self.start)
+
+    def write(self, k_buf, v_buf, k, v):
+        k_buf[:, self.start:self.end] = k
+        v_buf[:, self.start:self.end] = v
+
+    def attend(self, q, k_buf, v_buf):
+        if self.tree_mask is None:
+            return _causal_attention(q, k_buf[:, :self.end], v_buf[:, :self.end], self.causal_mask)
+        tree = slice(self.length, self.end)
+        return ops.tree_attention(q, k_buf, v_buf, self.seqlens, k_buf[:, tree], v_buf[:, tree], self.tree_mask)
+
+
+class StaticAttentionPlan:
+    """The same for a static-shape forward: every slot index and mask comes from the cache's
+    device length ``length_t`` [1] int64, so no shape or branch depends on it and nothing waits
+    for the device. Attention reads the whole capacity S under a mask (stale slots masked out);
+    a tree's nodes are gathered by index and go to ``torch.ops.mirror_rt.tree_attention``."""
+
+    def __init__(self, length_t, B: int, T: int, tree_offset: int, tree_mask, capacity: int, device):
+        self.slots = length_t + tree_offset + torch.arange(T, device=device)  # [T] slots written
+        self.tree_mask = tree_mask
+        if tree_mask is None:
+            self.causal_mask = torch.arange(capacity, device=device)[None, :] <= self.slots[:, None]  # [T, S]
+        else:
+            self.tree_slots = length_t + torch.arange(tree_offset + T, device=device)
+            self.seqlens = length_t.to(torch.int32).expand(B)
+
+    def write(self, k_buf, v_buf, k, v):
+        k_buf.index_copy_(1, self.slots, k)
+        v_buf.index_copy_(1, self.slots, v)
+
+    def attend(self, q, k_buf, v_buf):
+        if self.tree_mask is None:
+            return _causal_attention(q, k_buf, v_buf, self.causal_mask)
+        k_tree, v_tree = k_buf.index_select(1, self.tree_slots), v_buf.index_select(1, self.tree_slots)
+        return torch.ops.mirror_rt.tree_attention(q, k_buf, v_buf, self.seqlens, k_tree, v_tree, self.tree_mask)
 
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -130,8 +167,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, plan):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, plan)
+    def forward(self, x, cos, sin, k_buf, v_buf, plan):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_buf, v_buf, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -174,23 +211,44 @@ class LlamaModel(nn.Module):
         """ids [B, T] int64 -> hidden [B, T, H]."""
         return self.embed_tokens(ids)
 
-    def run_layers(self, hidden, start: int, end: int, cache: StaticKVCache, positions=None,
-                   tree_mask=None, tree_offset: int = 0):
-        """Run layers [start, end) on hidden [B, T, H]; positions [B, T] default to the chain after
-        the committed prefix and tree_offset; tree_mask [B, T, tree_offset + T] bool or None."""
+    def check_forward(self, hidden, start: int, end: int, cache: StaticKVCache, tree_mask, tree_offset: int):
+        """The checks every forward makes before it runs (eager or compiled): layer range, room
+        in the cache, the tree mask's shape. Raises ValueError naming the problem."""
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range [{start}, {end}) must lie within [0, {self.num_layers}]")
         B, T, _ = hidden.shape
         cache.ensure_room(tree_offset + T)
+        if tree_mask is not None and tuple(tree_mask.shape) != (B, T, tree_offset + T):
+            raise ValueError(f"tree_mask must be [B={B}, T={T}, {tree_offset + T}], got {tuple(tree_mask.shape)}")
+
+    def run_layers(self, hidden, start: int, end: int, cache: StaticKVCache, positions=None,
+                   tree_mask=None, tree_offset: int = 0):
+        """Run layers [start, end) on hidden [B, T, H]; positions [B, T] default to the chain after
+        the committed prefix and tree_offset; tree_mask [B, T, tree_offset + T] bool or None."""
+        self.check_forward(hidden, start, end, cache, tree_mask, tree_offset)
+        B, T, _ = hidden.shape
         if positions is None:
             base = cache.length + tree_offset
             positions = torch.arange(base, base + T, device=hidden.device).expand(B, T)
-        if tree_mask is not None and tuple(tree_mask.shape) != (B, T, tree_offset + T):
-            raise ValueError(f"tree_mask must be [B={B}, T={T}, {tree_offset + T}], got {tuple(tree_mask.shape)}")
         cos, sin = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
         plan = _AttentionPlan(cache, B, T, tree_offset, tree_mask, hidden.device)
         for i in range(start, end):
-            hidden = self.layers[i](hidden, cos, sin, cache, i, plan)
+            hidden = self.layers[i](hidden, cos, sin, cache.k[i], cache.v[i], plan)
+        return hidden
+
+    def run_layers_static(self, hidden, start: int, end: int, k_bufs, v_bufs, length_t, positions=None,
+                          tree_mask=None, tree_offset: int = 0):
+        """``run_layers`` for torch.compile: the cache comes as its buffers k_bufs/v_bufs (lists of
+        [B, S, Hkv, D], one per layer) and its device length length_t [1] int64; nothing reads a
+        host value of the cache, so the graph's shapes depend only on (B, T, S, tree_offset).
+        The caller has made ``check_forward``'s checks."""
+        B, T, _ = hidden.shape
+        plan = StaticAttentionPlan(length_t, B, T, tree_offset, tree_mask, k_bufs[0].shape[1], hidden.device)
+        if positions is None:
+            positions = plan.slots.expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
+        for i in range(start, end):
+            hidden = self.layers[i](hidden, cos, sin, k_bufs[i], v_bufs[i], plan)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
