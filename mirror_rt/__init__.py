@@ -1,8 +1,17 @@
-"""mirror_rt: Mirror Speculative Decoding runtime.
+"""mirror_rt: Mirror Speculative Decoding runtime (greedy output token for token the target's,
+sampling in the target's distribution).
 
-Public API (stable): ``load_model``, the decoders ``AutoregressiveDecoder``,
-``SpeculativeDecoder``, ``MirrorDecoder`` with ``MirrorConfig``, ``AutoDecoder``, ``GenerationOutput``,
-and the kernels in ``mirror_rt.ops`` (``tree_attention``, ``verify_accept``).
+Public API (stable):
+* ``load_model(source, device=, dtype=, quant=)``: a Llama-family target or draft from a Hugging
+  Face directory, a ``.safetensors`` file beside its ``config.json``, a ``.gguf`` file, or a loaded
+  transformers model;
+* the decoders ``AutoregressiveDecoder``, ``SpeculativeDecoder``, ``MirrorDecoder`` (the algorithm's
+  settings in ``MirrorConfig``, where the draft runs in ``mirror_rt.placement.Placement``) and
+  ``AutoDecoder`` (picks one of the three per request); ``generate`` returns a ``GenerationOutput``
+  (``tokens`` [1, n] int64 and ``stats``);
+* the kernels in ``mirror_rt.ops`` (``tree_attention``, ``verify_accept``, ``linear``).
+The embedded default pair (SmolLM2-135M-Instruct, our draft and exit head):
+``mirror_rt.default.load_default()``.
 
 The names load on first use (module ``__getattr__``), so ``import mirror_rt`` and its command
 line start without importing the decoders, the loaders or their dependencies.
