@@ -78,10 +78,13 @@ def load_pair(args):
         torch.set_num_threads(args.threads)
     path = args.target or default.default_target_path()
     print(f"loading target {path} ...", file=sys.stderr)
+    t0 = time.perf_counter()
     target = load_model(path, device=args.device)
+    t1 = time.perf_counter()
     if not args.target:
         target.name = default.DEFAULT_TARGET_NAME
     tokenizer = load_tokenizer(target.source or path)
+    print(f"loaded target in {t1 - t0:.2f} s, tokenizer in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
     args.exit_head_fn = None
     if getattr(args, "decoder", None) == "ar":  # no draft, no exit head: nothing to load
         return target, None, tokenizer, None
@@ -132,20 +135,32 @@ def cmd_generate(args):
     from mirror_rt.generation import TextStreamer, resolve_eos
     from mirror_rt.tokenizer import encode_chat
 
+    t0 = time.perf_counter()
     target, draft, tok, label = load_pair(args)
+    load_s = time.perf_counter() - t0
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = encode_chat(tok, prompt, target.device)
     dec = make_decoder(args.decoder, target, draft, args)
     stream = TextStreamer(tok)  # prints text as later tokens can no longer change it
     eos = resolve_eos(target) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    first = []  # when the first token came: time to first token counts from the start of generate
+
+    def on_tokens(new):
+        if not first:
+            first.append(time.perf_counter())
+        stream(new)
+
+    t_gen = time.perf_counter()
     out = dec.generate(ids, args.max_new_tokens, eos_token_id=eos, temperature=args.temperature,
-                       seed=args.seed, stream=stream)
+                       seed=args.seed, stream=on_tokens)
     stream.end()
     print()
     s = out.stats
     extra = f", reuse {s['reuse_rate']:.0%}, fallback {s['fallback_rate']:.0%}" if "reuse_rate" in s else ""
     print(f"[{args.decoder}] {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, mean accepted "
           f"{s['mean_accepted']:.2f}{extra}{f'; draft: {label}' if label else ''}", file=sys.stderr)
+    ttft = f"{first[0] - t_gen:.2f} s" if first else "-"
+    print(f"  load {load_s:.2f} s, first token {ttft} after generate started", file=sys.stderr)
     if hasattr(dec, "close"):
         dec.close()
 

@@ -131,14 +131,18 @@ def run_demo(args, load_pair, make_decoder):
     args.min_branch_prob = DEMO_MIN_BRANCH_PROB if args.min_branch_prob is None else args.min_branch_prob
     if args.lane == "auto" and args.device == "cpu":
         args.lane = DEMO_CPU_LANE
+    t0 = time.perf_counter()
     target, draft, tok, label = load_pair(args)
+    load_s = time.perf_counter() - t0
     texts, source = demo_prompts(args)
     prompts = [encode_chat(tok, p, target.device) for p in texts]
     linears = linear_note(target)
     decoders = {name: make_decoder(name, target, draft, args) for name in DECODERS}
     results = {name: [] for name in DECODERS}
+    first, t_gen = [], time.perf_counter()  # AR's warm-up (the first) gives the time to first token
     for name, dec in decoders.items():
-        dec.generate(prompts[0], 4, eos_token_id=tok.eos_token_id)  # warm-up, not timed
+        dec.generate(prompts[0], 4, eos_token_id=tok.eos_token_id,  # warm-up, not timed
+                     stream=lambda new: first or first.append(time.perf_counter()))
     # Interleaved (each prompt on every decoder in turn) so that a change in machine load hits
     # all decoders alike instead of whichever happened to run then.
     for ids in tqdm(prompts, desc="prompts x decoders", unit="prompt", file=sys.stderr):
@@ -157,6 +161,8 @@ def run_demo(args, load_pair, make_decoder):
           f"lane {args.lane}, {threads}, context lookup "
           f"{f'up to {args.lookup}-grams' if args.lookup else 'off'}")
     print(linears)
+    print(f"start: loaded in {load_s:.2f} s; first token {first[0] - t_gen:.2f} s after generate started "
+          f"({DECODERS[0]}'s warm-up)")
     print(format_table(results))
     print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
     for outs in results.values():

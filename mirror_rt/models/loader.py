@@ -86,9 +86,10 @@ def tokenizer_tokens(path) -> tuple | None:
         by_id = {int(i): tok for tok, i in pairs}
         by_id.update({int(t["id"]): t["content"] for t in spec.get("added_tokens", [])})
         return tuple(by_id.get(i) for i in range(max(by_id) + 1)) if by_id else None
-    from gguf import GGUFReader
+    from mirror_rt.models.gguf_header import read_gguf_header
 
-    return _gguf_tokens(GGUFReader(path))
+    tokens = read_gguf_header(path).metadata.get("tokenizer.ggml.tokens")
+    return tuple(tokens) if tokens is not None else None
 
 
 def _gguf_tokens(reader) -> tuple | None:
@@ -144,7 +145,7 @@ def _read_hf_dir(path, files=None):
         raise ValueError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not loaded)")
     tensors = {}
     for file in files:
-        try:
+        try:  # load_file maps the file: tensors stay in the page cache until used (no copy)
             part = load_file(file)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None

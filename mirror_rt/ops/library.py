@@ -43,12 +43,12 @@ def _cpp():
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        from mirror_rt import triton_kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Triton and our kernels are installed, without importing them (this runs while the
+    ops register, at import time, and importing Triton costs most of a second)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
+        "mirror_rt.triton_kernels") is not None
 
 
 def _cuda_kernels(make: Callable[[], Callable]) -> dict[str, Callable]:

