@@ -29,6 +29,9 @@ import torch
 
 COMPILE_CHOICES = (False, True, "auto")
 CAPACITY_STEP = 256  # caches are allocated in multiples of this many tokens when compiled
+# torch.compile's backend; MIRROR_RT_COMPILE_BACKEND=aot_eager traces and checks the same graphs
+# without generating code (what the CPU tests use: inductor's C++ compile takes minutes there).
+BACKEND = os.environ.get("MIRROR_RT_COMPILE_BACKEND", "inductor")
 
 
 def _check_choice(compile):
@@ -47,15 +50,17 @@ def resolve(compile, device) -> bool:
     return bool(compile)
 
 
-def prepare(model, compile="auto", *, mode=None, backend="inductor", max_tokens: int = 64, max_buckets: int = 16,
+def prepare(model, compile="auto", *, mode=None, backend=None, max_tokens: int = 64, max_buckets: int = 16,
             min_uses: int = 2):
     """The model, ready to run its forward compiled (compile=True), eagerly (False), or compiled
     where that is faster ("auto", see ``resolve``). mode: torch.compile's mode (default
-    "reduce-overhead" on CUDA: CUDA graphs; None on CPU). backend: torch.compile's backend."""
+    "reduce-overhead" on CUDA: CUDA graphs; None on CPU). backend: torch.compile's backend
+    (default ``BACKEND``). max_tokens, max_buckets, min_uses: see ``CompiledModel``."""
     if not resolve(compile, model.device):
         return model
     if isinstance(model, CompiledModel):
         return model
+    backend = backend or BACKEND
     if mode is None and model.device.type == "cuda" and backend == "inductor":
         mode = "reduce-overhead"
     return CompiledModel(model, mode=mode, backend=backend, max_tokens=max_tokens, max_buckets=max_buckets,
@@ -85,8 +90,27 @@ def _head(model, hidden):
     return model.head(hidden)
 
 
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous inference tensor. Dynamo guards on dispatch keys (inference tensors and
+    ordinary ones differ) and strides (even of size-1 dims): inputs (ids, positions, masks, the
+    hidden state) that differ only in these would otherwise compile a bucket twice."""
+    if t.is_inference() and t.stride() == _contiguous_strides(t.shape):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 class CompiledModel:
-    """A model whose forward pieces run compiled per bucket (see the module's docstring)."""
+    """A model whose forward pieces run compiled per bucket (see the module's docstring).
+    Forwards of more than max_tokens new tokens run eagerly, as do new buckets once max_buckets
+    are compiled; a bucket is compiled on its min_uses-th call."""
 
     def __init__(self, model, *, mode=None, backend="inductor", max_tokens: int = 64, max_buckets: int = 16,
                  min_uses: int = 2):
@@ -141,7 +165,7 @@ class CompiledModel:
         B, T, _ = hidden.shape
         key = ("layers", start, end, B, T, cache.max_len, tree_offset, positions is None, tree_mask is None,
                hidden.dtype)
-        if self._use(key, T):
+        if self._use(key, T, cache):
             out = self._run("layers", hidden, start, end, cache.k, cache.v, cache.length_t, positions, tree_mask,
                             tree_offset)
             if out is not None:
@@ -161,7 +185,7 @@ class CompiledModel:
         B, T = ids.shape
         self.model.check_forward(ids[..., None], 0, self.num_layers, cache, tree_mask, tree_offset)
         key = ("forward", B, T, cache.max_len, tree_offset, positions is None, tree_mask is None)
-        if self._use(key, T):
+        if self._use(key, T, cache):
             out = self._run("forward", ids, cache.k, cache.v, cache.length_t, positions, tree_mask, tree_offset)
             if out is not None:
                 return out
@@ -171,16 +195,18 @@ class CompiledModel:
 
     # --- buckets and fallback ----------------------------------------------------------------
 
-    def _use(self, key, T: int) -> bool:
-        """Whether this call runs compiled: a bucket is compiled on its min_uses-th call (a step
-        shape recurs; the prompt's prefill and one-off shapes do not, and stay eager)."""
+    def _use(self, key, T: int, cache=None) -> bool:
+        """Whether this call runs compiled: a bucket is compiled on its min_uses-th call on one
+        cache (a step shape recurs within a generation; the prompt's prefill does not, and stays
+        eager like other one-off shapes)."""
         if key in self.buckets:
             return self.enabled
         if not self.enabled or T > self.max_tokens or len(self.buckets) >= self.max_buckets:
             return False
-        uses = self._seen.get(key, 0) + 1
+        owner, uses = self._seen.get(key, (None, 0))
+        uses = uses + 1 if owner == id(cache) else 1
         if uses < self.min_uses:
-            self._seen[key] = uses
+            self._seen[key] = (id(cache), uses)
             return False
         self._seen.pop(key, None)
         self.buckets.add(key)
@@ -192,9 +218,7 @@ class CompiledModel:
             with torch.inference_mode():
                 if self._cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                # Inference and ordinary tensors differ in dispatch keys, which dynamo guards on:
-                # small inputs made outside inference mode are copied so both meet one graph.
-                args = [a.clone() if isinstance(a, torch.Tensor) and not a.is_inference() else a for a in args]
+                args = [_canonical(a) if isinstance(a, torch.Tensor) else a for a in args]
                 out = self._compiled[piece](self.model, *args)
             # A CUDA graph's outputs live in its memory pool and the next replay overwrites them.
             return out.clone() if self._cuda_graphs else out
