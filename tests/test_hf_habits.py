@@ -408,3 +408,100 @@ def test_ops_docstrings_carry_the_contract(name, phrases):
     assert test.examples, f"ops.{name} has no example"
     result = doctest.DocTestRunner().run(test)
     assert result.failed == 0
+
+
+# --- sliding-window attention ---------------------------------------------------------------
+
+def _windowed(arch, **kw):
+    from helpers import random_hf_model
+
+    extra = {"sliding_window": 16}
+    if arch != "mistral":  # Qwen2: the window only with use_sliding_window, from max_window_layers on
+        extra.update(use_sliding_window=True, max_window_layers=1)
+    extra.update(kw)
+    return random_hf_model(arch, seed=4, **extra)
+
+
+def test_sliding_window_config_follows_transformers():
+    from mirror_rt.models.config import ModelConfig
+
+    assert ModelConfig.from_hf(_windowed("mistral").config.to_dict()).sliding_layers == (0, 1, 2)
+    cfg = ModelConfig.from_hf(_windowed("qwen2").config.to_dict())
+    assert (cfg.sliding_window, cfg.sliding_layers, cfg.max_position) == (16, (1, 2), 256)
+    off = ModelConfig.from_hf(_windowed("qwen2", use_sliding_window=False).config.to_dict())
+    assert off.sliding_window is None and off.sliding_layers == ()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_logits_past_the_window(arch):
+    from helpers import assert_close, hf_logits
+
+    from mirror_rt import load_model
+
+    hf = _windowed(arch)
+    model = load_model(hf)
+    ids = torch.randint(3, 61, (1, 40), generator=torch.Generator().manual_seed(1))
+    want = hf_logits(hf, ids)
+    assert_close(_our_logits(model, ids), want, 1e-4, f"{arch} 40 tokens, window 16")
+    # in pieces: a 30-token chain, then one token at a time (the slice path), then a 3-token chain
+    cache = model.new_cache(40)
+    got = [model(ids[:, :30], cache)]
+    cache.commit(30)
+    for t in range(30, 37):
+        got.append(model(ids[:, t:t + 1], cache))
+        cache.commit(1)
+    got.append(model(ids[:, 37:], cache))
+    assert_close(torch.cat(got, 1), want, 1e-4, f"{arch} incremental")
+    # a chain-shaped tree past the window equals the chain (the dense masked path)
+    cache.rollback(33)
+    tree = torch.ones(1, 7, 7, dtype=torch.bool).tril()
+    got = model(ids[:, 33:], cache, positions=torch.arange(33, 40)[None], tree_mask=tree)
+    assert_close(got, want[:, 33:], 1e-4, f"{arch} tree")
+    # a tree grown over several forwards deeper than the window: refused, naming the window
+    cache.rollback(20)
+    with pytest.raises(ValueError, match="sliding window \\(16 tokens\\)"):
+        model(ids[:, :7], cache, positions=torch.arange(30, 37)[None], tree_mask=torch.ones(1, 7, 17, dtype=torch.bool),
+              tree_offset=10)
+
+
+@pytest.mark.parametrize("decoder", ["ar", "sd", "mirror"])
+def test_sliding_window_generation_matches_transformers(decoder):
+    import mirror_rt
+    from mirror_rt.models.derive import truncated_copy
+
+    hf = _windowed("mistral")
+    target = mirror_rt.load_model(hf)
+    draft = truncated_copy(target, 2)
+    dec = {"ar": lambda: mirror_rt.AutoregressiveDecoder(target),
+           "sd": lambda: mirror_rt.SpeculativeDecoder(target, draft, 3),
+           "mirror": lambda: mirror_rt.MirrorDecoder(target, draft, mirror_rt.MirrorConfig(window=3))}
+    ids = torch.randint(3, 61, (1, 40), generator=torch.Generator().manual_seed(2))
+    want = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)[0, 40:].tolist()
+    d = dec[decoder]()
+    assert d.generate(ids, 24, eos_token_id=[]).tokens[0].tolist() == want
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_in_the_static_forward(arch):
+    """The static-shape forward (what torch.compile traces) keeps the window too."""
+    from helpers import assert_close, hf_logits
+
+    from mirror_rt import load_model
+
+    hf = _windowed(arch)
+    model = load_model(hf)
+    ids = torch.randint(3, 61, (1, 40), generator=torch.Generator().manual_seed(3))
+    want = hf_logits(hf, ids)
+    cache = model.new_cache(48)
+
+    def static(new, **kw):
+        with torch.inference_mode():
+            h = model.run_layers_static(model.embed(new), 0, model.num_layers, cache.k, cache.v, cache.length_t, **kw)
+            return model.head(h)
+
+    assert_close(static(ids[:, :34]), want[:, :34], 1e-4, f"{arch} static chain")
+    cache.commit(34)
+    assert_close(static(ids[:, 34:35]), want[:, 34:35], 1e-4, f"{arch} static one token")
+    tree = torch.ones(1, 6, 6, dtype=torch.bool).tril()
+    got = static(ids[:, 34:], positions=torch.arange(34, 40)[None], tree_mask=tree)
+    assert_close(got, want[:, 34:], 1e-4, f"{arch} static tree")

@@ -99,12 +99,13 @@ def test_sharded_checkpoint(tmp_path):
     assert_close(ours(ids, ours.new_cache(19)), hf_logits(hf, ids), ATOL, "sharded checkpoint logits")
 
 
-def test_mistral_sliding_window_caps_context(tmp_path):
+def test_mistral_sliding_window_keeps_the_context(tmp_path):
+    """The window is applied in attention (tests/test_hf_habits.py checks it against transformers
+    past the window); the context stays max_position_embeddings."""
     save_hf_checkpoint(tmp_path, "mistral", sliding_window=32)
     model = load_model(tmp_path)
-    assert model.config.max_position == 32
-    with pytest.raises(ValueError, match="context"):
-        model.new_cache(33)
+    assert (model.config.max_position, model.config.sliding_window) == (256, 32)
+    assert model.new_cache(33).max_len == 33
 
 
 def test_llama3_rope_scaling_is_used(tmp_path):

@@ -19,12 +19,14 @@ class ModelConfig:
     rms_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
-    max_position: int = 4096          # the context the model supports (sliding window included)
+    max_position: int = 4096          # the context the model supports
     tie_embeddings: bool = False
     qkv_bias: bool = False            # Qwen2
     qk_norm: bool = False             # Qwen3: RMSNorm over head_dim on q and k
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    sliding_window: int | None = None  # keys a query may see (itself included) on sliding layers
+    sliding_layers: tuple[int, ...] = ()  # the layers that use the window (models/sliding_window.py)
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -38,6 +40,11 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        self.sliding_layers = tuple(self.sliding_layers) if self.sliding_window is not None else ()
+        if any(not 0 <= i < self.num_layers for i in self.sliding_layers):
+            raise ValueError(f"sliding_layers must lie in [0, {self.num_layers}), got {self.sliding_layers}")
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -54,8 +61,7 @@ class ModelConfig:
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         max_pos = cfg.get("max_position_embeddings", 4096)
-        if cfg.get("sliding_window") and cfg.get("use_sliding_window", model_type == "mistral"):
-            max_pos = min(max_pos, cfg["sliding_window"])  # beyond the window we would be wrong
+        window, window_layers = _sliding_window(cfg, model_type)
         eos = cfg.get("eos_token_id")
         return cls(
             arch=model_type,
@@ -75,4 +81,24 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            sliding_window=window,
+            sliding_layers=window_layers,
         )
+
+
+def _sliding_window(cfg: dict, model_type: str) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the layers using it) as transformers reads config.json: Mistral windows every
+    layer when sliding_window is set; Qwen2 / Qwen3 only with use_sliding_window, on the layers
+    layer_types marks "sliding_attention" (by default those from max_window_layers on)."""
+    window = cfg.get("sliding_window")
+    layers = cfg["num_hidden_layers"]
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    if model_type not in ("mistral", "qwen2", "qwen3") or not window:
+        return None, ()
+    if model_type == "mistral":
+        return int(window), tuple(range(layers))
+    types = cfg.get("layer_types")
+    if types:
+        return int(window), tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return int(window), tuple(range(cfg.get("max_window_layers", 28), layers))

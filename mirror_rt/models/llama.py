@@ -23,6 +23,7 @@ from torch import nn
 from mirror_rt import ops
 from mirror_rt.ops.library import linear_in_graph
 from mirror_rt.models.config import ModelConfig
+from mirror_rt.models import sliding_window
 from mirror_rt.models.kv_cache import StaticKVCache
 from mirror_rt.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -86,12 +87,19 @@ class _AttentionPlan:
     the first cache slot written, and either the chain's causal mask or the tree's inputs. Slices
     by the cache's Python-int length, so attention reads only the valid prefix."""
 
-    def __init__(self, cache: StaticKVCache, B: int, T: int, tree_offset: int, tree_mask, device):
+    def __init__(self, cache: StaticKVCache, B: int, T: int, tree_offset: int, tree_mask, device,
+                 window: int | None = None, positions=None):
         self.length, self.start, self.end = cache.length, cache.length + tree_offset, cache.length + tree_offset + T
         self.tree_mask = tree_mask
-        self.causal_mask = self.seqlens = None
+        self.causal_mask = self.seqlens = self.dense_mask = None
+        self.lo = 0  # the first slot a chain's queries read
         if tree_mask is not None:
             self.seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=device)
+            if window is not None and sliding_window.tree_may_cross(cache.length, tree_offset, T, window):
+                self.dense_mask = sliding_window.tree_window_mask(cache.length, tree_offset, positions, tree_mask,
+                                                                  window)
+        elif window is not None:  # a sliding-window layer's chain
+            self.lo, self.causal_mask = sliding_window.chain_window(self.start, T, window, device)
         elif T > 1:  # a single new token sees every earlier slot: no mask at all
             self.causal_mask = torch.ones(T, self.end, dtype=torch.bool, device=device).tril(self.start)
 
@@ -101,7 +109,9 @@ class _AttentionPlan:
 
     def attend(self, q, k_buf, v_buf):
         if self.tree_mask is None:
-            return _causal_attention(q, k_buf[:, :self.end], v_buf[:, :self.end], self.causal_mask)
+            return _causal_attention(q, k_buf[:, self.lo:self.end], v_buf[:, self.lo:self.end], self.causal_mask)
+        if self.dense_mask is not None:  # a sliding window cuts the tree's view of the prefix
+            return _dense_attention(q, k_buf[:, :self.end], v_buf[:, :self.end], self.dense_mask)
         tree = slice(self.length, self.end)
         return ops.tree_attention(q, k_buf, v_buf, self.seqlens, k_buf[:, tree], v_buf[:, tree], self.tree_mask)
 
@@ -112,11 +122,16 @@ class StaticAttentionPlan:
     for the device. Attention reads the whole capacity S under a mask (stale slots masked out);
     a tree's nodes are gathered by index and go to ``torch.ops.mirror_rt.tree_attention``."""
 
-    def __init__(self, length_t, B: int, T: int, tree_offset: int, tree_mask, capacity: int, device):
+    def __init__(self, length_t, B: int, T: int, tree_offset: int, tree_mask, capacity: int, device,
+                 window: int | None = None, positions=None):
         self.slots = length_t + tree_offset + torch.arange(T, device=device)  # [T] slots written
         self.tree_mask = tree_mask
+        self.dense_mask = None
         if tree_mask is None:
-            self.causal_mask = torch.arange(capacity, device=device)[None, :] <= self.slots[:, None]  # [T, S]
+            self.causal_mask = sliding_window.static_chain_mask(self.slots, capacity, window)  # [T, S]
+        elif window is not None:  # a sliding-window layer: no branch on the length, always dense
+            self.dense_mask = sliding_window.static_tree_window_mask(length_t, tree_offset, positions, tree_mask,
+                                                                     window, capacity)
         else:
             self.tree_slots = length_t + torch.arange(tree_offset + T, device=device)
             self.seqlens = length_t.to(torch.int32).expand(B)
@@ -128,6 +143,8 @@ class StaticAttentionPlan:
     def attend(self, q, k_buf, v_buf):
         if self.tree_mask is None:
             return _causal_attention(q, k_buf, v_buf, self.causal_mask)
+        if self.dense_mask is not None:
+            return _dense_attention(q, k_buf, v_buf, self.dense_mask)
         k_tree, v_tree = k_buf.index_select(1, self.tree_slots), v_buf.index_select(1, self.tree_slots)
         return torch.ops.mirror_rt.tree_attention(q, k_buf, v_buf, self.seqlens, k_tree, v_tree, self.tree_mask)
 
@@ -146,6 +163,12 @@ def _causal_attention(q, k, v, mask):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
+
+
+def _dense_attention(q, k, v, mask):
+    """Tree attention through SDPA with a full mask [B, 1, T, S]; a query that may attend to
+    nothing gets zeros, as ``ops.tree_attention`` gives."""
+    return _causal_attention(q, k, v, mask).nan_to_num(0.0)
 
 
 class MLP(nn.Module):
@@ -232,9 +255,18 @@ class LlamaModel(nn.Module):
             positions = torch.arange(base, base + T, device=hidden.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
         plan = _AttentionPlan(cache, B, T, tree_offset, tree_mask, hidden.device)
+        sliding = self._sliding_layers(start, end)
+        if sliding:
+            window_plan = _AttentionPlan(cache, B, T, tree_offset, tree_mask, hidden.device,
+                                         self.config.sliding_window, positions)
         for i in range(start, end):
-            hidden = self.layers[i](hidden, cos, sin, cache.k[i], cache.v[i], plan)
+            hidden = self.layers[i](hidden, cos, sin, cache.k[i], cache.v[i], window_plan if i in sliding else plan)
         return hidden
+
+    def _sliding_layers(self, start: int, end: int) -> frozenset:
+        """The layers in [start, end) that attend through the sliding window (Mistral, Qwen2/3)."""
+        c = self.config
+        return frozenset(i for i in c.sliding_layers if start <= i < end) if c.sliding_window else frozenset()
 
     def run_layers_static(self, hidden, start: int, end: int, k_bufs, v_bufs, length_t, positions=None,
                           tree_mask=None, tree_offset: int = 0):
@@ -247,8 +279,12 @@ class LlamaModel(nn.Module):
         if positions is None:
             positions = plan.slots.expand(B, T)
         cos, sin = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
+        sliding = self._sliding_layers(start, end)
+        if sliding:
+            window_plan = StaticAttentionPlan(length_t, B, T, tree_offset, tree_mask, k_bufs[0].shape[1],
+                                              hidden.device, self.config.sliding_window, positions)
         for i in range(start, end):
-            hidden = self.layers[i](hidden, cos, sin, k_bufs[i], v_bufs[i], plan)
+            hidden = self.layers[i](hidden, cos, sin, k_bufs[i], v_bufs[i], window_plan if i in sliding else plan)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
