@@ -5,7 +5,8 @@
 #
 # Steps are a list (name, command); append yours to STEPS. Every step runs even if an earlier
 # one failed, its command and exit status are printed, and the script exits non-zero if any
-# step failed. Target: under ~6 minutes on an H100.
+# step failed. The whole suite fits one device call: a step starts only while SUITE_BUDGET_S
+# (default 530 s) has time left, and runs at most that long; steps come in priority order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-bench/results}"
@@ -49,6 +50,20 @@ run_systems_small() {
   return $rc
 }
 
+run_compiled_e2e() {
+  # AR, SD and Mirror-SD on the Llama-3.1-8B shape (random bf16 weights, controlled acceptance),
+  # eager against compiled (CUDA graphs), HF generate (static cache + torch.compile) as the peer;
+  # then one step of the target eager against compiled: host/device time and launches.
+  local rc=0
+  timeout 230 "$PY" bench/compiled_e2e.py --shape llama3-8b --new-tokens 64 --budget-s 170 \
+    --csv "$RESULTS/compiled_e2e.csv" > "$RESULTS/compiled_e2e.log" 2>&1 || rc=$?
+  grep -E "^ +llama3|FAILED|skipped" "$RESULTS/compiled_e2e.log"
+  timeout 60 "$PY" bench/bench_step.py --shape llama3-8b --tokens 1 5 --steps 10 \
+    --csv "$RESULTS/bench_step.csv" > "$RESULTS/bench_step.log" 2>&1 || rc=$?
+  grep -E "^ +llama3|Error" "$RESULTS/bench_step.log"
+  return $rc
+}
+
 summary() {
   "$PY" - "$RESULTS" <<'EOF'
 import csv, os, sys
@@ -76,6 +91,19 @@ if va:
         rf = next((s for s in va if s["provider"] == "reference" and all(s[k] == r[k] for k in ("mode", "B", "T", "V"))), {})
         print(f"{r['mode']:>9} {r['B']:>3} {r['T']:>3} {r['V']:>6} {rf.get('us', ''):>10} {r['us']:>9} "
               f"{r.get('speedup_vs_reference', ''):>8} {r.get('bw_frac', ''):>6} {r.get('same', ''):>5}")
+ce = rows("compiled_e2e.csv")
+if ce:
+    print("compiled end to end, CONTROLLED-ACCEPTANCE (speedup vs eager AR in the same run; warm = first run, compiling)")
+    print(f"{'target':>10} {'decoder':>9} {'mode':>8} {'acc':>4} {'tok/s':>8} {'speedup':>7} {'warm_s':>6} {'==AR':>5} {'compiled':>8}")
+    for r in ce:
+        print(f"{r['target']:>10} {r['decoder']:>9} {r['mode']:>8} {r['acceptance'] or '':>4} {r['tok_s']:>8} "
+              f"{r['speedup_vs_ar']:>7} {r['warm_s']:>6} {r['equals_ar']:>5} {r['compiled']:>8}")
+bs = rows("bench_step.csv")
+if bs:
+    print("one target step, eager vs compiled (ms per step; launches per step)")
+    print(f"{'shape':>10} {'mode':>8} {'T':>3} {'step_ms':>8} {'host_ms':>8} {'device_ms':>9} {'launches':>8}")
+    for r in bs:
+        print(f"{r['shape']:>10} {r['mode']:>8} {r['T']:>3} {r['step_ms']:>8} {r['host_ms']:>8} {r['device_ms']:>9} {r['launches']:>8}")
 sy = rows("systems.csv") + rows("systems_small_gpu_draft.csv") + rows("systems_small_cpu_draft.csv")
 if sy:
     print("systems, CONTROLLED-ACCEPTANCE (random weights + oracle; speedup vs AR in the same run)")
@@ -85,7 +113,7 @@ if sy:
         print(f"{r['target']:>12} {r.get('draft_device', ''):>8} {r['decoder']:>7} {r['acceptance']:>4} {r['containment']:>4} {r['step_ms']:>8} "
               f"{r['tok_s']:>7} {r['speedup_vs_ar']:>7} {r['mean_accepted']:>8} {r['reuse_rate']:>5} "
               f"{r['fallback_rate']:>6} {r['overlap_fraction']:>7} {r['equals_ar']:>5}")
-if not ta and not va and not sy:
+if not ta and not va and not sy and not ce and not bs:
     print("no benchmark CSVs found under", res)
 EOF
 }
@@ -94,7 +122,8 @@ EOF
 STEPS=(
   "env|env_report"
   "install|install_if_needed"
-  "gpu tests|set -o pipefail; timeout 110 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_tree_attention.py tests/test_verify_accept.py tests/test_mirror_gpu.py 2>&1 | tee $RESULTS/gpu_tests.log"
+  "compiled end to end (8B)|run_compiled_e2e"
+  "gpu tests|set -o pipefail; timeout 110 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_tree_attention.py tests/test_verify_accept.py tests/test_mirror_gpu.py tests/test_compile.py 2>&1 | tee $RESULTS/gpu_tests.log"
   "bench tree_attention|timeout 100 $PY bench/bench_tree_attention.py --csv $RESULTS/tree_attention.csv"
   "bench verify_accept|timeout 70 $PY bench/bench_verify_accept.py --csv $RESULTS/verify_accept.csv"
   "bench systems (controlled acceptance)|run_systems"
@@ -102,17 +131,24 @@ STEPS=(
 )
 
 declare -a STATUS
-export -f install_if_needed env_report run_systems run_systems_small
+export -f install_if_needed env_report run_compiled_e2e run_systems run_systems_small
 export RESULTS
 export PY
+BUDGET="${SUITE_BUDGET_S:-530}"
 start=$SECONDS
 for step in "${STEPS[@]}"; do
   name="${step%%|*}"
   cmd="${step#*|}"
+  left=$((BUDGET - (SECONDS - start)))
   echo
+  if [ "$left" -lt 15 ]; then
+    echo "=== [$name] skipped: the suite's ${BUDGET} s budget is spent"
+    STATUS+=("$(printf '%-24s skipped (budget)' "$name")")
+    continue
+  fi
   echo "=== [$name] \$ $cmd"
   t0=$SECONDS
-  bash -c "$cmd"
+  timeout "$left" bash -c "$cmd"
   rc=$?
   STATUS+=("$(printf '%-24s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
   [ "$rc" -ne 0 ] && echo "!!! step [$name] FAILED with exit status $rc"
@@ -123,7 +159,7 @@ echo "=== summary (total $((SECONDS - start))s, results in $RESULTS)"
 failed=0
 for s in "${STATUS[@]}"; do
   echo "  $s"
-  [[ "$s" == *"rc=0 "* ]] || failed=1
+  [[ "$s" == *"rc=0 "* || "$s" == *"skipped (budget)"* ]] || failed=1
 done
 summary
 if [ "$failed" -ne 0 ]; then

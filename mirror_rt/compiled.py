@@ -60,6 +60,11 @@ def prepare(model, compile="auto", *, mode=None, backend=None, max_tokens: int =
         return model
     if isinstance(model, CompiledModel):
         return model
+    if not hasattr(model, "run_layers_static"):  # e.g. a wrapper: prepare what it wraps instead
+        if compile is True:
+            warnings.warn(f"mirror_rt: {type(model).__name__} has no static-shape forward to compile; "
+                          "running it eagerly", RuntimeWarning, stacklevel=2)
+        return model
     backend = backend or BACKEND
     if mode is None and model.device.type == "cuda" and backend == "inductor":
         mode = "reduce-overhead"
