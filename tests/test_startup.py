@@ -79,6 +79,10 @@ def test_cli_prints_load_time_and_time_to_first_token(tmp_path, capsys):
     assert found, err
     load_s, first_s = map(float, found.groups())
     assert 0 < load_s < 600 and 0 < first_s < 600
+    from helpers import load_bench_script
+
+    parsed = load_bench_script("startup.py").parse_cli_times(err)  # the start-up benchmark reads these lines
+    assert parsed["load_s"] == load_s and parsed["first_token_s"] == first_s and parsed["tokenizer_s"] >= 0
 
 
 # --- the embedded default's peak memory ---------------------------------------------------------
