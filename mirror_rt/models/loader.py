@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -16,21 +17,30 @@ from tqdm.auto import tqdm
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.device_dtype import resolve_device, resolve_dtype
 from mirror_rt.models.llama import LlamaModel
+from mirror_rt.models.quant import KeptBlocks, install_blocks, quantize_model, quantize_q8_0
+from mirror_rt.ops.quant import QTYPES
 from mirror_rt.models.rope import inverse_frequencies
 
 
-def load_model(path, device=None, dtype=None) -> LlamaModel:
+def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     """Load a Llama-family model.
 
     path:   a Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not),
-            one ``.safetensors`` file with its config.json beside it, a ``.gguf`` file (quantised
-            tensors are dequantised), or a loaded transformers model (LlamaForCausalLM,
+            one ``.safetensors`` file with its config.json beside it, a ``.gguf`` file, or a
+            loaded transformers model (LlamaForCausalLM,
             MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), whose weight tensors the
             returned model shares (``from_hf``; device/dtype None keep its own).
     device: a torch device or its name (default cpu), checked before loading: one this torch
             cannot use raises ValueError naming the devices it has.
     dtype:  a torch float dtype or its name ("bfloat16"/"bf16", "float16"/"fp16", "float32";
             default float32 on CPU, bfloat16 elsewhere).
+    quant:  None: a GGUF's Q4_0 / Q4_1 / Q8_0 weights stay in their blocks on the CPU (memory-mapped,
+            computed by the quantized kernels; its other quantized types are converted to Q8_0 at
+            load, float tensors stay float); elsewhere everything is dequantized (a warning says
+            so). "dequantize": every weight in ``dtype``. "q8_0" / "q4_0" / "q4_1": quantize at
+            load (the layers' linears to that type, embedding and LM head to Q8_0; CPU only).
+            Norms and rotary tables stay float. ``mirror_rt.models.quant.weight_bytes(model)``
+            counts the result.
     The returned model has ``.source`` (the checkpoint directory or file, for the tokenizer),
     ``.tokenizer_tokens`` (see ``tokenizer_tokens``), ``.generation_config`` (generation_config.json's
     contents or None, for its EOS: ``mirror_rt.generation.resolve_eos``) and is in eval mode.
@@ -46,6 +56,7 @@ def load_model(path, device=None, dtype=None) -> LlamaModel:
     path = os.fspath(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    keep_blocks = _check_quant(quant, device, dtype, path)
     generation_config = None
     if os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".safetensors")):
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -54,12 +65,14 @@ def load_model(path, device=None, dtype=None) -> LlamaModel:
         generation_config = _generation_config(folder)
         path = folder  # the tokenizer lives in the folder
     elif os.path.isfile(path) and path.endswith(".gguf"):
-        cfg, tensors, tokens = _read_gguf(path)
+        cfg, tensors, tokens = _read_gguf(path, keep_blocks=keep_blocks)
     else:
         raise ValueError(f"model path {path!r} is neither a checkpoint directory, a .safetensors file "
                          "nor a .gguf file")
     with torch.device("meta"):
         model = LlamaModel(cfg)
+    kept = {k: tensors.pop(k) for k in [k for k, v in tensors.items() if isinstance(v, KeptBlocks)]}
+    install_blocks(model, kept, tensors, path)
     _assign(model, tensors, path)
     model.source = path
     model.tokenizer_tokens = tokens
@@ -67,7 +80,26 @@ def load_model(path, device=None, dtype=None) -> LlamaModel:
     model = model.to(device=device, dtype=dtype).eval()
     c = model.config  # .to(dtype) cast the rotary buffer too: rebuild it in fp32
     model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
+    if quant not in (None, "dequantize"):
+        quantize_model(model, quant)
     return model
+
+
+QUANT_CHOICES = (None, "dequantize", "q8_0", "q4_0", "q4_1")
+
+
+def _check_quant(quant, device, dtype, path) -> bool:
+    """Validates ``quant``; True when a GGUF's blocks are to be kept as they are."""
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    if quant not in (None, "dequantize") and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"quant={quant!r} runs on the CPU in float32; got device {device}, dtype {dtype} "
+                         "(pass quant='dequantize' for a float model there)")
+    if quant is None and str(path).endswith(".gguf") and (device.type != "cpu" or dtype != torch.float32):
+        warnings.warn(f"{os.path.basename(str(path))}: quantized weights run on the CPU in float32; dequantizing "
+                      f"them to {dtype} for {device}", stacklevel=3)
+        return False
+    return quant is None
 
 
 def tokenizer_tokens(path) -> tuple | None:
@@ -110,7 +142,7 @@ def _assign(model: LlamaModel, tensors: dict, path: str):
             raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, config expects {tuple(param.shape)}")
     state = {k: tensors[k] for k in expected}
     model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and isinstance(model.embed_tokens, torch.nn.Embedding):
         model.lm_head.weight = model.embed_tokens.weight
     c = model.config  # the rotary buffer was built on the meta device: rebuild it for real
     model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
@@ -212,12 +244,19 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _read_gguf(path):
+# Types the quantized kernels take as they are (GGML ids).
+_KEPT_TYPES = set(QTYPES.values())
+
+
+def _read_gguf(path, keep_blocks=False):
+    """(config, tensors, tokens). With keep_blocks, 2-D weights stored as Q4_0 / Q4_1 / Q8_0 come
+    back as KeptBlocks viewing the file's memory map (q/k rows unpermuted: a copy of those),
+    weights of other quantized types as KeptBlocks converted to Q8_0, float tensors as float32."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     try:
-        reader = GGUFReader(path)
+        reader = GGUFReader(path, "c")  # copy-on-write map: writable views, no copy of the file
     except Exception as e:  # the reader raises assorted errors on bad files
         raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
     cfg = gguf_config(reader, path)
@@ -232,15 +271,34 @@ def _read_gguf(path):
                 continue
             name = f"layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
         shape = tuple(int(d) for d in reversed(t.shape))
+        kind = int(t.tensor_type)
+        keep = keep_blocks and len(shape) == 2 and name.endswith(".weight") and not name.endswith("norm.weight")
+        if keep and kind in _KEPT_TYPES:
+            arr = np.asarray(t.data)  # uint8 [out, in/32*block_bytes] in the map
+            if arr.ndim != 2 or arr.shape[0] != shape[0]:
+                raise ValueError(f"{path}: tensor {t.name} holds {arr.shape} bytes for shape {shape} (corrupt file?)")
+            arr = _unpermuted(cfg, name, arr, shape, path)
+            tensors[name] = KeptBlocks(torch.from_numpy(arr), kind, shape)
+            continue
         try:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except ValueError as e:
             raise ValueError(f"{path}: tensor {t.name} cannot be read ({e})") from None
-        if cfg.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-            heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
-            if shape[0] != heads * cfg.head_dim:  # checked here: the unpermute reshape needs it
-                raise ValueError(f"{path}: tensor {name} has shape {shape}, config expects "
-                                 f"{heads * cfg.head_dim} rows ({heads} heads x head_dim {cfg.head_dim})")
-            arr = _unpermute_rope(arr, heads)
+        arr = _unpermuted(cfg, name, arr, shape, path)
+        if keep and kind not in (0, 1, 30) and shape[1] % 32 == 0:  # other quantized types (not F32/F16/BF16)
+            tensors[name] = KeptBlocks(quantize_q8_0(torch.from_numpy(arr)), "q8_0", shape)
+            continue
         tensors[name] = torch.from_numpy(arr.copy())  # own, writable memory
     return cfg, tensors, _gguf_tokens(reader)
+
+
+def _unpermuted(cfg, name, arr, shape, path):
+    """arr with llama.cpp's rotary row order undone for a Llama q/k weight or bias (a row
+    permutation, so it applies to rows of blocks as well); other tensors as they are."""
+    if cfg.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+        heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+        if shape[0] != heads * cfg.head_dim:  # checked here: the unpermute reshape needs it
+            raise ValueError(f"{path}: tensor {name} has shape {shape}, config expects "
+                             f"{heads * cfg.head_dim} rows ({heads} heads x head_dim {cfg.head_dim})")
+        return np.ascontiguousarray(_unpermute_rope(arr, heads))
+    return arr

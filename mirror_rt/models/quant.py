@@ -197,3 +197,40 @@ def weight_bytes(model) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+class KeptBlocks:
+    """A weight read from a file as blocks (``load_model`` keeps them): uint8 [out, in/32*bytes]."""
+
+    __slots__ = ("blocks", "qtype", "shape")
+
+    def __init__(self, blocks, qtype, shape):
+        self.blocks, self.qtype, self.shape = blocks, qtype_id(qtype), tuple(int(s) for s in shape)
+
+
+def install_blocks(model, kept: dict, tensors: dict, path: str = "model"):
+    """Put the kept weights of a (meta-device) LlamaModel in place: ``kept`` maps parameter names
+    ("layers.0.self_attn.q_proj.weight", "embed_tokens.weight", "lm_head.weight") to KeptBlocks;
+    a linear's bias stays a float tensor in ``tensors``. A tied LM head shares the embedding's
+    blocks. Each module is swapped once, here: QuantLinear / QuantEmbedding run their kernels
+    without a per-call choice. Raises ValueError naming ``path`` and the tensor on bad blocks."""
+    def make(cls, name, k, *extra):
+        try:
+            return cls(torch.as_tensor(k.blocks), k.qtype, k.shape, *extra)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: tensor {name}: {e}") from None
+
+    for name, k in kept.items():
+        module_name = name.removesuffix(".weight")
+        if module_name == "embed_tokens":
+            model.embed_tokens = make(QuantEmbedding, name, k)
+            if model.config.tie_embeddings:
+                model.lm_head = QuantLinear(model.embed_tokens.blocks, k.qtype, k.shape, check_scales=False)
+            continue
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        if not isinstance(old, nn.Linear) or tuple(old.weight.shape) != k.shape:
+            raise ValueError(f"{path}: tensor {name} has shape {k.shape}, config expects "
+                             f"{tuple(getattr(old, 'weight', torch.empty(0)).shape)}")
+        setattr(parent, attr, make(QuantLinear, name, k, tensors.get(f"{module_name}.bias")))
