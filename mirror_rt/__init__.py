@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "mirror_rt.models",
+    "from_hf": "mirror_rt.models.from_hf",
     "AutoregressiveDecoder": "mirror_rt.decoders",
     "SpeculativeDecoder": "mirror_rt.decoders",
     "MirrorDecoder": "mirror_rt.decoders",

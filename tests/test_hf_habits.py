@@ -160,6 +160,7 @@ def test_loaded_transformers_model_shares_its_weights(arch, tied):
     assert_close(_our_logits(model, ids), hf_logits(hf, ids), 1e-4, f"{arch} logits after an edit")
     assert hf.model.norm.weight.requires_grad  # we did not change hf's parameters' flags
     assert mirror_rt.generation.resolve_eos(model) == [2]  # the checkpoint's EOS
+    assert mirror_rt.from_hf(hf).embed_tokens.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
 
 def test_unsupported_transformers_model_lists_the_supported():
