@@ -100,7 +100,12 @@ class MeasuredCosts:
         return self.prefix(1) + self.suffix(1, "serial") + self.verify(1)
 
     def residual(self, overlap):
-        return self.residuals[overlap]()
+        """What the law misses in this mode; a mode never measured borrows a measured one's (the lane's
+        round trips and the bookkeeping between phases are in every mode)."""
+        for mode in (overlap, "serial", "overlapped", "off"):
+            if not self.residuals[mode].empty:
+                return self.residuals[mode]()
+        return 0.0
 
     def law_step(self, rec: StepRecord) -> float:
         """The law's time for the phases `rec` measured (its own suffix and rollouts)."""
@@ -116,6 +121,7 @@ class MeasuredCosts:
         ph, mode, T = rec.phase_s, rec.plan.overlap, rec.window_len + 1
         if mode == "off" or "suffix" not in ph:  # the target alone (an "off" plan, or a step cut short)
             self.off_s.add(0, measured_s)
+            self.residuals["off"].add(0, 0.0)  # off_s is the whole measured step
             return
         self.residuals[mode].add(0, measured_s - self.law_step(rec))
         for name in ("prefix", "exit", "verify"):
@@ -223,7 +229,7 @@ class AutoPlanner:
         small, fb = min(3, self.max_window), getattr(config, "fallback", "recompute")
         mk = lambda w, k, ov: Plan(w, min(k, self.max_kappa), cap, floor, fb, ov)  # noqa: E731
         self.warmup = [mk(small, 1, ov) for ov in overlaps for _ in range(2)]
-        self.warmup += [mk(self.max_window, 2, overlaps[0]), mk(1, 4, overlaps[0])]
+        self.warmup += [mk(self.max_window, 2, overlaps[0]), mk(1, 4, overlaps[0]), off_plan(cap, floor)]
         self.current, self.streak, self.steps = self.warmup[0], 0, 0
         self.prediction: Prediction | None = None
         self.snap: SimpleNamespace | None = None  # the rates at the last re-plan

@@ -225,3 +225,4 @@ def test_fixed_planner_summary():
     run(p, Machine(), 5)
     s = p.summary()
     assert s["plans"] == {p.plan().label(): 5} and s["plan_step_ms"][p.plan().label()]["measured"] > 0
+
