@@ -65,7 +65,11 @@ def predict_plan(plan: Plan, costs, rates, policy: str = "ranked", memo: dict | 
 
     def step_s(window):
         serial, suffix = target_side(window + 1)
-        return serial + overlap_span(suffix, costs.draft(plan_branches(plan, window, rates.fill), n, ov), ov)
+        b = plan_branches(plan, window, rates.fill)
+        key = ("draft", b, n, ov)
+        if key not in memo:
+            memo[key] = costs.draft(b, n, ov)
+        return serial + overlap_span(suffix, memo[key], ov)
 
     def miss_at(window):
         units = plan.kappa if policy == "per_position" else plan_branches(plan, window, rates.fill)

@@ -64,12 +64,14 @@ class MeasuredCosts:
         self.fits = defaultdict(LineFit)  # "prefix", "exit", "verify", ("suffix", mode), ("draft", mode)
         self.fallback_per_token, self.lane_s, self.off_s = Mean(), Mean(), Mean()
         self.residuals = defaultdict(Mean)
+        self._resolved = {}
 
     def _fit(self, key, *alternatives):
-        for k in (key, *alternatives):
-            if not self.fits[k].empty:
-                return self.fits[k]
-        return self.fits[key]
+        """The fit for key, or the first measured alternative (kept until the next record)."""
+        if key not in self._resolved:
+            self._resolved[key] = next((self.fits[k] for k in (key, *alternatives) if not self.fits[k].empty),
+                                       self.fits[key])
+        return self._resolved[key]
 
     def prefix(self, tokens):
         return self.fits["prefix"](tokens)
@@ -118,6 +120,7 @@ class MeasuredCosts:
                 + ph("fallback", 0.0))
 
     def add(self, rec: StepRecord, measured_s: float):
+        self._resolved.clear()
         ph, mode, T = rec.phase_s, rec.plan.overlap, rec.window_len + 1
         if mode == "off" or "suffix" not in ph:  # the target alone (an "off" plan, or a step cut short)
             self.off_s.add(0, measured_s)
@@ -206,7 +209,8 @@ class MeasuredRates:
                 miss = (1 - p) ** u
                 total += h * math.log(max(1 - miss, 1e-12)) + (n - h) * math.log(max(miss, 1e-12))
             return total
-        return max((i / 50 for i in range(1, 50)), key=loglik)
+        coarse = max((i / 10 for i in range(1, 10)), key=loglik)
+        return max((coarse + i / 100 for i in range(-9, 10) if 0 < coarse + i / 100 < 1), key=loglik)
 
 
 class AutoPlanner:
