@@ -36,12 +36,16 @@ class Machine:
     shared_slowdown: float = 1.0
     noise: float = 0.0
 
+    empty_next: bool = False    # fallback "exit" after a miss: the next step has no window
+
     def step(self, plan: Plan, rng: random.Random) -> StepRecord:
         jitter = lambda s: s * (1 + rng.uniform(-self.noise, self.noise))  # noqa: E731
         if plan.overlap == "off":
+            self.empty_next = True  # the step after the target alone starts without a window
             return StepRecord(plan, 0, 0, False, False, False, 0, None,
                               {"prefix": jitter(self.prefix), "suffix": jitter(self.suffix), "verify": 0.001})
-        n, T = plan.window, plan.window + 1
+        n = 0 if self.empty_next else plan.window
+        T = n + 1
         a = 0
         while a < n and rng.random() < self.alpha:
             a += 1
@@ -49,12 +53,13 @@ class Machine:
         contained = rng.random() < 1 - (1 - self.hit) ** plan.kappa
         slow = self.shared_slowdown if plan.overlap == "overlapped" else 1.0
         suffix = jitter(self.suffix + self.per_token * T) * slow
-        draft = jitter(n * (self.pass_s + self.per_branch * branches)) * slow
+        draft = jitter(plan.window * (self.pass_s + self.per_branch * branches)) * slow
         phases = {"prefix": jitter(self.prefix + self.per_token * T), "exit": 0.001, "suffix": suffix,
                   "draft": draft, "verify": 0.001,
                   "wait": max(0.0, draft - suffix) if plan.overlap == "overlapped" else draft}
-        if not contained:
-            phases["fallback"] = n * self.pass_s * 2
+        self.empty_next = not contained and plan.fallback == "exit"
+        if not contained and plan.fallback == "recompute":
+            phases["fallback"] = plan.window * self.pass_s * 2
         return StepRecord(plan, a, n, contained, False, not contained, branches, contained, phases)
 
 
@@ -127,6 +132,24 @@ def test_higher_acceptance_means_a_longer_window():
     low = settled(Machine(alpha=0.3, per_branch=0.0005))
     high = settled(Machine(alpha=0.9, per_branch=0.0005))
     assert high.window > low.window
+
+
+def test_fallback_follows_what_a_fresh_window_costs():
+    cheap = settled(Machine(pass_s=0.0005, hit=0.3))
+    dear = settled(Machine(pass_s=0.02, per_branch=0.0002, hit=0.3))
+    assert cheap.fallback == "recompute" and dear.fallback == "exit"
+
+
+def test_ranked_floor_lowers_the_predicted_branches():
+    @dataclass
+    class Ranked(Config):
+        branch_policy: str = "ranked"
+    p = AutoPlanner(Ranked())
+    plan = Plan(3, 2, None, 0.05, "exit", "overlapped")
+    for _ in range(10):  # the floor left 2 of the budget's 8 branches
+        p.observe(StepRecord(plan, 1, 3, True, False, False, 2, True, {"suffix": 0.01, "draft": 0.004}))
+    assert p.rates.fill == pytest.approx(0.25)
+    assert p.costs.draft(8 * p.rates.fill, 3, "overlapped") == pytest.approx(0.004)
 
 
 def test_target_alone_when_the_draft_never_helps():
