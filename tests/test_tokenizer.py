@@ -235,7 +235,7 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 def test_header_matches_gguf_reader(tmp_path):
     from gguf import GGUFReader
 
-    from mirror_rt.models.gguf_header import read_gguf_header
+    from mirror_rt.models.gguf_header import GGUFFile, read_gguf_header
 
     import gguf
     import numpy as np
@@ -246,6 +246,8 @@ def test_header_matches_gguf_reader(tmp_path):
     w.add_array("test.ints", [1, -2, 3]), w.add_array("test.strs", ["a", "é", ""])
     w.add_tensor("a.weight", np.arange(15, dtype=np.float32).reshape(3, 5))
     w.add_tensor("b.weight", np.ones((2, 7), dtype=np.float16))
+    q8 = gguf.quants.quantize(np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("c.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     header, reader = read_gguf_header(path), GGUFReader(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -253,6 +255,12 @@ def test_header_matches_gguf_reader(tmp_path):
     assert [(t.name, t.shape, t.ggml_type, t.offset) for t in header.tensors] == [
         (t.name, tuple(int(d) for d in reversed(t.shape)), int(t.tensor_type), int(t.data_offset))
         for t in reader.tensors]
+    stand_in = GGUFFile(path)  # the loaders' GGUFReader replacement
+    assert {k: f.contents() for k, f in stand_in.fields.items()} == fields
+    for mine, theirs in zip(stand_in.tensors, reader.tensors, strict=True):
+        assert (mine.name, mine.tensor_type, mine.n_elements) == (theirs.name, theirs.tensor_type, theirs.n_elements)
+        assert mine.shape == tuple(int(d) for d in theirs.shape)
+        assert mine.data.dtype == theirs.data.dtype and np.array_equal(mine.data, theirs.data)
     a = header.tensors[0]
     assert np.array_equal(np.fromfile(path, dtype=np.float32, count=15, offset=a.offset).reshape(a.shape),
                           np.arange(15, dtype=np.float32).reshape(3, 5))

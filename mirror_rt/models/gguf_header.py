@@ -148,3 +148,66 @@ def _parse(buf, path, size) -> GGUFHeader:
         if t.offset > size:
             raise ValueError(f"{path}: truncated GGUF file (tensor {t.name} starts past the end)")
     return GGUFHeader(path, version, metadata, tensors, data_offset)
+
+
+# --- a stand-in for gguf.GGUFReader -------------------------------------------------------------
+
+class _Field:
+    """``GGUFReader.fields[key]``'s ``contents()`` and ``data`` (the list itself for an array)."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def contents(self):
+        return self.value
+
+    @property
+    def data(self):
+        return self.value if isinstance(self.value, list) else [self.value]
+
+
+@dataclass(frozen=True, slots=True)
+class _Tensor:
+    """``GGUFReader.tensors[i]``'s name, shape (GGUF order), tensor_type, data_offset, n_elements and
+    data: a view of the file's map, typed for float types, uint8 [rows, bytes per row] for blocks."""
+    name: str
+    shape: tuple
+    tensor_type: object
+    data_offset: int
+    n_elements: int
+    data: np.ndarray
+
+
+class GGUFFile:
+    """The parts of ``gguf.GGUFReader`` the loaders use (``fields``, ``tensors``), from
+    ``read_gguf_header`` and one copy-on-write memory map of the file (writable views, nothing
+    copied until written), without the per-item cost of GGUFReader's metadata parsing."""
+
+    def __init__(self, path):
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        header = read_gguf_header(path)
+        self.path = header.path
+        self.fields = {k: _Field(k, v) for k, v in header.metadata.items()}
+        data = np.memmap(header.path, dtype=np.uint8, mode="c")
+        floats = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+                  GGMLQuantizationType.F64: np.float64}
+        self.tensors = []
+        for t in header.tensors:
+            qtype = GGMLQuantizationType(t.ggml_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            n = int(np.prod(t.shape)) if t.shape else 1
+            inner = t.shape[-1] if t.shape else 1
+            if inner % block:
+                raise ValueError(f"{path}: tensor {t.name} rows of {inner} do not fill {qtype.name} blocks of {block}")
+            nbytes = n // block * type_size
+            if t.offset + nbytes > len(data):
+                raise ValueError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end)")
+            raw = data[t.offset:t.offset + nbytes]
+            if qtype in floats:
+                view = raw.view(floats[qtype]).reshape(t.shape)
+            else:
+                view = raw.reshape(*t.shape[:-1], inner // block * type_size)
+            self.tensors.append(_Tensor(t.name, tuple(reversed(t.shape)), qtype, t.offset, n, view))
