@@ -43,9 +43,13 @@ def resolve(compile, device) -> bool:
     """Whether ``compile`` ("auto", True, False) means compiling on ``device``. "auto" compiles on
     CUDA, where the eager step waits on the host's kernel launches, and not on a CPU: there the
     step is bound by weight streaming and compiling a bucket costs tens of seconds that a typical
-    generation does not earn back (bench/bench_step.py measures both; bench/RESULTS.md)."""
+    generation does not earn back (bench/bench_step.py measures both; bench/RESULTS.md).
+    MIRROR_RT_COMPILE=0|1 (off|on) decides "auto" instead; explicit True/False win over it."""
     _check_choice(compile)
     if compile == "auto":
+        forced = os.environ.get("MIRROR_RT_COMPILE", "").strip().lower()
+        if forced in ("0", "off", "false", "no", "1", "on", "true", "yes"):
+            return forced in ("1", "on", "true", "yes")
         return torch.device(device).type == "cuda"
     return bool(compile)
 

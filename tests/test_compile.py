@@ -58,6 +58,15 @@ def test_prepare_choices():
             prepare(m, bad)
 
 
+def test_environment_decides_auto_only(monkeypatch):
+    m = _model()
+    monkeypatch.setenv("MIRROR_RT_COMPILE", "1")
+    assert isinstance(prepare(m, "auto", backend=BACKEND), CompiledModel) and prepare(m, False) is m
+    monkeypatch.setenv("MIRROR_RT_COMPILE", "off")
+    assert prepare(m, "auto") is m and isinstance(prepare(m, True, backend=BACKEND), CompiledModel)
+    assert compiled.resolve("auto", "cuda") is False
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_compiled_greedy_equals_eager(chunk):
     m = _model()
