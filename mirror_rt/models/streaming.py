@@ -23,6 +23,10 @@ Optional reduced draft vocabulary (EAGLE-3 style): ``vocab_ids`` [Vd] target ids
 multiplies by Vd rows of the LM head only and scatters into a full-vocabulary logit row filled
 with a large finite negative (``check_finite``-safe), so decoders see target-vocabulary logits.
 
+Quantized: with a quantized target (``load_model`` keeping a GGUF's blocks) the draft's own
+linears run Q8_0 (``quantize_draft``; ``load_streaming_draft`` does it) and the reduced head takes
+the target's quantized head rows; ``save_streaming_draft(quant="q8_0"|"q4_0")`` exports blocks.
+
 Training forward: ``ss_forward`` (main logits + stream logits over whole sequences); the loss is
 in ``mirror_rt.train.train_draft``. Weights: only what the draft adds (``added_state_dict``),
 saved/loaded by ``save_streaming_draft`` / ``load_streaming_draft`` (fp16 safetensors, sharded
@@ -42,6 +46,8 @@ from torch import nn
 from mirror_rt import ops
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
+from mirror_rt.models.quant import QuantLinear, dequantize, is_quantized, quantize, quantize_layers
+from mirror_rt.ops.quant import QTYPE_NAMES, QuantWeight
 from mirror_rt.models.rope import rope_cos_sin
 
 NEG = -1e9  # logits outside the draft vocabulary: finite, so check_finite passes; softmax gives 0
@@ -87,7 +93,7 @@ class StreamingDraft(LlamaModel):
                 src = list(range(num_layers)) if init == "first" else \
                     [round(i * (n - 1) / max(num_layers - 1, 1)) for i in range(num_layers)]
                 for dst, s in zip(draft.layers, src):
-                    dst.load_state_dict(target.layers[s].state_dict())
+                    dst.load_state_dict(_float_state(target.layers[s]))
             else:
                 for layer in draft.layers:
                     for name, p in layer.named_parameters():
@@ -115,8 +121,9 @@ class StreamingDraft(LlamaModel):
     def refresh_head(self):
         """Rebuild the reduced LM head (after attach or a device/dtype move)."""
         self._context_ids = None
-        self.sub_head = None if self.vocab_ids is None else \
-            self.lm_head.weight.detach()[self.vocab_ids.to(self.lm_head.weight.device)].clone()
+        self.sub_head = self._quant_sub_head = None
+        if self.vocab_ids is not None and not isinstance(self.lm_head.weight, QuantWeight):
+            self.sub_head = self.lm_head.weight.detach()[self.vocab_ids.to(self.lm_head.weight.device)].clone()
 
     def added_state_dict(self) -> dict:
         """Only what the draft adds to the target: its layers, stream embeddings, vocabulary map."""
@@ -145,7 +152,7 @@ class StreamingDraft(LlamaModel):
         self._context_ids = None if ids is None else self.context_vocab(ids)
         if self._context_ids is not None and self._context_ids.numel() == self.vocab_ids.numel():
             self._context_ids = None  # nothing added: the trained set (and its cached head) serves
-        self.sub_head = None
+        self.sub_head = self._quant_sub_head = None
 
     def context_vocab(self, ids):
         """The draft vocabulary set_context_tokens(ids) would use, without setting it: int64 [Vd']
@@ -162,6 +169,12 @@ class StreamingDraft(LlamaModel):
         ids = self.active_ids()
         if ids is None:
             return self.lm_head(h)
+        head = self.lm_head.weight
+        if isinstance(head, QuantWeight):  # the target's quantized head: its rows, still quantized
+            sub = getattr(self, "_quant_sub_head", None)
+            if sub is None or sub.shape[0] != ids.numel():
+                sub = self._quant_sub_head = head[ids.to(head.device)]
+            return ops.linear(h, sub)
         if self.sub_head is None or self.sub_head.device != h.device or self.sub_head.dtype != h.dtype \
                 or self.sub_head.shape[0] != ids.numel():
             with torch.inference_mode(False):  # a normal tensor: training may reuse it
@@ -321,6 +334,28 @@ class StreamingDraft(LlamaModel):
         return tokens, qs, info
 
 
+def _float_state(layer: nn.Module) -> dict:
+    """A layer's state dict with quantized linears' blocks as float weights (a draft copying
+    layers of a quantized target starts from their values)."""
+    state = {}
+    for name, module in layer.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, QuantLinear):
+            state[prefix + "weight"] = module.weight.dequantize()
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias.detach()
+        elif not list(module.children()):
+            state.update({prefix + k: v for k, v in module.state_dict().items()})
+    return state
+
+
+def quantize_draft(draft: StreamingDraft, qtype="q8_0") -> StreamingDraft:
+    """The draft's own linears (its layers; the shared head is the target's) to ``qtype``, in place."""
+    quantize_layers(draft.layers, qtype)
+    draft.refresh_head()
+    return draft
+
+
 def _msa_layer(layer: DecoderLayer, x, cos, sin, k_main, v_main, mask):
     """One decoder layer for stream tokens x [B, S, H]: queries attend to the main stream's cached
     keys/values k_main, v_main [B, K, Hkv, D] and to the streams' own keys (mask [B, S, K + S])."""
@@ -344,10 +379,12 @@ MAX_FILE_BYTES = 15 * 2 ** 20
 
 
 def save_streaming_draft(draft: StreamingDraft, path: str, dtype=torch.float16, max_bytes: int = MAX_FILE_BYTES,
-                         metadata: dict | None = None) -> list[str]:
+                         metadata: dict | None = None, quant: str | None = None) -> list[str]:
     """Write what the draft adds as safetensors, split into files below max_bytes:
     ``path`` (with the config in its metadata) then ``path`` with ``.1``, ``.2``, ... before
-    the extension. Returns the files written."""
+    the extension. Returns the files written. quant "q8_0" / "q4_0": the layers' linear weights
+    as GGUF blocks (uint8; metadata ``quant`` names each one's type); already quantized linears
+    are written as their blocks whatever ``quant`` says."""
     from safetensors.torch import save_file
 
     c = draft.config
@@ -355,9 +392,19 @@ def save_streaming_draft(draft: StreamingDraft, path: str, dtype=torch.float16, 
             "intermediate_size": c.intermediate_size, "n_streams": draft.n_streams,
             "stream_layers": draft.stream_layers, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size}
     meta.update(metadata or {})
-    state = {}
+    state, qtypes = {}, {}
     for k, v in draft.added_state_dict().items():
-        state[k] = v.detach().to("cpu").contiguous() if k == "vocab_ids" else v.detach().to("cpu", dtype).contiguous()
+        module = k.rpartition(".")[0]
+        if k.endswith(".blocks"):  # a QuantLinear's blocks: saved as its weight
+            state[f"{module}.weight"] = v.detach().to("cpu").contiguous()
+            qtypes[f"{module}.weight"] = QTYPE_NAMES[draft.get_submodule(module).qtype]
+        elif quant and k.startswith("layers.") and k.endswith("proj.weight") and v.shape[-1] % 32 == 0:
+            state[k] = quantize(v, quant)
+            qtypes[k] = quant
+        else:
+            state[k] = v.detach().to("cpu").contiguous() if k == "vocab_ids" else v.detach().to("cpu", dtype).contiguous()
+    if qtypes:
+        meta["quant"] = qtypes
     if "vocab_ids" in state:
         state["vocab_ids"] = state["vocab_ids"].to(torch.int32)
     shards, cur, size = [], {}, 0
@@ -408,12 +455,27 @@ def load_streaming_draft(path: str, target: LlamaModel) -> StreamingDraft:
     vocab_ids = state.pop("vocab_ids", None)
     with torch.device("meta"):
         draft = StreamingDraft(cfg, meta["n_streams"], meta["stream_layers"] or 1)
+    keep = target.device.type == "cpu" and is_quantized(target)
+    kept = {}
+    for k, qtype in meta.get("quant", {}).items():  # exported blocks: kept on a quantized CPU target
+        if k not in state:
+            raise ValueError(f"{path}: quantized tensor {k} is missing")
+        shape = tuple(draft.get_submodule(k.rpartition(".")[0]).weight.shape)
+        if keep:
+            kept[k] = QuantLinear(state.pop(k), qtype, shape)
+        else:
+            state[k] = dequantize(state[k], qtype, shape)
     draft.to_empty(device=target.device)
     missing, unexpected = draft.load_state_dict({k: v.to(target.dtype) for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if k.startswith("layers.") or k == "stream_embed"]
+    missing = [k for k in missing if (k.startswith("layers.") or k == "stream_embed") and k not in kept]
     if missing or unexpected:
         raise ValueError(f"{path}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
+    for k, layer in kept.items():
+        parent, _, attr = k.removesuffix(".weight").rpartition(".")
+        setattr(draft.get_submodule(parent), attr, layer)
     draft.to(target.dtype)
     draft.attach(target, None if vocab_ids is None else vocab_ids.long())
     draft.name = meta.get("name", draft.name)
+    if keep:  # the target's weights are quantized: the draft's own (still float) linears too
+        quantize_draft(draft, "q8_0")
     return draft.eval()

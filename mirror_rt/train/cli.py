@@ -50,7 +50,8 @@ def _config(args, part: str):
     else:
         ov.update(draft_layers=args.layers, n_streams=args.n_streams, stream_layers=args.stream_layers,
                   draft_vocab=args.draft_vocab, draft_kd=args.kd, draft_steps=args.steps, draft_time=args.time_limit,
-                  draft_batch=args.batch_size, draft_epochs=args.epochs, draft_val=args.val_prompts)
+                  draft_batch=args.batch_size, draft_epochs=args.epochs, draft_val=args.val_prompts,
+                  draft_export_quant=args.export_quant)
     return PipelineConfig.preset(preset, **ov)
 
 
@@ -112,6 +113,8 @@ def register(sub):
     d.add_argument("--draft-vocab", type=int, default=None, help="reduced draft vocabulary size (0: full)")
     d.add_argument("--kd", type=float, default=None, help="weight of the KL-to-target term (0: CE only)")
     d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--export-quant", default=None, choices=["q8_0", "q4_0"],
+                   help="write the draft's linears as GGUF blocks (smaller file; loaded as they are beside a quantized target)")
     d.add_argument("--epochs", type=float, default=None,
                    help="at most this many passes over the answers (gpu preset: 6; more memorises them)")
     d.add_argument("--val-prompts", type=int, default=None,

@@ -57,6 +57,7 @@ class PipelineConfig:
     draft_epochs: float | None = 6.0  # at most this many passes over the training answers
     draft_val: int = 64              # training prompts held out to pick the draft's best step (never eval prompts)
     draft_val_every: int = 50        # steps between the held-out agreement checks
+    draft_export_quant: str | None = None  # "q8_0" / "q4_0": draft.safetensors holds its linears as GGUF blocks
     eval_window: int = 7
     eval_sd_prompts: int = 16
     seed: int = 0
@@ -241,7 +242,8 @@ def split_validation(prompts: list[list[int]], answers: list, n: int, seed: int 
 
 def load_target(path: str, device, dtype: str):
     from mirror_rt.models import load_model
-    t = load_model(path, device=device, dtype=getattr(torch, dtype))
+    # float weights: training takes gradients through the target's shared head and embedding
+    t = load_model(path, device=device, dtype=getattr(torch, dtype), quant="dequantize")
     for p in t.parameters():
         p.requires_grad_(False)
     return t
@@ -316,7 +318,7 @@ def run_draft(target, prompts, answers, cfg: PipelineConfig, out_dir: str, work_
                        seed=cfg.seed, checkpoint=os.path.join(work_dir, "draft_ckpt.pt"),
                        curve_png=os.path.join(out_dir, "draft_loss.png"), time_limit=cfg.draft_time,
                        max_epochs=cfg.draft_epochs, val=val, val_every=cfg.draft_val_every, log=log)
-    files = save_streaming_draft(draft, os.path.join(out_dir, "draft.safetensors"),
+    files = save_streaming_draft(draft, os.path.join(out_dir, "draft.safetensors"), quant=cfg.draft_export_quant,
                                  metadata={"name": f"SS draft ({cfg.draft_layers} layers, {cfg.n_streams} streams, "
                                                    f"vocab {draft.draft_vocab_size})"})
     t1 = time.perf_counter()

@@ -1,0 +1,148 @@
+"""Quantized models: GGUF blocks kept at load (each kept type), quantizing at load, the weight-bytes
+count, the Speculative Streaming draft quantized and exported, and greedy SD / Mirror-SD lossless
+against AR on a quantized target."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import permute_for_gguf
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement, SpeculativeDecoder
+from mirror_rt.models import load_model
+from mirror_rt.models.derive import random_model, truncated_copy
+from mirror_rt.models.quant import QuantEmbedding, QuantLinear, quantize, quantize_model, weight_bytes
+from mirror_rt.models.streaming import StreamingDraft, load_streaming_draft, save_streaming_draft
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+            head_dim=16, tie_embeddings=True, max_position=256)
+
+
+def _write_gguf(path, model, layer_type: str):
+    """A llama GGUF of ``model``: layer linears in ``layer_type``, embedding Q8_0, norms F32."""
+    import gguf
+
+    G = gguf.GGMLQuantizationType
+    kinds = {"q8_0": G.Q8_0, "q4_0": G.Q4_0, "q4_1": G.Q4_1}
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("context_length", c.max_position), ("embedding_length", c.hidden_size),
+                       ("block_count", c.num_layers), ("feed_forward_length", c.intermediate_size),
+                       ("attention.head_count", c.num_heads), ("attention.head_count_kv", c.num_kv_heads),
+                       ("vocab_size", c.vocab_size)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", c.rms_eps)
+    w.add_token_list([f"t{i}".encode() for i in range(c.vocab_size)])
+    w.add_eos_token_id(2)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+    def add(name, arr, kind):
+        arr = arr.detach().float().numpy()
+        if kind is None:
+            w.add_tensor(name, np.ascontiguousarray(arr))
+        else:
+            blocks = quantize(torch.from_numpy(arr), kind).numpy()
+            w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=kinds[kind])
+
+    add("token_embd.weight", model.embed_tokens.weight, "q8_0")
+    add("output_norm.weight", model.norm.weight, None)
+    for i, layer in enumerate(model.layers):
+        add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight, None)
+        add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight, None)
+        for part in (layer.self_attn, layer.mlp):
+            for attr, gname in names.items():
+                if hasattr(part, attr):
+                    weight = getattr(part, attr).weight.detach()
+                    if attr in ("q_proj", "k_proj"):
+                        heads = c.num_heads if attr == "q_proj" else c.num_kv_heads
+                        weight = torch.from_numpy(np.ascontiguousarray(permute_for_gguf(weight.numpy(), heads)))
+                    add(f"blk.{i}.{gname}.weight", weight, layer_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def source():
+    return random_model(seed=3, **TINY)
+
+
+@pytest.mark.parametrize("layer_type", ["q8_0", "q4_0", "q4_1"])
+def test_gguf_blocks_are_kept_as_written(tmp_path, source, layer_type):
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, source, layer_type)
+    model = load_model(path)
+    attn = model.layers[1].self_attn
+    assert isinstance(attn.q_proj, QuantLinear) and isinstance(model.embed_tokens, QuantEmbedding)
+    # the file's rows of blocks, q/k rotary order undone: what quantizing the source's rows gives
+    for mine, theirs in ((attn.q_proj, source.layers[1].self_attn.q_proj), (attn.k_proj, source.layers[1].self_attn.k_proj),
+                         (model.layers[2].mlp.down_proj, source.layers[2].mlp.down_proj)):
+        assert mine.qtype == {"q8_0": 8, "q4_0": 2, "q4_1": 3}[layer_type]
+        assert torch.equal(mine.blocks, quantize(theirs.weight, layer_type))
+    assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # tied: one table
+    assert weight_bytes(model) <= 1.2 * path.stat().st_size
+    dense = load_model(path, quant="dequantize")
+    assert isinstance(dense.layers[0].self_attn.q_proj.weight, torch.nn.Parameter)
+    assert weight_bytes(dense) > 2 * weight_bytes(model)
+    for name, module in model.named_modules():  # the float load reads the same values
+        if isinstance(module, QuantLinear) and name != "lm_head":
+            assert torch.equal(module.weight.dequantize(), dense.get_submodule(name).weight)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.inference_mode():
+        got, want = model(ids, model.new_cache(16)), dense(ids, dense.new_cache(16))
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()  # x's int8 rounding, through 3 layers
+
+
+def test_bad_quant_arguments(tmp_path, source):
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, source, "q4_0")
+    with pytest.raises(ValueError, match="quant must be one of"):
+        load_model(path, quant="q3_k")
+    with pytest.raises(ValueError, match="CPU in float32"):
+        load_model(path, dtype="bfloat16", quant="q8_0")
+    with pytest.warns(UserWarning, match="dequantizing"):
+        bf = load_model(path, dtype="bfloat16")
+    assert not any(isinstance(m, QuantLinear) for m in bf.modules())
+    data = bytearray(path.read_bytes())
+    data[-40:] = b"\xff" * 40  # a Q4_0 block's scale turns NaN in the last tensor
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad\.gguf.*(finite|corrupt)"):
+        load_model(bad)
+
+
+def _quantized_pair(qtype):
+    target = quantize_model(random_model(seed=7, **TINY), qtype)
+    return target, truncated_copy(target, 1)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_sd_and_mirror_are_lossless_on_a_quantized_target(qtype):
+    target, draft = _quantized_pair(qtype)
+    assert isinstance(target.layers[0].mlp.up_proj, QuantLinear)
+    prompt = torch.tensor([[1, 17, 42, 5, 88, 23, 9]])
+    ar = AutoregressiveDecoder(target).generate(prompt, 24).tokens
+    for window in (2, 5):
+        assert torch.equal(SpeculativeDecoder(target, draft, window=window).generate(prompt, 24).tokens, ar)
+    with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=2), Placement(lane="inline")) as dec:
+        assert torch.equal(dec.generate(prompt, 24).tokens, ar)
+
+
+def test_streaming_draft_runs_quantized_and_exports_blocks(tmp_path):
+    target, _ = _quantized_pair("q4_0")
+    with torch.no_grad():
+        draft = StreamingDraft.from_target(target, num_layers=1, n_streams=2, vocab_ids=list(range(0, 96, 2)))
+    files = save_streaming_draft(draft, str(tmp_path / "d.safetensors"), quant="q4_0")
+    loaded = load_streaming_draft(files[0], target)
+    assert isinstance(loaded.layers[0].mlp.gate_proj, QuantLinear) and loaded.layers[0].mlp.gate_proj.qtype == 2
+    plain = save_streaming_draft(draft, str(tmp_path / "p.safetensors"))
+    assert (tmp_path / "d.safetensors").stat().st_size < 0.5 * (tmp_path / "p.safetensors").stat().st_size
+    auto = load_streaming_draft(plain[0], target)  # float file, quantized target: the draft goes Q8_0
+    assert auto.layers[0].self_attn.q_proj.qtype == 8
+    prompt = torch.tensor([[1, 17, 42, 5, 88]])
+    ar = AutoregressiveDecoder(target).generate(prompt, 16).tokens
+    for d in (loaded, auto):
+        with torch.inference_mode():
+            logits = d(prompt, d.new_cache(16))
+        assert torch.isfinite(logits).all() and (logits[..., 1::2] < -1e8).all()  # outside the draft vocab
+        assert torch.equal(SpeculativeDecoder(target, d, window=3).generate(prompt, 16).tokens, ar)
