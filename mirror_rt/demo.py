@@ -72,6 +72,10 @@ def linear_note(model, rows=(1, 4), reps=3) -> str:
     from mirror_rt import ops
     from mirror_rt.models.llama import Linear
 
+    from mirror_rt.models.quant import is_quantized, quant_note
+
+    if is_quantized(model):
+        return quant_note(model)
     weights = list({m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, Linear)}.values())
     if not weights or weights[0].device.type != "cpu" or weights[0].dtype != torch.float32:
         return "linears: torch"
@@ -137,6 +141,10 @@ def run_demo(args, load_pair, make_decoder):
     texts, source = demo_prompts(args)
     prompts = [encode_chat(tok, p, target.device) for p in texts]
     linears = linear_note(target)
+    if "MB in memory" not in linears:
+        from mirror_rt.models.quant import weight_bytes
+
+        linears += f"; weights {weight_bytes(target) / 1e6:.1f} MB in memory"
     decoders = {name: make_decoder(name, target, draft, args) for name in DECODERS}
     results = {name: [] for name in DECODERS}
     first, t_gen = [], time.perf_counter()  # AR's warm-up (the first) gives the time to first token

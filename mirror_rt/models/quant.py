@@ -234,3 +234,17 @@ def install_blocks(model, kept: dict, tensors: dict, path: str = "model"):
             raise ValueError(f"{path}: tensor {name} has shape {k.shape}, config expects "
                              f"{tuple(getattr(old, 'weight', torch.empty(0)).shape)}")
         setattr(parent, attr, make(QuantLinear, name, k, tensors.get(f"{module_name}.bias")))
+
+
+def quant_note(model) -> str:
+    """One line for the demo: the kernels that run ``model``'s linears and its weight bytes."""
+    from collections import Counter
+
+    from mirror_rt import _C
+
+    kinds = Counter(QTYPE_NAMES[m.qtype] for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
+    mb = weight_bytes(model) / 1e6
+    if not kinds:
+        return f"weights: float, {mb:.1f} MB in memory"
+    parts = ", ".join(f"{n} x{k}" for n, k in sorted(kinds.items()))
+    return f"linears: C++ quantized kernels ({_C.quant_linear_isa()}; {parts}), weights {mb:.1f} MB in memory"
