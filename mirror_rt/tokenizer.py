@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 # GGUF pre-tokenizer names that transformers' converter leaves on the GPT-2 byte-level split
 # (no entry in its split table); only these are built directly. Others (llama3, qwen2, ...) use
@@ -75,7 +76,8 @@ def build_byte_level(meta: dict):
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or ()
     alphabet = _byte_alphabet()
     spelled = set(alphabet.values())
-    vocab = {tok if set(tok) <= spelled else "".join(alphabet[b] for b in tok.encode("utf-8")): i
+    outside = re.compile("[^" + re.escape("".join(sorted(spelled))) + "]").search  # one C scan per token
+    vocab = {tok if not outside(tok) else "".join(alphabet[b] for b in tok.encode("utf-8")): i
              for i, tok in enumerate(tokens)}
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
     tk = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",

@@ -86,19 +86,20 @@ class _Cursor:
         return [self.value(itype) for _ in range(count)]
 
     def _strings(self, count):
-        buf, pos, out, unpack = self.buf, self.pos, [], struct.Struct("<Q").unpack_from
-        size = len(buf)
-        for _ in range(count):
-            if pos + 8 > size:
-                raise ValueError(f"{self.path}: truncated GGUF header (a string array at byte {pos})")
-            (n,) = unpack(buf, pos)
-            pos += 8
-            if pos + n > size:
-                raise ValueError(f"{self.path}: truncated GGUF header (a string of {n} bytes at byte {pos})")
-            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
-            pos += n
+        """``count`` length-prefixed strings (a tokenizer's 49k tokens: this loop is the header's cost)."""
+        buf, pos, unpack = self.buf, self.pos, struct.Struct("<Q").unpack_from
+        raw = [b""] * count
+        try:
+            for i in range(count):
+                (n,) = unpack(buf, pos)
+                raw[i] = buf[pos + 8:pos + 8 + n]
+                pos += 8 + n
+        except struct.error:
+            pos = len(buf) + 1
+        if pos > len(buf):  # a slice past the end comes back short instead of failing
+            raise ValueError(f"{self.path}: truncated GGUF header (a string array at byte {self.pos})")
         self.pos = pos
-        return out
+        return [b.decode("utf-8", errors="replace") for b in raw]
 
 
 def read_gguf_header(path) -> GGUFHeader:
