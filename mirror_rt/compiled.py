@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -212,10 +213,11 @@ class CompiledModel:
             return self.enabled
         if not self.enabled or T > self.max_tokens or len(self.buckets) >= self.max_buckets:
             return False
-        owner, uses = self._seen.get(key, (None, 0))
-        uses = uses + 1 if owner == id(cache) else 1
+        owner, uses = self._seen.get(key, (False, 0))  # owner: a weak reference (ids are reused), None: no cache
+        same = owner is None if cache is None else (owner not in (None, False) and owner() is cache)
+        uses = uses + 1 if same else 1
         if uses < self.min_uses:
-            self._seen[key] = (id(cache), uses)
+            self._seen[key] = (None if cache is None else weakref.ref(cache), uses)
             return False
         self._seen.pop(key, None)
         self.buckets.add(key)

@@ -174,3 +174,4 @@ def test_cuda_graph_replay_equals_eager(dtype):
     assert _greedy(c, 40, chunk=1) == _greedy(m, 40, chunk=1)
     assert _greedy(c, 20, chunk=5) == _greedy(m, 20, chunk=5)
     assert c.enabled, c.error
+
