@@ -127,6 +127,8 @@ class CompiledModel:
         if not hasattr(model, "run_layers_static"):
             raise TypeError(f"{type(model).__name__} has no static-shape forward (run_layers_static) to compile")
         _set_cache_dir()
+        from mirror_rt.ops import library
+        library._small_linear_rows()  # looked up eagerly: the import it makes cannot be traced
         limit = max(64, 4 * max_buckets)  # dynamo's per-code cache: every bucket of every model
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,

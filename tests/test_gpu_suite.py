@@ -23,3 +23,24 @@ def test_summary_prints_the_systems_rows(tmp_path):
     assert "systems, CONTROLLED-ACCEPTANCE" in out and "draft on" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("tiny")]
     assert [r[2] for r in rows] == ["ar", "sd", "mirror"] and all(r[1] == "cpu" for r in rows)
+
+
+def test_compiled_steps_dry_run(tmp_path):
+    """The suite's compiled step on tiny CPU shapes (aot_eager: the same graphs without inductor's
+    code generation): bench_step and compiled_e2e measure, compile, agree with eager, and the
+    summary prints their rows."""
+    step = load_bench_script("bench_step.py")
+    rows = step.main(["--shape", "tiny", "--device", "cpu", "--backend", "aot_eager", "--tokens", "1", "--steps", "3",
+                      "--warmup", "2", "--prompt-len", "8", "--csv", str(tmp_path / "bench_step.csv")])
+    assert [r["mode"] for r in rows] == ["eager", "compiled"] and rows[1]["compiled"] and rows[1]["launches"] > 0
+    e2e = load_bench_script("compiled_e2e.py")
+    rows = e2e.main(["--tiny", "--device", "cpu", "--backend", "aot_eager", "--decoders", "ar", "sd", "--new-tokens", "16",
+                     "--prompt-len", "8", "--no-hf", "--csv", str(tmp_path / "compiled_e2e.csv")])
+    assert [(r["decoder"], r["mode"]) for r in rows] == [("ar", "eager"), ("ar", "compiled"), ("sd", "eager"),
+                                                         ("sd", "compiled")]
+    assert all(r["equals_ar"] for r in rows) and rows[1]["compiled"] and rows[3]["compiled"]
+    script = f'source <(sed -n "/^summary() {{/,/^}}/p" "{SUITE}"); summary'
+    out = subprocess.run(["bash", "-c", script], env=dict(os.environ, PY=sys.executable, RESULTS=str(tmp_path)),
+                         check=True, capture_output=True, text=True).stdout
+    assert "compiled end to end" in out and "one target step, eager vs compiled" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith("tiny")]) == 6

@@ -130,8 +130,16 @@ def _small_linear_default(x, weight, bias):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+_SMALL_LINEAR_ROWS = None
+
+
 def _small_linear_rows() -> int:
-    return getattr(_cpp(), "small_linear_max_rows", 0)
+    """Rows the C++ small-row kernel takes (0 without the extension), looked up once: call it
+    eagerly before compiling (``compiled.CompiledModel`` does), as an import can't be traced."""
+    global _SMALL_LINEAR_ROWS
+    if _SMALL_LINEAR_ROWS is None:
+        _SMALL_LINEAR_ROWS = getattr(_cpp(), "small_linear_max_rows", 0)
+    return _SMALL_LINEAR_ROWS
 
 
 def small_linear_fits(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
