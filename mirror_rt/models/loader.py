@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.device_dtype import resolve_device, resolve_dtype
 from mirror_rt.models.llama import LlamaModel
+from mirror_rt.models.meta_device import meta_device
 from mirror_rt.models.quant import KeptBlocks, install_blocks, quantize_model, quantize_q8_0
 from mirror_rt.ops.quant import QTYPES
 from mirror_rt.models.rope import inverse_frequencies
@@ -69,7 +70,7 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     else:
         raise ValueError(f"model path {path!r} is neither a checkpoint directory, a .safetensors file "
                          "nor a .gguf file")
-    with torch.device("meta"):
+    with meta_device():  # shapes only: the weights are assigned below
         model = LlamaModel(cfg)
     kept = {k: tensors.pop(k) for k in [k for k, v in tensors.items() if isinstance(v, KeptBlocks)]}
     install_blocks(model, kept, tensors, path)
@@ -252,11 +253,12 @@ def _read_gguf(path, keep_blocks=False):
     """(config, tensors, tokens). With keep_blocks, 2-D weights stored as Q4_0 / Q4_1 / Q8_0 come
     back as KeptBlocks viewing the file's memory map (q/k rows unpermuted: a copy of those),
     weights of other quantized types as KeptBlocks converted to Q8_0, float tensors as float32."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    try:
-        reader = GGUFReader(path, "c")  # copy-on-write map: writable views, no copy of the file
+    from mirror_rt.models.gguf_header import GGUFFile
+
+    try:  # GGUFReader's fields and tensors without its per-item parsing; views of a copy-on-write map
+        reader = GGUFFile(path)
     except Exception as e:  # the reader raises assorted errors on bad files
         raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
     cfg = gguf_config(reader, path)

@@ -46,6 +46,7 @@ from torch import nn
 from mirror_rt import ops
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
+from mirror_rt.models.meta_device import meta_device
 from mirror_rt.models.quant import QuantLinear, dequantize, is_quantized, quantize, quantize_layers
 from mirror_rt.ops.quant import QTYPE_NAMES, QuantWeight
 from mirror_rt.models.rope import rope_cos_sin
@@ -453,7 +454,7 @@ def load_streaming_draft(path: str, target: LlamaModel) -> StreamingDraft:
     cfg = copy.copy(target.config)
     cfg.num_layers, cfg.intermediate_size = meta["num_layers"], meta["intermediate_size"]
     vocab_ids = state.pop("vocab_ids", None)
-    with torch.device("meta"):
+    with meta_device():  # shapes only: the weights are assigned below
         draft = StreamingDraft(cfg, meta["n_streams"], meta["stream_layers"] or 1)
     keep = target.device.type == "cpu" and is_quantized(target)
     kept = {}
