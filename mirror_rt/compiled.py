@@ -144,7 +144,8 @@ class CompiledModel:
         opts = dict(fullgraph=True, dynamic=False, backend=backend, mode=mode)
         self._compiled = {name: torch.compile(fn, **opts) for name, fn in
                           (("layers", _layers), ("forward", _forward), ("head", _head))}
-        self._cuda_graphs = mode is not None and "overhead" in mode or mode == "max-autotune"
+        self._cuda_graphs = mode in ("reduce-overhead", "max-autotune")
+        self._static_caches = weakref.WeakSet()
 
     def __getattr__(self, name):  # config, num_layers, device, dtype, name, ... come from the model
         return getattr(self.__dict__["model"], name)
@@ -161,12 +162,16 @@ class CompiledModel:
         rounded = min(-(-max_len // CAPACITY_STEP) * CAPACITY_STEP, self.config.max_position)
         if rounded > max_len:
             cache = self.model.new_cache(rounded, batch)
-        if cache.device.type == "cuda":
-            # CUDA graphs may then update the buffers in place; guard=False: a new cache of the
-            # same shape re-records a graph instead of recompiling.
+        return cache
+
+    def _static(self, cache):
+        """Under CUDA graphs, mark a cache's buffers as static addresses (once per cache), so that
+        the graphs may update them in place; guard=False: a new cache of the same shape
+        re-records a graph instead of recompiling."""
+        if self._cuda_graphs and cache not in self._static_caches:
             for buf in cache.k + cache.v:
                 torch._dynamo.mark_static_address(buf, guard=False)
-        return cache
+            self._static_caches.add(cache)
 
     def embed(self, ids):
         return self.model.embed(ids)
@@ -178,6 +183,7 @@ class CompiledModel:
         key = ("layers", start, end, B, T, cache.max_len, tree_offset, positions is None, tree_mask is None,
                hidden.dtype)
         if self._use(key, T, cache):
+            self._static(cache)
             out = self._run("layers", hidden, start, end, cache.k, cache.v, cache.length_t, positions, tree_mask,
                             tree_offset)
             if out is not None:
@@ -198,6 +204,7 @@ class CompiledModel:
         self.model.check_forward(ids[..., None], 0, self.num_layers, cache, tree_mask, tree_offset)
         key = ("forward", B, T, cache.max_len, tree_offset, positions is None, tree_mask is None)
         if self._use(key, T, cache):
+            self._static(cache)
             out = self._run("forward", ids, cache.k, cache.v, cache.length_t, positions, tree_mask, tree_offset)
             if out is not None:
                 return out
