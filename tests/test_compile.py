@@ -165,10 +165,11 @@ def test_bad_input_keeps_its_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_replay_equals_eager(dtype):
-    """CUDA graphs (inductor, mode="reduce-overhead"): greedy tokens equal eager's, token for token."""
-    m = _model().to(device="cuda", dtype=dtype)
+def test_cuda_graph_replay_equals_eager():
+    """CUDA graphs (inductor, mode="reduce-overhead"), bf16: greedy tokens equal eager's, token
+    for token, for a one-token bucket and a verification-sized one (one dtype: each bucket
+    compiles for tens of seconds inside the suite's short GPU-test step)."""
+    m = _model().to(device="cuda", dtype=torch.bfloat16)
     c = prepare(m, True, backend="inductor")
     assert c.mode == "reduce-overhead"
     assert _greedy(c, 40, chunk=1) == _greedy(m, 40, chunk=1)
