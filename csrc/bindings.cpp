@@ -471,7 +471,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quant_linear", &quant_linear_py, py::arg("x"), py::arg("weight"), py::arg("qtype"), py::arg("bias"),
         py::arg("out"), py::arg("num_threads") = 0,
         "out [rows, out] = x [rows, in] float32 @ W^T, W as GGUF blocks uint8 [out, in/32*block_bytes] "
-        "of GGML type qtype (Q4_0=2, Q4_1=3, Q8_0=8); x quantized to int8 per 32-block.");
+        "of GGML type qtype (Q4_0=2, Q4_1=3, Q8_0=8); fp32 arithmetic, blocks unpacked on the fly.");
   m.def("quant_linear_ptr", &quant_linear_ptr_py, py::arg("x"), py::arg("rows"), py::arg("in_features"),
         py::arg("weight"), py::arg("out_features"), py::arg("qtype"), py::arg("bias"), py::arg("out"),
         py::arg("num_threads") = 0, "quant_linear on contiguous buffers given by address (bias 0: none).");

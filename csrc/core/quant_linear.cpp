@@ -1,9 +1,10 @@
 // See quant_linear.h. Compiled without -ffast-math and with -ffp-contract=off (CMakeLists.txt): the
-// compiler must not reorder or fuse a row's sum differently for different row counts. The AVX2
-// path follows ggml-cpu's ggml_vec_dot_q4_0_q8_0 / q4_1_q8_1 / q8_0_q8_0 (per block: unpack the
-// weight's 32 values to bytes, _mm256_maddubs_epi16 + _mm256_madd_epi16 against the int8 row of x,
-// one FMA of the block's scale into eight fp32 lanes), with the weight block unpacked once for all
-// rows of x.
+// compiler must not reorder or fuse a row's sum differently for different row counts. Per block of
+// a weight row: its 32 values unpacked to fp32 once (without the scale), a 32-term fp32 dot product
+// with each row of x, then the block's scale: y += d * dot (Q4_1: + m * sum(x's block)). x stays fp32
+// (llama.cpp quantizes it to int8 first): then a row of x that differs in its last bit (attention
+// computed for one token or for a window) moves the result by rounding only, as in the fp32 model,
+// instead of flipping an int8 level, and greedy speculative decoding stays equal to AR's.
 #include "core/quant_linear.h"
 
 #include <omp.h>
@@ -50,61 +51,38 @@ inline uint16_t load_u16(const uint8_t* p) {
   return v;
 }
 
-// x's rows quantized to int8, one scale d (and for Q4_1 the block's d * sum(q)) per 32 values.
-// Kept per calling thread: the draft may run beside the target on another thread.
-struct QuantizedRows {
-  std::vector<int8_t> q;   // [rows, in]
-  std::vector<float> d, s; // [rows, in / 32]
-};
-
-// One block: d = max|x| / 127, q = round-half-even(x / d). The AVX2 path computes the same values.
-void quantize_block_portable(const float* x, int8_t* q, float* d, float* s) {
-  float amax = 0.0f;
-  for (int i = 0; i < kQuantBlock; ++i) amax = std::fmax(amax, std::fabs(x[i]));
-  const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
-  int sum = 0;
-  for (int i = 0; i < kQuantBlock; ++i) {
-    q[i] = int8_t(std::nearbyint(x[i] * id));
-    sum += q[i];
-  }
-  *d = dd;
-  *s = dd * float(sum);
-}
-
-// Rows of x quantized (q [rows, in], d and s [rows, in / 32]): one chunk of at most 8 rows.
+// One chunk of at most 8 rows of x, with each 32-block's sum (Q4_1's offsets multiply it).
 struct Chunk {
-  const int8_t* q;
-  const float *d, *s;
+  const float* x;   // [rows, in], row stride x_stride
+  const float* xs;  // [rows, in / 32] block sums
   int64_t rows;
-  float* y;  // its first output row
+  float* y;         // its first output row
 };
 
 template <QType T>
 void rows_portable(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t n1) {
   const int64_t nb = a.in / kQuantBlock;
   const int bytes = quant_block_bytes(int(T));
+  float w[kQuantBlock];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.w + n * a.w_stride;
     for (int64_t m = 0; m < c.rows; ++m) {
-      const int8_t* xq_row = c.q + m * a.in;
-      const float *xd = c.d + m * nb, *xs = c.s + m * nb;
+      const float* x = c.x + m * a.x_stride;
       float acc = 0.0f, mins = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * bytes;
-        const int8_t* xb = xq_row + b * kQuantBlock;
-        const float dw = half_to_float(load_u16(blk));
-        int sum = 0;
         if constexpr (T == QType::kQ8_0) {
-          const int8_t* qw = reinterpret_cast<const int8_t*>(blk + 2);
-          for (int i = 0; i < 32; ++i) sum += qw[i] * xb[i];
+          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int i = 0; i < 32; ++i) w[i] = float(q[i]);
         } else {
           const uint8_t* qs = blk + (T == QType::kQ4_1 ? 4 : 2);
           const int off = T == QType::kQ4_0 ? 8 : 0;
-          for (int i = 0; i < 16; ++i)
-            sum += ((qs[i] & 0x0f) - off) * xb[i] + ((qs[i] >> 4) - off) * xb[i + 16];
+          for (int i = 0; i < 16; ++i) w[i] = float((qs[i] & 0x0f) - off), w[i + 16] = float((qs[i] >> 4) - off);
         }
-        acc += (dw * xd[b]) * float(sum);
-        if constexpr (T == QType::kQ4_1) mins += half_to_float(load_u16(blk + 2)) * xs[b];
+        float dot = 0.0f;
+        for (int i = 0; i < 32; ++i) dot += w[i] * x[b * kQuantBlock + i];
+        acc += half_to_float(load_u16(blk)) * dot;
+        if constexpr (T == QType::kQ4_1) mins += half_to_float(load_u16(blk + 2)) * c.xs[m * nb + b];
       }
       float y = acc + mins;
       if (a.bias) y += a.bias[n];
@@ -122,44 +100,25 @@ MIRROR_RT_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
-// 16 bytes of nibbles -> 32 bytes: low nibbles are values 0..15, high nibbles 16..31.
-MIRROR_RT_AVX2 inline __m256i unpack_nibbles(const uint8_t* p) {
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-}
-
-// Eight int32 pair sums of unsigned bytes u times signed bytes s, as floats.
-MIRROR_RT_AVX2 inline __m256 dot_us8(__m256i u, __m256i s) {
-  const __m256i pairs = _mm256_maddubs_epi16(u, s);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-MIRROR_RT_AVX2 void quantize_block_avx2(const float* x, int8_t* q, float* d, float* s) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v[4], amax = _mm256_setzero_ps();
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_loadu_ps(x + 8 * j);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+// A block's 32 values (without its scale) as four vectors of 8 floats, in order.
+template <QType T>
+MIRROR_RT_AVX2 inline void unpack_block(const uint8_t* blk, __m256 w[4]) {
+  if constexpr (T == QType::kQ8_0) {
+    for (int j = 0; j < 4; ++j)
+      w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * j))));
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QType::kQ4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m128i lo = _mm_and_si128(packed, mask), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    if constexpr (T == QType::kQ4_0) {
+      lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+      hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+    }
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
   }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float dd = _mm_cvtss_f32(m) / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
-  const __m256 scale = _mm256_set1_ps(id);
-  __m256i i[4];
-  for (int j = 0; j < 4; ++j)
-    i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-  // packs works within 128-bit lanes; the permute puts the 32 bytes back in order.
-  __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-  p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p);
-  *d = dd;
-  *s = dd * float(_mm_cvtsi128_si32(t));
 }
 
 // NB weight rows at a time give NB * M independent FMA chains (hiding the FMA latency when M is
@@ -168,7 +127,6 @@ template <QType T, int M, int NB>
 MIRROR_RT_AVX2 void rows_avx2(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t n1) {
   const int64_t nb = a.in / kQuantBlock;
   constexpr int bytes = T == QType::kQ8_0 ? 34 : (T == QType::kQ4_0 ? 18 : 20);
-  const float *xd = c.d, *xs = c.s;
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     const uint8_t* rows[NB];
@@ -178,26 +136,20 @@ MIRROR_RT_AVX2 void rows_avx2(const QuantLinearArgs& a, const Chunk& c, int64_t 
     for (int j = 0; j < NB; ++j)
       for (int m = 0; m < M; ++m) acc[j][m] = _mm256_setzero_ps(), mins[j][m] = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
-      __m256i xv[M];
-      for (int m = 0; m < M; ++m)
-        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.q + m * a.in + b * kQuantBlock));
       for (int j = 0; j < NB; ++j) {
         const uint8_t* blk = rows[j] + b * bytes;
-        const float dw = _cvtsh_ss(load_u16(blk));
-        if constexpr (T == QType::kQ4_1) {
-          const __m256i wu = unpack_nibbles(blk + 4);  // unsigned 0..15: maddubs' first operand as is
-          const float mw = _cvtsh_ss(load_u16(blk + 2));
-          for (int m = 0; m < M; ++m) {
-            acc[j][m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[m * nb + b]), dot_us8(wu, xv[m]), acc[j][m]);
-            mins[j][m] += mw * xs[m * nb + b];
-          }
-        } else {  // signed weights: maddubs takes |w| and x with w's signs
-          const __m256i wq = T == QType::kQ8_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2))
-                                               : _mm256_sub_epi8(unpack_nibbles(blk + 2), _mm256_set1_epi8(8));
-          const __m256i wu = _mm256_sign_epi8(wq, wq);
-          for (int m = 0; m < M; ++m)
-            acc[j][m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[m * nb + b]),
-                                        dot_us8(wu, _mm256_sign_epi8(xv[m], wq)), acc[j][m]);
+        __m256 w[4];
+        unpack_block<T>(blk, w);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
+        const float mw = T == QType::kQ4_1 ? _cvtsh_ss(load_u16(blk + 2)) : 0.0f;
+        for (int m = 0; m < M; ++m) {
+          const float* x = c.x + m * a.x_stride + b * kQuantBlock;
+          __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+          dot = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), dot);
+          dot = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), dot);
+          dot = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), dot);
+          acc[j][m] = _mm256_fmadd_ps(d, dot, acc[j][m]);
+          if constexpr (T == QType::kQ4_1) mins[j][m] += mw * c.xs[m * nb + b];
         }
       }
     }
@@ -262,14 +214,14 @@ constexpr int64_t kTileBytes = 128 * 1024;
 
 // Output features [n0, n1) for every row of x: chunks of up to 8 rows, each the same code whatever
 // the row count, over tiles of the weight small enough to stay in cache while every chunk reads it.
-void features(const QuantLinearArgs& a, const QuantizedRows& xq, int64_t n0, int64_t n1, bool avx2) {
+void features(const QuantLinearArgs& a, const float* xs, int64_t n0, int64_t n1, bool avx2) {
   const int64_t nb = a.in / kQuantBlock;
   const int64_t tile = a.rows <= kQuantLinearMaxRows ? n1 - n0 : std::max<int64_t>(1, kTileBytes / a.w_stride);
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = std::min(n1, t0 + tile);
     for (int64_t r = 0; r < a.rows; r += kQuantLinearMaxRows) {
-      const Chunk c{xq.q.data() + r * a.in, xq.d.data() + r * nb, xq.s.data() + r * nb,
-                    std::min<int64_t>(kQuantLinearMaxRows, a.rows - r), a.y + r * a.y_stride};
+      const Chunk c{a.x + r * a.x_stride, xs + r * nb, std::min<int64_t>(kQuantLinearMaxRows, a.rows - r),
+                    a.y + r * a.y_stride};
       rows_typed(a, c, t0, t1, avx2);
     }
   }
@@ -302,31 +254,27 @@ void quant_linear_force_portable(bool on) { g_force_portable.store(on); }
 void quant_linear(const QuantLinearArgs& a) {
   const bool avx2 = use_avx2();
   const int64_t nb = a.in / kQuantBlock;
-  static thread_local QuantizedRows xq;
-  xq.q.resize(size_t(a.rows * a.in));
-  xq.d.resize(size_t(a.rows * nb));
-  xq.s.resize(size_t(a.rows * nb));
-  for (int64_t m = 0; m < a.rows; ++m)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* x = a.x + m * a.x_stride + b * kQuantBlock;
-      int8_t* q = xq.q.data() + m * a.in + b * kQuantBlock;
-#if defined(__x86_64__)
-      if (avx2) {
-        quantize_block_avx2(x, q, &xq.d[m * nb + b], &xq.s[m * nb + b]);
-        continue;
+  // Q4_1's offsets multiply each block's sum of x: summed once per call, in a fixed order.
+  static thread_local std::vector<float> sums;  // per calling thread: the draft may run beside the target
+  if (a.type == QType::kQ4_1) {
+    sums.resize(size_t(a.rows * nb));
+    for (int64_t m = 0; m < a.rows; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* x = a.x + m * a.x_stride + b * kQuantBlock;
+        float s = 0.0f;
+        for (int i = 0; i < kQuantBlock; ++i) s += x[i];
+        sums[size_t(m * nb + b)] = s;
       }
-#endif
-      quantize_block_portable(x, q, &xq.d[m * nb + b], &xq.s[m * nb + b]);
-    }
+  }
+  const float* xs = sums.data();
   const int64_t chunks = (a.rows + kQuantLinearMaxRows - 1) / kQuantLinearMaxRows;
   const int threads = team_size(a.out * a.w_stride * chunks, a.out, a.num_threads);
-  if (threads <= 1) return features(a, xq, 0, a.out, avx2);
-  const QuantizedRows& shared = xq;  // the team reads the calling thread's buffers
+  if (threads <= 1) return features(a, xs, 0, a.out, avx2);
 #pragma omp parallel num_threads(threads)
   {
     // The team may be smaller than asked (nested regions, OMP_THREAD_LIMIT): share among those here.
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
-    features(a, shared, a.out * t / team, a.out * (t + 1) / team, avx2);
+    features(a, xs, a.out * t / team, a.out * (t + 1) / team, avx2);
   }
 }
 

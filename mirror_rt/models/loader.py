@@ -18,7 +18,7 @@ from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.device_dtype import resolve_device, resolve_dtype
 from mirror_rt.models.llama import LlamaModel
 from mirror_rt.models.meta_device import meta_device
-from mirror_rt.models.quant import KeptBlocks, install_blocks, quantize_model, quantize_q8_0
+from mirror_rt.models.quant import KeptBlocks, fuse_layers, install_blocks, quantize_model, quantize_q8_0
 from mirror_rt.ops.quant import QTYPES
 from mirror_rt.models.rope import inverse_frequencies
 
@@ -83,6 +83,8 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
     if quant not in (None, "dequantize"):
         quantize_model(model, quant)
+    elif kept:
+        fuse_layers(model.layers)
     return model
 
 

@@ -46,8 +46,9 @@ from torch import nn
 from mirror_rt import ops
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
-from mirror_rt.models.meta_device import meta_device
-from mirror_rt.models.quant import QuantLinear, dequantize, is_quantized, quantize, quantize_layers
+from mirror_rt.models.meta_device import meta_device, to_empty
+from mirror_rt.models.quant import (QuantLinear, _Fused, dequantize, fuse_layers, is_quantized, quantize,
+                                    quantize_layers)
 from mirror_rt.ops.quant import QTYPE_NAMES, QuantWeight
 from mirror_rt.models.rope import rope_cos_sin
 
@@ -335,13 +336,17 @@ class StreamingDraft(LlamaModel):
         return tokens, qs, info
 
 
-def _float_state(layer: nn.Module) -> dict:
-    """A layer's state dict with quantized linears' blocks as float weights (a draft copying
-    layers of a quantized target starts from their values)."""
+def _float_state(layer: nn.Module, prefix_all: str = "") -> dict:
+    """A layer's state dict with quantized linears' blocks as float weights, fused ones under their
+    parts' names (a draft copying layers of a quantized target starts from their values)."""
     state = {}
     for name, module in layer.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, QuantLinear):
+        prefix = prefix_all + (f"{name}." if name else "")
+        if isinstance(module, _Fused):
+            parent = prefix_all + (f"{name.rpartition('.')[0]}." if "." in name else "")
+            for part_name, part in module.unfused():
+                state.update(_float_state(part, f"{parent}{part_name}."))
+        elif isinstance(module, QuantLinear):
             state[prefix + "weight"] = module.weight.dequantize()
             if module.bias is not None:
                 state[prefix + "bias"] = module.bias.detach()
@@ -353,6 +358,7 @@ def _float_state(layer: nn.Module) -> dict:
 def quantize_draft(draft: StreamingDraft, qtype="q8_0") -> StreamingDraft:
     """The draft's own linears (its layers; the shared head is the target's) to ``qtype``, in place."""
     quantize_layers(draft.layers, qtype)
+    fuse_layers(draft.layers)
     draft.refresh_head()
     return draft
 
@@ -396,9 +402,13 @@ def save_streaming_draft(draft: StreamingDraft, path: str, dtype=torch.float16, 
     state, qtypes = {}, {}
     for k, v in draft.added_state_dict().items():
         module = k.rpartition(".")[0]
-        if k.endswith(".blocks"):  # a QuantLinear's blocks: saved as its weight
-            state[f"{module}.weight"] = v.detach().to("cpu").contiguous()
-            qtypes[f"{module}.weight"] = QTYPE_NAMES[draft.get_submodule(module).qtype]
+        if k.endswith(".blocks"):  # a QuantLinear's blocks: saved as its weight (fused ones as their parts)
+            layer = draft.get_submodule(module)
+            parts = layer.unfused() if isinstance(layer, _Fused) else [(module.rpartition(".")[2], layer)]
+            for name, part in parts:
+                key = f"{module.rpartition('.')[0]}.{name}.weight"
+                state[key] = part.blocks.detach().to("cpu").contiguous()
+                qtypes[key] = QTYPE_NAMES[part.qtype]
         elif quant and k.startswith("layers.") and k.endswith("proj.weight") and v.shape[-1] % 32 == 0:
             state[k] = quantize(v, quant)
             qtypes[k] = quant
@@ -466,7 +476,7 @@ def load_streaming_draft(path: str, target: LlamaModel) -> StreamingDraft:
             kept[k] = QuantLinear(state.pop(k), qtype, shape)
         else:
             state[k] = dequantize(state[k], qtype, shape)
-    draft.to_empty(device=target.device)
+    to_empty(draft, target.device)
     missing, unexpected = draft.load_state_dict({k: v.to(target.dtype) for k, v in state.items()}, strict=False)
     missing = [k for k in missing if (k.startswith("layers.") or k == "stream_embed") and k not in kept]
     if missing or unexpected:

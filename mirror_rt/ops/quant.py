@@ -9,10 +9,11 @@ A quantized weight [out, in] is a uint8 tensor [out, in / 32 * block_bytes]: eac
 
 (nibbles: byte j's low half is value j, its high half value j + 16). ``QuantWeight`` wraps such a
 tensor with its type and shape; ``ops.linear(x, quant_weight)`` takes the C++ kernel
-(``mirror_rt._C.quant_linear``: x quantized to int8 per 32-block, integer block products). The
-kernel computes each row of x the same way whatever rows come with it, so a token decoded alone and
-inside a verification window give bitwise-equal logits. ``quant_linear_ref`` is its slow reference
-(the same arithmetic in float64), ``dequantize_ref`` the format's reference.
+(``mirror_rt._C.quant_linear``: each block unpacked to fp32 once for all rows of x, fp32 products;
+x is not quantized, so the result is the dequantized model's up to rounding). The kernel computes
+each row of x the same way whatever rows come with it, so a token decoded alone and inside a
+verification window give bitwise-equal logits. ``quant_linear_ref`` is its slow reference (float64
+against the dequantized weight), ``dequantize_ref`` the format's reference.
 """
 from __future__ import annotations
 
@@ -91,36 +92,14 @@ def dequantize_ref(blocks: torch.Tensor, qtype, shape) -> torch.Tensor:
     return vals.reshape(out, in_)
 
 
-def quantize_rows_q8_ref(x: torch.Tensor):
-    """The kernel's activation quantization: x [M, K] float32 -> (q int [M, K/32, 32] as float64,
-    d [M, K/32] float32): d = max|x| / 127 per 32-block, q = round-half-even(x / d)."""
-    xb = x.float().reshape(x.shape[0], -1, BLOCK)
-    d = xb.abs().amax(-1) / 127.0
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return torch.round(xb * inv[..., None]).double(), d
-
-
 def quant_linear_ref(x: torch.Tensor, blocks: torch.Tensor, qtype, shape, bias=None) -> torch.Tensor:
-    """The C++ kernel's arithmetic in float64: x [..., in] float32 -> [..., out] float32."""
-    q = qtype_id(qtype)
-    out, in_ = (int(s) for s in shape)
-    rows = x.reshape(-1, in_)
-    xq, xd = quantize_rows_q8_ref(rows)
-    blk = blocks.reshape(out, in_ // BLOCK, BLOCK_BYTES[q])
-    dw = _fp16_field(blocks, q, 0).double()
-    if q == QTYPES["q8_0"]:
-        wq = blk[..., 2:].contiguous().view(torch.int8).double()
-    else:
-        nib = blk[..., 4:] if q == QTYPES["q4_1"] else blk[..., 2:]
-        wq = torch.cat([nib & 0x0F, nib >> 4], dim=-1).double() - (8 if q == QTYPES["q4_0"] else 0)
-    isum = torch.einsum("mbk,nbk->mnb", xq, wq)  # exact integers
-    y = (isum * dw[None] * xd.double()[:, None]).sum(-1)
-    if q == QTYPES["q4_1"]:
-        sums = xd.double() * xq.sum(-1)  # [M, nb]: d * sum(q) of each block of x
-        y = y + sums @ _fp16_field(blocks, q, 2).double().T
+    """The C++ kernel's result in float64: x [..., in] @ dequantize_ref(blocks)^T (+ bias) ->
+    [..., out] float32."""
+    w = dequantize_ref(blocks, qtype, shape).double()
+    y = x.double() @ w.T
     if bias is not None:
         y = y + bias.double()
-    return y.float().reshape(*x.shape[:-1], out)
+    return y.float()
 
 
 class QuantWeight:
