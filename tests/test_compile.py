@@ -25,7 +25,7 @@ def _greedy(model, steps, prompt_len=7, capacity=64, chunk=1):
     """Greedy decoding by hand: prefill, then steps of `chunk` tokens (the greedy token repeated:
     a verification-shaped forward of T = chunk), committing one each step."""
     cache = model.new_cache(capacity)
-    ids = torch.randint(0, 64, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(model.device)
     out = []
     with torch.inference_mode():
         model(ids[:, :-1], cache)
