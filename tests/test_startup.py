@@ -50,6 +50,20 @@ def test_meta_device_leaves_real_tensors_alone():
     assert emb.weight.is_meta and float(drawn.std()) > 0.5
 
 
+def test_to_empty_keeps_sharing_and_real_tensors():
+    import torch
+
+    from mirror_rt.models.meta_device import meta_device, to_empty
+
+    with meta_device():
+        a, b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
+    b.weight = a.weight  # shared
+    a.register_buffer("table", torch.arange(3.0))  # a real tensor stays as it is
+    net = to_empty(torch.nn.Sequential(a, b), "cpu")
+    assert not any(p.is_meta for p in net.parameters()) and net[1].weight is net[0].weight
+    assert torch.equal(net[0].table, torch.arange(3.0))
+
+
 def test_package_names_load_on_first_use():
     import mirror_rt
 
@@ -126,7 +140,7 @@ target, draft, head, tok = default.load_default()
 AutoregressiveDecoder(target).generate(encode_chat(tok, "hi"), 1, eos_token_id=tok.eos_token_id)
 dense = sum(p.numel() * p.element_size() for p in target.parameters() if p.is_floating_point())
 print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "dense_weight_mb": dense / 2**20}))
+                  "dense_weight_mb": dense / 2**20, "dynamo": "torch._dynamo" in __import__("sys").modules}))
 """
 
 
@@ -139,4 +153,5 @@ def test_default_pair_peak_memory_under_bound():
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["dense_weight_mb"] < 10, f"the target's weights should stay quantized: {got}"
+    assert not got["dynamo"], "loading the pair and one AR token should not import torch._dynamo"
     assert got["maxrss_mb"] <= RSS_BOUND_MB, f"{got} (the issue's goal: {RSS_GOAL_MB} MB)"

@@ -33,3 +33,25 @@ def meta_device():
     """``with torch.device("meta")`` without the initial-value draws nobody reads."""
     with torch.device("meta"), _SkipMetaInit():
         yield
+
+
+def to_empty(module: torch.nn.Module, device) -> torch.nn.Module:
+    """``module.to_empty(device=device)``: its meta parameters and buffers become uninitialised
+    tensors on ``device`` (shared ones stay shared), made with ``torch.empty`` because
+    ``Module.to_empty``'s ``empty_like`` of a meta tensor runs through torch._refs (importing
+    torch._dynamo and sympy at its first call). Tensors already off the meta device are kept."""
+    made = {}  # id of a meta tensor -> its replacement, so that shared tensors stay shared
+
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                     requires_grad=p.requires_grad)
+                m._parameters[name] = made[id(p)]
+        for name, b in m._buffers.items():
+            if b is not None and b.is_meta:
+                if id(b) not in made:
+                    made[id(b)] = torch.empty(b.shape, dtype=b.dtype, device=device)
+                m._buffers[name] = made[id(b)]
+    return module
