@@ -276,3 +276,16 @@ def test_header_rejects_bad_files(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=problem):
             read_gguf_header(tmp_path / name)
+
+
+def test_transformers_escape_hatch(tmp_path):
+    """Options beyond the subset (return_tensors, tools, ...) go to the same tokenizer in transformers."""
+    path = write_tokenizer_gguf(tmp_path / "gpt2.gguf", "gpt-2")
+    ours = load_tokenizer(path)
+    hf = ours.to_transformers()
+    corpus = mixed_corpus(50, seed=3)
+    assert [hf(t)["input_ids"] for t in corpus] == ours(corpus)["input_ids"]
+    assert ours("the cat", return_tensors="pt")["input_ids"].tolist() == [ours.encode("the cat")]
+    assert hf.eos_token == ours.eos_token and hf.chat_template == ours.chat_template
+    with pytest.raises(ValueError, match="no chat template"):
+        FastTokenizer(ours.backend_tokenizer, ours.special_tokens_map).apply_chat_template(CONVERSATIONS[0])
