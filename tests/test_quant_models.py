@@ -163,3 +163,18 @@ def test_fused_projections_give_the_same_bits():
         one = fused(ids[:, :1], fused.new_cache(16))  # a row alone equals the same row in a batch of 10
         assert torch.equal(one[0, 0], fused(ids, fused.new_cache(16))[0, 0])
     assert weight_bytes(fused) == weight_bytes(plain)
+
+
+def test_hf_checkpoint_quantized_at_load(tmp_path):
+    from helpers import save_hf_checkpoint
+
+    save_hf_checkpoint(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16)
+    dense = load_model(tmp_path, quant="dequantize")
+    model = load_model(tmp_path, quant="q4_0")
+    assert model.layers[0].mlp.down_proj.qtype == 2 and isinstance(model.embed_tokens, QuantEmbedding)
+    assert weight_bytes(model) < 0.5 * weight_bytes(dense)
+    want = quantize_model(dense, "q4_0")  # the same quantization applied to the loaded float model
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids, model.new_cache(8)), want(ids, want.new_cache(8)))

@@ -49,8 +49,10 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     if isinstance(path, torch.nn.Module):
         from mirror_rt.models.from_hf import from_hf
 
-        return from_hf(path, device=None if device is None else resolve_device(device),
-                       dtype=None if dtype is None else resolve_dtype(dtype, torch.device("cpu")))
+        model = from_hf(path, device=None if device is None else resolve_device(device),
+                        dtype=None if dtype is None else resolve_dtype(dtype, torch.device("cpu")))
+        _check_quant(quant, model.device, model.dtype, "")
+        return quantize_model(model, quant) if quant not in (None, "dequantize") else model
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_model takes a checkpoint path or a loaded transformers model, "
                         f"got {type(path).__name__}")
