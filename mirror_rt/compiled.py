@@ -10,9 +10,11 @@ prefix [0, l_e) and suffix [l_e, N) of Mirror-SD) and ``head``, each through the
 ``run_layers_static``, which reads the KV cache through its device length only. One compiled
 artifact serves one *bucket*: (pieces, layer range, batch, new tokens T, cache capacity, tree
 offset, which optional inputs are given). Decoding meets a handful of buckets (T = 1; window + 1;
-the rollout tree sizes) and reuses them every step; the cache's capacity is rounded up
-(``CAPACITY_STEP``) so that prompts of different lengths share artifacts. Forwards of more than
-``max_tokens`` new tokens (the prompt's prefill) and buckets past ``max_buckets`` run eagerly.
+the rollout tree sizes) and reuses them every step. A bucket compiles on its second use on one
+cache, so the prompt's prefill (once per cache) stays eager; so do forwards of more than
+``max_tokens`` new tokens and new buckets past ``max_buckets``. Caches made by the prepared
+model's ``new_cache`` have their capacity rounded up (``CAPACITY_STEP``), so that prompts of
+different lengths share artifacts (a cache of another capacity is another bucket).
 
 A compile failure (or any error of the compiled path) warns once and leaves the model eager for
 good; the eager forward then runs the same call, so a failure never costs a wrong token.
