@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import device_name, git_commit  # noqa: E402
 
-from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder  # noqa: E402
+from mirror_rt.decoders import (AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement,  # noqa: E402
+                                SpeculativeDecoder)
 from mirror_rt.decoders.mirror import FALLBACKS  # noqa: E402
 from mirror_rt.decoders.mirror_exit import POLICIES  # noqa: E402
 from mirror_rt.models.config import ModelConfig  # noqa: E402
@@ -215,9 +216,9 @@ def _decoder(name, target, draft, oracle, args):
     # exit is certain of the true token, so ranked rolls out (about) the one branch that is the
     # correction when it is contained: Mirror's best case, with the fewest rollouts.
     return MirrorDecoder(rec_target, odraft, MirrorConfig(
-        exit_layer=target.num_layers // 2, top_k=args.kappa, window=args.window, max_branches=args.max_branches,
-        exit_head=OracleExit(rec_target, oracle), branch_policy=args.branch_policy, lane=args.lane,
-        fallback=args.fallback, min_branch_prob=args.min_branch_prob))
+        exit_layer=target.num_layers // 2, kappa=args.kappa, window=args.window, max_branches=args.max_branches,
+        exit_head=OracleExit(rec_target, oracle), branch_policy=args.branch_policy,
+        fallback=args.fallback, min_branch_prob=args.min_branch_prob, plan="fixed"), Placement(lane=args.lane))
 
 
 def _over(deadline, what: str) -> bool:

@@ -188,22 +188,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _wrong_residual(real):
-    """verify_accept_ref with the classic bug: after a rejection the correction is sampled from p
-    instead of norm(max(0, p - q))."""
-    def buggy(tokens, parents, target_logits, mode="greedy", **kw):
-        accept_len, accepted, next_token = real(tokens, parents, target_logits, mode, **kw)
-        if mode == "rejection":
-            for b in range(tokens.shape[0]):
-                last = int(accepted[b, int(accept_len[b])])
-                if not kw["draft_probs"][b, last].sum() > 0 or int(accept_len[b]) == tokens.shape[1] - 1:
-                    continue  # no draft token was rejected here: the bonus draw is from p anyway
-                p = reference.process_logits(target_logits[b, last], kw["temperature"], kw["top_k"], kw["top_p"])
-                next_token[b] = reference.sample_from(p, kw["uniforms"][b, 0])
-        return accept_len, accepted, next_token
-    return buggy
-
-
 def test_rejection_sampling_matches_target_distribution(rejection_setup, one_thread, monkeypatch):
     target, draft, prompt, probs = rejection_setup
     monkeypatch.delenv("MIRROR_RT_BACKEND", raising=False)
@@ -218,8 +202,15 @@ def test_rejection_sampling_matches_target_distribution(rejection_setup, one_thr
 def test_wrong_residual_fails_the_chi_square(rejection_setup, one_thread, monkeypatch):
     """The same test, sample count and seeds, with the correction drawn from p: it must fail."""
     target, draft, prompt, probs = rejection_setup
-    monkeypatch.setenv("MIRROR_RT_BACKEND", "ref")
-    monkeypatch.setattr(reference, "verify_accept_ref", _wrong_residual(reference.verify_accept_ref))
+    from mirror_rt.decoders import verify
+
+    real = verify._rejection
+
+    def wrong_residual(window, p, q, uniforms):  # the correction drawn from p, not norm(max(0, p - q))
+        accepted, _ = real(window, p, q, uniforms)
+        return accepted, verify.sample_rows(p[accepted][None], uniforms[:1])[0]
+
+    monkeypatch.setattr(verify, "_rejection", wrong_residual)
     counts, _ = _sample_counts(SpeculativeDecoder(target, draft, window=3), prompt, N_SAMPLES)
     stat, df = _chi2(counts, probs, N_SAMPLES)
     assert stat > 2 * _chi2_critical_001(df), f"a wrong residual went unnoticed: chi2 {stat:.1f} (df {df})"
@@ -253,7 +244,7 @@ def test_bad_prompt(target, prompt, exc, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
@@ -280,7 +271,7 @@ def test_bad_pair_and_window(target):
     other = random_model(seed=0, vocab_size=VOCAB + 1)
     with pytest.raises(ValueError, match="vocabulary"):
         SpeculativeDecoder(target, other, 3)
-    for window in (0, -1, 65, 2.5, "3"):
+    for window in (0, -1, 33, 65, 2.5, "3"):
         with pytest.raises(ValueError, match="window"):
             SpeculativeDecoder(target, target, window)
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
 from mirror_rt.decoders.lookup import ContextLookup
+from mirror_rt.decoders.mirror_config import DraftOptions
 from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.models.derive import random_model
 from mirror_helpers import tiny_pair
@@ -81,7 +82,7 @@ def test_sd_with_lookup_is_lossless_and_uses_it(pair, window):
                                            ("process", "exit")])
 def test_mirror_with_lookup_is_lossless_and_uses_it(pair, lane, fallback):
     target, draft = pair
-    cfg = MirrorConfig(exit_layer=2, top_k=4, window=5, lane=lane, fallback=fallback, lookup=3)
+    cfg = MirrorConfig(exit_layer=2, kappa=4, window=5, lane=lane, fallback=fallback, lookup=3)
     with MirrorDecoder(target, draft, cfg) as dec:
         for ids in (REPEATING, torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))):
             out = dec.generate(ids, 37)
@@ -94,7 +95,7 @@ def test_mirror_with_lookup_is_lossless_and_uses_it(pair, lane, fallback):
 def test_lookup_is_greedy_only(pair):
     target, draft = pair
     sd = SpeculativeDecoder(target, draft, 3, lookup=4).generate(REPEATING, 20, temperature=1.0, seed=0)
-    cfg = MirrorConfig(exit_layer=2, top_k=2, window=3, lane="inline", lookup=4)
+    cfg = MirrorConfig(exit_layer=2, kappa=2, window=3, lane="inline", lookup=4)
     mirror = MirrorDecoder(target, draft, cfg).generate(REPEATING, 20, temperature=1.0, seed=0)
     assert sd.stats["lookup_windows"] == 0 and mirror.stats["lookup_windows"] == 0
 
@@ -115,7 +116,7 @@ def test_a_repeating_target_is_caught_by_the_lookup_not_a_random_draft():
 
 def test_branches_the_lookup_covers_are_not_rolled_out(pair):
     _, draft = pair
-    md = MirrorDraft(draft, 4, None, lookup=2)
+    md = MirrorDraft(draft, 4, DraftOptions(lookup=2))
     md.start([1, 2, 3, 4, 1, 2, 5], 64)
     window = [6, 1]
     exit_ids = [[1, 9, 3], [2, 4, -1], [5, 7, 9]]
@@ -141,7 +142,7 @@ def test_rollouts_after_a_copied_window_feed_it_first(pair):
     """A copied window was never fed to the draft: the rollouts after it (and after the branch and
     lookup windows that follow) must still continue the right contexts."""
     _, draft = pair
-    md = MirrorDraft(draft, 4, None, lookup=2)
+    md = MirrorDraft(draft, 4, DraftOptions(lookup=2))
     md.start([1, 2, 3, 4, 1, 2], 64)
     window, q = md.fresh_window(4)
     assert window == [3, 4, 1, 2] and q is None  # copied from the prompt
@@ -199,7 +200,8 @@ def test_sd_copies_windows_longer_than_the_drafts_and_stays_lossless(cycling_pai
 @pytest.mark.parametrize("lane,fallback", [("inline", "recompute"), ("inline", "exit"), ("process", "exit")])
 def test_mirror_copies_windows_longer_than_the_drafts_and_stays_lossless(cycling_pair, pair, lane, fallback):
     target, draft = cycling_pair
-    cfg = MirrorConfig(exit_layer=1, top_k=3, window=3, lane=lane, fallback=fallback, lookup=3, lookup_window=8)
+    cfg = MirrorConfig(exit_layer=1, kappa=3, window=3, lane=lane, fallback=fallback, lookup=3, lookup_window=8,
+                       plan="fixed")
     with MirrorDecoder(target, draft, cfg) as dec:
         out = dec.generate(CYCLE_PROMPT, 41)
         assert out.tokens.tolist() == ar_tokens(target, CYCLE_PROMPT, 41)
@@ -207,7 +209,7 @@ def test_mirror_copies_windows_longer_than_the_drafts_and_stays_lossless(cycling
         ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(5))
         assert dec.generate(ids % 60, 30).tokens.tolist() == ar_tokens(target, ids % 60, 30)
     pair_target, pair_draft = pair  # a target that does not repeat: copies get rejected, output unchanged
-    with MirrorDecoder(pair_target, pair_draft, MirrorConfig(exit_layer=2, top_k=3, window=3, lane=lane,
+    with MirrorDecoder(pair_target, pair_draft, MirrorConfig(exit_layer=2, kappa=3, window=3, lane=lane,
                                                              fallback=fallback, lookup=3, lookup_window=8)) as dec:
         ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7, 8, 9, 10, 11, 12, 5, 6]])
         assert dec.generate(ids, 37).tokens.tolist() == ar_tokens(pair_target, ids, 37)
@@ -215,7 +217,7 @@ def test_mirror_copies_windows_longer_than_the_drafts_and_stays_lossless(cycling
 
 def test_a_copied_window_has_lookup_window_tokens_in_the_mirror_draft(pair):
     _, draft = pair
-    md = MirrorDraft(draft, 2, None, lookup=2, lookup_window=6)
+    md = MirrorDraft(draft, 2, DraftOptions(lookup=2, lookup_window=6))
     md.start([1, 2, 3, 4, 5, 6, 7, 8, 1, 2], 64)
     window, q = md.fresh_window(2)
     assert window == [3, 4, 5, 6, 7, 8] and q is None
@@ -252,11 +254,11 @@ def test_cli_passes_the_lookup_window_to_both_decoders(pair):
     args = build_parser().parse_args(["generate", "x", "--window", "3", "--lookup-window", "7", "--lane", "inline"])
     args.exit_layer = 2
     assert make_decoder("sd", target, draft, args).lookup_window == 7
-    assert make_decoder("mirror", target, draft, args).config.lookup_window == 7
+    assert make_decoder("mirror", target, draft, args).config.draft.lookup_window == 7
     args.lookup_window = 2  # below the window: the window
     assert make_decoder("sd", target, draft, args).lookup_window == 3
     args.lookup_window = 0
-    assert make_decoder("mirror", target, draft, args).config.lookup_window == 3
+    assert make_decoder("mirror", target, draft, args).config.draft.lookup_window == 3
 
 
 def test_cli_passes_min_draft_prob_to_both_decoders(pair):
@@ -269,4 +271,4 @@ def test_cli_passes_min_draft_prob_to_both_decoders(pair):
     args = build_parser().parse_args(["generate", "x", "--min-draft-prob", "0.25", "--lane", "inline"])
     args.exit_layer = 2
     assert make_decoder("sd", target, draft, args).min_draft_prob == 0.25
-    assert make_decoder("mirror", target, draft, args).config.min_draft_prob == 0.25
+    assert make_decoder("mirror", target, draft, args).config.draft.min_prob == 0.25

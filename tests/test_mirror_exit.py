@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mirror_rt.decoders.mirror_exit import ExitProposer, draft_vocabulary
+from mirror_rt.planner import Plan
 from mirror_rt.exit_head import new_exit_head
 from mirror_rt.models.derive import random_model
 from mirror_rt.models.streaming import StreamingDraft
@@ -27,8 +28,8 @@ def test_reduced_vocabulary_equals_full_head_columns(trained_head):
         torch.nn.init.normal_(head.adapter.up.weight, 0, 0.3)  # not the logit lens any more
     hidden = torch.randn(1, 5, 32) * 2
     vocab = torch.tensor([3, 60, 7, 11, 42, 0, 19])
-    full = ExitProposer(target, head, 2, "per_position").log_probs(hidden)
-    sub = ExitProposer(target, head, 2, "per_position", vocab).log_probs(hidden)
+    full = ExitProposer(target, head, _plan(2), "per_position").log_probs(hidden)
+    sub = ExitProposer(target, head, _plan(2), "per_position", vocab).log_probs(hidden)
     assert sub.shape == (5, len(vocab))
     # Same logits on those columns, renormalised over the subset.
     want = torch.log_softmax(full[:, vocab], dim=-1)
@@ -37,18 +38,22 @@ def test_reduced_vocabulary_equals_full_head_columns(trained_head):
 
 def test_custom_exit_callable_keeps_the_full_vocabulary():
     target = _target()
-    prop = ExitProposer(target, lambda h: target.head(h), 2, "per_position", torch.tensor([1, 2, 3]))
+    prop = ExitProposer(target, lambda h: target.head(h), _plan(2), "per_position", torch.tensor([1, 2, 3]))
     assert prop.vocab_ids is None and prop.log_probs(torch.randn(1, 2, 32)).shape == (2, V)
 
 
 def test_per_position_is_top_kappa_in_target_ids():
     target = _target()
     vocab = torch.arange(10, 40)
-    prop = ExitProposer(target, None, 3, "per_position", vocab)
+    prop = ExitProposer(target, None, _plan(3), "per_position", vocab)
     hidden = torch.randn(1, 4, 32)
     got = prop(hidden, [12, 13, 14])
     want = vocab[torch.topk(prop.log_probs(hidden), 3, dim=-1).indices]
-    assert got == want.tolist()
+    assert got.tolist() == want.tolist()
+
+
+def _plan(kappa):
+    return Plan(window=7, kappa=kappa, max_branches=None, min_branch_prob=0.0, fallback="exit", overlap="overlapped")
 
 
 class _FixedExit(ExitProposer):
@@ -73,6 +78,14 @@ def _dist(rows):
     return torch.log(out / out.sum(-1, keepdim=True))
 
 
+def _rows(exit_ids):
+    """The exit's [n + 1, k] id tensor as lists without the all-hole columns at the right."""
+    rows = exit_ids.tolist()
+    width = max(1, max(sum(v >= 0 for v in row) for row in rows))
+    assert all(v < 0 for row in rows for v in row[width:])
+    return [row[:width] for row in rows]
+
+
 def _branches(rows):
     return sorted((i, v) for i, row in enumerate(rows) for v in row if v >= 0)
 
@@ -80,15 +93,15 @@ def _branches(rows):
 def test_ranked_spends_the_budget_where_the_step_ends():
     # The exit thinks w_1 = 5 is almost surely rejected: every branch goes to position 0.
     early = _dist([{5: 0.01, 1: 0.4, 2: 0.3, 3: 0.2, 4: 0.05}, {6: 0.9, 8: 0.1}, {9: 0.5, 10: 0.5}])
-    rows = _FixedExit(early, kappa=1)(None, [5, 6])
+    rows = _rows(_FixedExit(early, kappa=1)(None, [5, 6]))
     assert _branches(rows) == [(0, 1), (0, 2), (0, 3)]
     assert rows[1] == [-1, -1, -1] and rows[2] == [-1, -1, -1]  # holes: no branch there
     # The exit is sure the window is accepted: the bonus position gets the branches.
     late = _dist([{5: 0.98, 1: 0.01}, {6: 0.98, 2: 0.01}, {9: 0.5, 10: 0.3, 11: 0.1}])
-    assert _branches(_FixedExit(late, kappa=1)(None, [5, 6])) == [(2, 9), (2, 10), (2, 11)]
+    assert _branches(_rows(_FixedExit(late, kappa=1)(None, [5, 6]))) == [(2, 9), (2, 10), (2, 11)]
     # A probability floor drops the unlikely ones instead of filling the budget.
-    assert _branches(_FixedExit(early, kappa=1, min_prob=0.25)(None, [5, 6])) == [(0, 1), (0, 2)]
-    assert _FixedExit(early, kappa=1, min_prob=0.9)(None, [5, 6]) == [[-1], [-1], [-1]]
+    assert _branches(_rows(_FixedExit(early, kappa=1, min_prob=0.25)(None, [5, 6]))) == [(0, 1), (0, 2)]
+    assert _rows(_FixedExit(early, kappa=1, min_prob=0.9)(None, [5, 6])) == [[-1], [-1], [-1]]
 
 
 def test_ranked_budget_fits_one_rollout_tree():
@@ -97,7 +110,7 @@ def test_ranked_budget_fits_one_rollout_tree():
     logp = torch.log_softmax(torch.randn(8, V), dim=-1)
     prop = _FixedExit(logp, kappa=8)
     prop.depth = 7
-    rows = prop(None, list(range(7)))
+    rows = _rows(prop(None, list(range(7))))
     assert len(_branches(rows)) == max_branches_for(7, 7, None) < 8 * 8
 
 
@@ -106,7 +119,7 @@ def test_ranked_scores_are_reach_times_correction_probability():
     logp = torch.log_softmax(torch.randn(4, V, generator=g) * 3, dim=-1)
     window = [int(logp[0].argmax()), 17, int(logp[2].argmax())]
     budget = 5
-    rows = _FixedExit(logp, kappa=2, max_branches=budget)(None, window)
+    rows = _rows(_FixedExit(logp, kappa=2, max_branches=budget)(None, window))
     # Brute force over every (i, v) that is not the window itself.
     scored = []
     for i in range(4):

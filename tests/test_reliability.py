@@ -148,8 +148,11 @@ def test_nan_in_target_logits_raises(pair):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(exit_layer=0), "exit_layer must be an integer in \\[1, 3\\]"),
     (dict(exit_layer=4), "exit_layer must be an integer in \\[1, 3\\]"),
-    (dict(top_k=0), "top_k \\(kappa\\) must be an integer in \\[1, 64\\]"),
+    (dict(kappa=0), "kappa must be an integer in \\[1, 64\\]"),
+    (dict(top_k=0), "kappa must be an integer in \\[1, 64\\]"),
     (dict(window=0), "window \\(gamma\\) must be an integer in \\[1, 32\\]"),
+    (dict(window=33), "window \\(gamma\\) must be an integer in \\[1, 32\\]"),
+    (dict(plan="sometimes"), "plan must be one of"),
     (dict(mode="argmax"), "mode must be one of"),
     (dict(lane="gpu9"), "lane must be one of"),
     (dict(max_branches=-1), "max_branches must be None or an integer >= 0"),
@@ -208,7 +211,7 @@ def test_long_run_is_flat_in_memory_and_time(lane):
     target = random_model(21, vocab_size=64, hidden_size=32, num_layers=2)
     draft = random_model(22, vocab_size=64, hidden_size=32, num_layers=1)
     times = []
-    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, top_k=2, window=3, lane=lane)) as dec:
+    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, kappa=2, window=3, lane=lane)) as dec:
         dec.generate(IDS, 200)  # warm-up: caches, allocator pools, the process lane's start
         gc.collect()
         rss_before, tensors_before = rss_mb(), _live_tensors()
@@ -238,8 +241,8 @@ def test_same_seed_same_tokens_across_runs_and_lanes(pair):
     target, draft = pair
     results = []
     for lane in ("inline", "thread", "process", "inline"):
-        with MirrorDecoder(target, draft, MirrorConfig(window=3, top_k=4, lane=lane)) as dec:
+        with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=4, lane=lane, plan="fixed")) as dec:
             results.append(dec.generate(IDS, 30, temperature=0.8, seed=1234).tokens.tolist())
     assert all(r == results[0] for r in results), results
-    with MirrorDecoder(target, draft, MirrorConfig(window=3, top_k=4, lane="inline")) as dec:
+    with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=4, lane="inline", plan="fixed")) as dec:
         assert dec.generate(IDS, 30, temperature=0.8, seed=99).tokens.tolist() != results[0]

@@ -185,7 +185,7 @@ def test_sd_decoders_stay_lossless_with_the_trained_pair(trained):
         ids = torch.tensor([s[:6]])
         ref = AutoregressiveDecoder(target).generate(ids, 20).tokens
         assert torch.equal(SpeculativeDecoder(target, draft, 4).generate(ids, 20).tokens, ref)
-        with MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, exit_head=head, top_k=3, window=3,
+        with MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, exit_head=head, kappa=3, window=3,
                                                        lane="inline")) as dec:
             assert torch.equal(dec.generate(ids, 20).tokens, ref)
     acc = sd_acceptance(draft, [s[:6] for s in seqs[:2]], [s[6:20] for s in seqs[:2]], window=4)
@@ -211,7 +211,7 @@ def test_decoders_streams_path_equals_plain_loop(trained, temperature):
         state.prefill(torch.tensor(prompt))
         w, q = state.propose(prompt, 6, Sampler(temperature, 0, 1.0, 7, "cpu"), 0)
         mirror = MirrorDraft(d, 6, None)
-        mirror.start(prompt, 64, temperature, 0, 1.0, 7)
+        mirror.start(prompt, 64, (temperature, 0, 1.0), 7)
         mw, mq = mirror.fresh_window(6)
         results.append((w, q, state.cache.length, mw, mq))
         assert len(calls) == (2 if streams else 0)

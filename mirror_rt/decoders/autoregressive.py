@@ -3,40 +3,42 @@ from __future__ import annotations
 
 import torch
 
-from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
-                                     check_finite, check_generation_args, prefill)
+from mirror_rt import defaults
+from mirror_rt.decoders.base import (GenerateArgs, Generation, GenerationOutput, all_finite, prefill,
+                                     prepare_model, raise_unless_finite, read_back, start_generation)
 
 
 class AutoregressiveDecoder:
-    def __init__(self, target):
+    """compile: ``mirror_rt.compiled.prepare``'s choice for the target (False, True or "auto")."""
+
+    def __init__(self, target, compile=defaults.COMPILE):
         self.target = target
+        self.runner = prepare_model(target, compile)
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
-                 top_k=0, top_p=1.0, stream=None) -> GenerationOutput:
-        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n], stats).
-        stream: optional callable receiving each list of newly emitted token ids."""
-        check_generation_args(max_new_tokens, temperature, top_k, top_p)
-        model = self.target
-        prompt = as_prompt(input_ids, model.config.vocab_size, model.device)
-        cache = model.new_cache(check_context(model, prompt.numel(), max_new_tokens, 1))
-        sampler = Sampler(temperature, top_k, top_p, seed, model.device)
-        out, stats = Emitter(max_new_tokens, eos_token_id, stream), Stats("ar")
-        with stats.phase("prefill"):
-            prefill(model, cache, prompt)
-        pending = int(prompt[-1])
-        while not out.done:
-            pending = autoregressive_tail(model, cache, pending, sampler, out, stats)
-        return GenerationOutput(out.result(model.device), stats.finish(len(out.tokens)))
+                 top_k=0, top_p=1.0, stream=None, stop=None, tokenizer=None) -> GenerationOutput:
+        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n] int64, stats).
+        Keywords as ``base.GenerateArgs``: eos_token_id None is the model's EOS ([] for none),
+        stop strings need ``tokenizer``, stream receives each list of new token ids."""
+        args = GenerateArgs(max_new_tokens, eos_token_id, temperature, seed, top_k, top_p, stream, stop, tokenizer)
+        gen = start_generation(self.target, input_ids, args, "ar", 1)
+        with gen.stats.phase("prefill"):
+            prefill(self.runner, gen.cache, gen.prompt)
+        while not gen.out.done:
+            gen.tokens.append(target_step(self.runner, gen))
+        return gen.output(self.target.device)
 
 
-def autoregressive_tail(model, cache, pending: int, sampler: Sampler, out: Emitter, stats: Stats) -> int:
-    """One target-only step: feed the pending token, commit it, pick and emit the next (returned)."""
-    with stats.phase("target"):
-        logits = model(torch.tensor([[pending]], device=model.device), cache)[0, -1]
-        check_finite(logits, "target", stats.steps)
-        cache.commit(1)
-    token, _ = sampler.pick(logits)
-    out.emit([token])
-    stats.add_step(0)
+def target_step(model, gen: Generation) -> int:
+    """One target-only step: feed the pending token, commit it, pick and emit the next (returned).
+    One host read: the token and the finiteness flag together."""
+    with gen.stats.phase("target"):
+        logits = model(torch.tensor([[gen.tokens[-1]]], device=model.device), gen.cache)[0, -1]
+        gen.cache.commit(1)
+        token, _ = gen.sampler.draw(logits)
+        token, finite = read_back(token, all_finite(logits))
+    raise_unless_finite(finite, "target", gen.stats.steps)
+    gen.out.emit([token])
+    gen.stats.add_step(0)
     return token

@@ -1,8 +1,13 @@
-"""What every decoder shares: the output type, statistics, prompt checks, token sampling, emission.
+"""What every decoder shares: arguments, the generate set-up, sampling, emission, statistics.
 
 Each decoder keeps the same bookkeeping: the committed tokens are in ``tokens`` (prompt and
 generated), the last one is *pending* (committed, not yet fed to the target), and ``emit`` stops
-exactly at EOS or ``max_new_tokens`` even when a whole window was accepted.
+exactly at EOS, at the end of a stop string, or at ``max_new_tokens``, even when a whole window
+was accepted.
+
+Host transfers. A step's decisions (the next token, how many drafted tokens were accepted) and
+its checks (finite logits) are computed on the device and read back together with one
+``read_back`` call, so a step waits for its device once.
 """
 from __future__ import annotations
 
@@ -13,13 +18,52 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mirror_rt import defaults
 from mirror_rt.ops.reference import process_logits
+
+MODES = ("greedy", "match", "rejection")
 
 
 @dataclass
 class GenerationOutput:
     tokens: torch.Tensor  # [1, n] int64, the generated ids only (prompt excluded)
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerateArgs:
+    """The public ``generate`` keywords, as one value the set-up and the steps pass around.
+
+    eos_token_id  None: the model's own EOS ids (``config.eos_token_ids``); an int or a list of ints;
+                  ``[]`` turns EOS off. The EOS token is kept in the output.
+    stop          a string or list of strings; generation ends right after the token that completes
+                  the first one (needs ``tokenizer``, anything with ``decode(ids)``)
+    stream        a callable receiving each list of newly emitted token ids
+    """
+
+    max_new_tokens: int
+    eos_token_id: object = None
+    temperature: float = 0.0
+    seed: int | None = None
+    top_k: int = 0
+    top_p: float = 1.0
+    stream: object = None
+    stop: object = None
+    tokenizer: object = None
+
+    def check(self):
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
+        if not self.temperature >= 0:  # also refuses NaN, which would sample from NaN probabilities
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.stream is not None and not callable(self.stream):
+            raise TypeError("stream must be a callable receiving lists of token ids")
+        return self
 
 
 class Stats:
@@ -84,21 +128,17 @@ def as_prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
         raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: the prompt needs at least one token")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
     return input_ids.to(device=device, dtype=torch.int64)
 
 
-def check_generation_args(max_new_tokens, temperature, top_k=0, top_p=1.0):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0:  # also refuses NaN, which would sample from NaN probabilities
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+def check_window(value, what: str = "window") -> int:
+    """A draft window length: an integer in [1, defaults.MAX_WINDOW] (the same limit for SD and Mirror-SD)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= defaults.MAX_WINDOW:
+        raise ValueError(f"{what} must be an integer in [1, {defaults.MAX_WINDOW}], got {value!r}")
+    return value
 
 
 def check_context(model, prompt_len: int, max_new_tokens: int, slack: int) -> int:
@@ -109,14 +149,6 @@ def check_context(model, prompt_len: int, max_new_tokens: int, slack: int) -> in
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) + window slack "
                          f"({slack}) = {need} exceeds the model's context of {limit} tokens")
     return need
-
-
-def eos_set(eos_token_id) -> frozenset:
-    if eos_token_id is None:
-        return frozenset()
-    if isinstance(eos_token_id, int):
-        return frozenset([eos_token_id])
-    return frozenset(int(t) for t in eos_token_id)
 
 
 def check_pair(target, draft):
@@ -134,9 +166,42 @@ def check_pair(target, draft):
                                  f"and {t!r} in the target; speculative decoding needs the same tokenizer")
 
 
-def check_finite(logits: torch.Tensor, model_name: str, step: int):
-    if not torch.isfinite(logits).all():
+def prepare_model(model, compile):
+    """``mirror_rt.compiled.prepare(model, compile)``: the model's forward, compiled where enabled."""
+    from mirror_rt.compiled import prepare
+
+    return prepare(model, compile)
+
+
+# --- device-side decisions, one read a step ------------------------------------------------------
+
+def all_finite(logits: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: no NaN/inf in logits (stays on the device)."""
+    return torch.isfinite(logits).all()
+
+
+def read_back(*values: torch.Tensor) -> list:
+    """The host's one read of a step: 0-d or 1-D device tensors, packed into one int64 tensor and
+    read with a single ``tolist``. Returns one int per 0-d value and a list per 1-D value."""
+    flat = [v.reshape(-1).to(torch.int64) for v in values]
+    host = torch.cat(flat).tolist()
+    out, i = [], 0
+    for v, f in zip(values, flat):
+        n = f.numel()
+        out.append(host[i] if v.dim() == 0 else host[i:i + n])
+        i += n
+    return out
+
+
+def raise_unless_finite(ok, model_name: str, step: int):
+    """ok: the host value of ``all_finite`` read with the step's other values."""
+    if not ok:
         raise FloatingPointError(f"{model_name} produced NaN/inf logits at step {step}; refusing to emit tokens")
+
+
+def check_finite(logits: torch.Tensor, model_name: str, step: int):
+    """A separate read of ``all_finite`` (for callers outside a step's one read)."""
+    raise_unless_finite(bool(all_finite(logits)), model_name, step)
 
 
 class Sampler:
@@ -154,23 +219,33 @@ class Sampler:
     def uniforms(self, *shape) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator, device=self.generator.device)
 
-    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """logits [V] -> (token, processed probs or None when greedy)."""
+    def draw(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [..., V] -> (tokens [...] int64 on the device, processed probs [..., V] or None
+        when greedy). No host read."""
         if self.greedy:
-            return int(logits.argmax()), None
+            return logits.argmax(-1), None
         p = self.probs(logits)
-        return int(torch.multinomial(p, 1, generator=self.generator)), p
+        flat = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=self.generator)
+        return flat.reshape(p.shape[:-1]), p
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """logits [V] -> (token as an int, processed probs or None when greedy): ``draw`` and a read."""
+        token, p = self.draw(logits)
+        return int(token), p
 
 
 class Emitter:
-    """Collects generated tokens; stops exactly at EOS (kept) or at max_new_tokens."""
+    """Collects generated tokens; stops exactly at EOS (kept), after a stop string, or at max_new_tokens.
 
-    def __init__(self, max_new_tokens: int, eos_token_id, stream=None):
+    eos: a collection of ids; stop: a ``mirror_rt.generation.StopStrings`` or None."""
+
+    def __init__(self, max_new_tokens: int, eos=(), stream=None, stop=None):
         self.limit = max_new_tokens
-        self.eos = eos_set(eos_token_id)
+        self.eos = frozenset(eos)
         self.tokens: list[int] = []
-        self.done = False
-        self.stream = stream  # optional callable(list[int]) seeing each batch of new tokens
+        self.done = max_new_tokens == 0
+        self.stream = stream
+        self.stop = stop
 
     def emit(self, toks) -> int:
         """Append tokens in order until done; returns how many were taken."""
@@ -178,15 +253,61 @@ class Emitter:
         for t in toks:
             if self.done:
                 break
-            self.tokens.append(int(t))
+            t = int(t)
+            self.tokens.append(t)
             taken += 1
-            self.done = int(t) in self.eos or len(self.tokens) >= self.limit
+            stopped = self.stop is not None and self.stop.push(t)
+            self.done = stopped or t in self.eos or len(self.tokens) >= self.limit
         if self.stream is not None and taken:
             self.stream(self.tokens[-taken:])
         return taken
 
+    @property
+    def remaining(self) -> int:
+        return self.limit - len(self.tokens)
+
     def result(self, device) -> torch.Tensor:
-        return torch.tensor([self.tokens], dtype=torch.int64, device=device)
+        return torch.tensor([self.tokens], dtype=torch.int64, device=device).reshape(1, len(self.tokens))
+
+
+@dataclass
+class Generation:
+    """One generate() call's shared state, built by ``start_generation``."""
+
+    prompt: torch.Tensor  # [L] int64 on the target's device
+    tokens: list          # committed ids (prompt, then output); the last one is pending
+    capacity: int         # cache slots: prompt + max_new_tokens + slack
+    cache: object
+    sampler: Sampler
+    out: Emitter
+    stats: Stats
+
+    def output(self, device, **extra) -> GenerationOutput:
+        return GenerationOutput(self.out.result(device), self.stats.finish(len(self.out.tokens), **extra))
+
+
+def start_generation(target, input_ids, args: GenerateArgs, name: str, slack: int, draft=None) -> Generation:
+    """The set-up every decoder shares: argument and prompt checks, cache capacity (the draft's
+    context too), the target's cache, sampler, emitter (EOS, stop strings, stream) and stats."""
+    args.check()
+    from mirror_rt.generation import StopStrings, resolve_eos
+
+    prompt = as_prompt(input_ids, target.config.vocab_size, target.device)
+    capacity = check_context(target, prompt.numel(), args.max_new_tokens, slack)
+    if draft is not None:
+        check_context(draft, prompt.numel(), args.max_new_tokens, slack)
+    stop = None if args.stop is None else StopStrings(args.stop, args.tokenizer)
+    out = Emitter(args.max_new_tokens, resolve_eos(target, _in_vocabulary(args.eos_token_id, target)), args.stream,
+                  stop)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed, target.device)
+    return Generation(prompt, prompt.tolist(), capacity, target.new_cache(capacity), sampler, out, Stats(name))
+
+
+def _in_vocabulary(eos_token_id, model):
+    """A list of EOS ids without those past the vocabulary (a tokenizer's extra ids: never generated)."""
+    if isinstance(eos_token_id, (list, tuple)):
+        return [t for t in eos_token_id if not isinstance(t, int) or t < model.config.vocab_size]
+    return eos_token_id
 
 
 @torch.inference_mode()

@@ -1,9 +1,10 @@
-"""The draft's side of a chain step: keep its cache in sync and roll out a window."""
+"""The draft's side of a chain: the one rollout loop (SD's windows, Mirror-SD's fresh windows), and
+the draft's confidence cut."""
 from __future__ import annotations
 
 import torch
 
-from mirror_rt.decoders.base import Sampler, check_finite, prefill
+from mirror_rt.decoders.base import Sampler, all_finite, check_finite, prefill, raise_unless_finite, read_back
 
 
 def set_draft_context(model, prompt: torch.Tensor):
@@ -14,9 +15,9 @@ def set_draft_context(model, prompt: torch.Tensor):
 
 def uses_streams(model) -> bool:
     """Whether to propose windows with the draft's Speculative Streaming heads. Opt-in
-    (``draft.stream_proposals = True``): the same tokens in fewer passes, but each pass also
-    carries the stream guesses, and at our default draft's acceptance this measured slower on a
-    2-core CPU (demo: SD 0.70x vs 0.81x of AR, bench/RESULTS.md)."""
+    (``draft.stream_proposals = True``): the same tokens in fewer passes, but each pass also carries
+    the stream guesses, which did not pay at our default draft's acceptance on a CPU
+    (bench/RESULTS.md, "Speculative Streaming")."""
     return bool(getattr(model, "n_streams", 0)) and bool(getattr(model, "stream_proposals", False))
 
 
@@ -35,23 +36,58 @@ def check_min_draft_prob(value) -> float:
     return float(value)
 
 
-def confident_rows(logits: torch.Tensor, min_prob: float) -> list[bool]:
-    """Per row of logits [..., V]: whether the draft's most likely token has probability >= min_prob
-    (its own distribution, before sampling settings). A window that ends at the first unconfident
-    token stays lossless: its length depends on the draft alone."""
+def sure_rows(logits: torch.Tensor, min_prob: float) -> torch.Tensor:
+    """bool [...] per row of logits [..., V]: the draft's most likely token has probability >=
+    min_prob (its own distribution, before sampling settings). A window that ends at the first
+    unsure token stays lossless: its length depends on the draft alone. Stays on the device."""
     if min_prob <= 0:
-        return [True] * logits[..., 0].numel()
-    return (torch.softmax(logits.float(), -1).amax(-1) >= min_prob).reshape(-1).tolist()
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    return torch.softmax(logits.float(), -1).amax(-1) >= min_prob
 
 
 def confident(logits: torch.Tensor, min_prob: float) -> bool:
-    """``confident_rows`` for one row of logits [V]."""
-    return confident_rows(logits, min_prob)[0]
+    """``sure_rows`` for one row of logits [V], read on the host."""
+    return bool(sure_rows(logits, min_prob))
 
 
 def stop_when_unsure(min_prob: float):
     """``propose_streams``'s stop callable for min_prob (None when 0: full windows)."""
     return None if min_prob <= 0 else (lambda logits: not confident(logits, min_prob))
+
+
+def stack_q(qs):
+    """The q rows a window was drawn from, [n, V], or None (greedy, or an empty window)."""
+    return None if not qs or qs[0] is None else torch.stack(qs)
+
+
+def roll_chain(forward, first: torch.Tensor, n: int, sampler: Sampler, min_prob: float, step: int):
+    """The draft's chain rollout, shared by SD and Mirror-SD: up to n tokens, each fed back.
+
+    forward(ids [k] int64 on the draft's device, offset) -> logits [V] of the last fed id; offset
+    counts the tokens fed before (0 for ``first``, the pending token or a catch-up chain).
+    The window ends before the first token the draft is unsure of (``sure_rows``); then each
+    forward is read once (token, sure, finite), otherwise the whole chain is read once at its end.
+    Returns (window list[int], q [len, V] float32 or None when greedy)."""
+    if n <= 0:
+        return [], None
+    feed, drawn, qs, finite, window = first, [], [], [], []
+    for offset in range(n):
+        logits = forward(feed, offset)
+        token, q = sampler.draw(logits)
+        if min_prob > 0:
+            tok, sure, ok = read_back(token, sure_rows(logits, min_prob), all_finite(logits))
+            raise_unless_finite(ok, "draft", step)
+            if not sure:
+                break
+            window.append(tok)
+        drawn.append(token)
+        qs.append(q)
+        finite.append(all_finite(logits))
+        feed = token.reshape(1)
+    if min_prob <= 0:
+        window, ok = read_back(torch.stack(drawn), torch.stack(finite).all())
+        raise_unless_finite(ok, "draft", step)
+    return window, stack_q(qs)
 
 
 class DraftState:
@@ -73,7 +109,7 @@ class DraftState:
     @torch.inference_mode()
     def propose(self, tokens: list[int], n: int, sampler: Sampler, step: int, min_prob: float = 0.0):
         """Roll out up to n tokens after the committed sequence `tokens` (its last entry pending);
-        the window ends before the first token the draft gives less than min_prob (``confident``).
+        the window ends before the first token the draft gives less than min_prob (``sure_rows``).
 
         Returns (window: list[int] of at most n ids, q: [len, V] float32 probabilities each window
         token was drawn from, or None when greedy or empty). The cache commits what it fed; ``sync``
@@ -83,19 +119,16 @@ class DraftState:
         feed = tokens[cache.length:]
         if n > 0 and uses_streams(model):
             return self._propose_streams(feed, n, sampler, step, min_prob)
-        window, qs = [], []
-        for _ in range(n):
-            logits = model(torch.tensor([feed], device=model.device), cache)[0, -1]
-            check_finite(logits, "draft", step)
-            cache.commit(len(feed))
-            if not confident(logits, min_prob):
-                break
-            tok, q = sampler.pick(logits)
-            window.append(tok)
-            if q is not None:
-                qs.append(q)
-            feed = [tok]
-        return window, (torch.stack(qs) if qs else None)
+
+        def forward(ids, offset):
+            logits = model(ids[None], cache)[0, -1]
+            cache.commit(ids.shape[0])
+            return logits
+
+        if n <= 0:
+            return [], None
+        window, q = roll_chain(forward, torch.tensor(feed, device=model.device), n, sampler, min_prob, step)
+        return window, (q if window else None)
 
     def _propose_streams(self, feed: list[int], n: int, sampler: Sampler, step: int, min_prob: float = 0.0):
         """The same window from a Speculative Streaming draft in fewer passes: the catch-up tokens
@@ -108,7 +141,7 @@ class DraftState:
                                                  stop=stop_when_unsure(min_prob))
         # as the loop: pending + window[:-1] after n steps; pending + window when it stopped early
         cache.commit(len(window) + (1 if info.get("stopped") else 0))
-        return window, (None if not qs or qs[0] is None else torch.stack(qs))
+        return window, stack_q(qs)
 
     def sync(self, committed_prefix_len: int):
         """Drop cached entries past the first `committed_prefix_len` tokens that are still valid."""

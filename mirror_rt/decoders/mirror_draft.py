@@ -10,6 +10,12 @@ branch and ``depth - 1`` extension nodes per branch, attended through one tree m
 (``mirror_rt.ops.tree_attention``). A window the draft did not roll out (a context lookup) is
 not in the region: the next rollout feeds it first, with the tree.
 
+Host reads. The tree's structure (parents, positions, mask) does not depend on the tokens the
+draft samples, so it is built on the host from the exit's ids, read once per rollout batch, and
+the sampled tokens stay on the draft's device; ``advance`` reads the adopted branch's window
+with the batch's finiteness flag. Only with ``min_prob`` does each forward also read whether any
+branch is still sure (to stop early).
+
 Context lookup (``lookup.py``, greedy only). Before the draft model is asked for a window, the
 context is looked up; a branch whose context the lookup covers is not rolled out, because
 ``advance`` prefers the lookup's window there anyway.
@@ -18,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from mirror_rt.decoders.base import Sampler, check_finite, prefill
-from mirror_rt.decoders.drafting import (checked_pick, confident, confident_rows, set_draft_context,
-                                        stop_when_unsure, uses_streams)
+from mirror_rt.decoders.base import Sampler, all_finite, prefill, raise_unless_finite, read_back
+from mirror_rt.decoders.drafting import (checked_pick, roll_chain, set_draft_context, stack_q, stop_when_unsure,
+                                        sure_rows, uses_streams)
 from mirror_rt.decoders.lookup import ContextLookup
 from mirror_rt.ops.branch_tree import build_branch_tree, extend_branch_tree
 from mirror_rt.ops.checks import MAX_TREE_NODES
@@ -32,37 +38,89 @@ def max_branches_for(window: int, depth: int, cap: int | None, nodes: int = MAX_
     return max(0, min(fit, cap if cap is not None else fit))
 
 
+def branch_list(window: list[int], exit_rows: list[list[int]], limit: int) -> list[tuple[int, int]]:
+    """Branches (i, v) in ``build_branch_tree``'s order: position, then rank; holes and the window's
+    own token skipped; the first `limit`."""
+    out = [(i, v) for i, row in enumerate(exit_rows) for v in row
+           if v >= 0 and not (i < len(window) and v == window[i])]
+    return out[:limit]
+
+
+class _Rollout:
+    """One rollout batch's results, on the draft's device: tokens [nb, d], q [nb, d, V] or None,
+    sure [nb, d] bool, finite (0-d bool), and the host's branch index {(i, v): k}."""
+
+    def __init__(self, tree, branches):
+        self.tree, self.index = tree, {b: k for k, b in enumerate(branches)}
+        self.tokens, self.qs, self.sure, self.finite = [], [], [], []
+
+    def add(self, tokens, q, sure, finite):
+        self.tokens.append(tokens)
+        self.qs.append(q)
+        self.sure.append(sure)
+        self.finite.append(finite)
+
+    def alive(self) -> torch.Tensor:
+        """0-d bool: some branch is sure of every token so far (a deeper token could still count)."""
+        return torch.stack(self.sure, 1).all(1).any()
+
+    def window_of(self, k: int):
+        """(device tokens [d], sure [d], q [d, V] or None) of branch k."""
+        q = None if self.qs[0] is None else torch.stack([q[k] for q in self.qs])
+        return torch.stack([t[k] for t in self.tokens]), torch.stack([s[k] for s in self.sure]), q
+
+    def path(self, k: int, accepted: int) -> list[int]:
+        """Region slots of branch k's context: pending, w_1..w_A, root, one node per extension."""
+        n, nb, depth = self.tree.gamma, len(self.index), len(self.tokens)
+        return [0] + [1 + j for j in range(accepted)] + [1 + n + k + s * nb for s in range(depth)]
+
+
 class MirrorDraft:
-    def __init__(self, model, window: int, max_branches: int | None, lookup: int = 0,
-                 lookup_window: int | None = None, min_prob: float = 0.0):
+    """window: the longest window (and rollout depth); options: a ``DraftOptions`` (lookup,
+    lookup_window, min_prob, max_branches; None: the defaults)."""
+
+    def __init__(self, model, window: int, options=None):
+        from mirror_rt.decoders.mirror_config import DraftOptions
+
+        options = DraftOptions() if options is None else options
         self.model = model
-        self.min_prob = min_prob  # a window ends before the first token the draft is less sure of
+        self.min_prob = options.min_prob  # a window ends before the first token the draft is less sure of
         self.window = window
-        self.lookup_window = window if lookup_window is None else lookup_window  # a copied window's length
-        self.max_branches = max_branches  # the user's cap; what fits one tree is applied per step
-        self.lookup_ngram = lookup  # 0: no context lookup
+        self.lookup_window = window if options.lookup_window is None else options.lookup_window
+        self.max_branches = options.max_branches  # the user's cap; what fits one tree is applied per step
+        self.lookup_ngram = options.lookup  # 0: no context lookup
         self.cache = None
         self.pending = None
-        self.tree = None  # the last rollout tree and each branch's sampled tokens / q rows
+        self.batch = None  # the last rollout batch
         self.step = 0
+
+    @property
+    def tree(self):
+        return None if self.batch is None else self.batch.tree
+
+    @property
+    def outs(self) -> list[list[int]]:
+        """Each branch's window of the last rollout batch, as lists (reads the device: for inspection)."""
+        return [self._read_window(self.batch, k)[0] for k in range(len(self.batch.index))]
 
     # --- calls a lane runs ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def start(self, prompt: list[int], capacity: int, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+    def start(self, prompt: list[int], capacity: int, sampling=(0.0, 0, 1.0), seed=None):
         """Begin a generation: prefill all prompt tokens but the last (the pending token).
-        capacity: committed tokens the cache must hold (the region's tree comes on top)."""
+        capacity: committed tokens the cache must hold (the region's tree comes on top).
+        sampling: (temperature, top_k, top_p)."""
         need = min(capacity + MAX_TREE_NODES, self.model.config.max_position)
         if self.cache is None or self.cache.max_len < need:
             self.cache = self.model.new_cache(need)
         self.cache.rollback(0)
         # The draft draws its own samples: seed it apart from the target's sampler.
-        self.sampler = Sampler(temperature, top_k, top_p, None if seed is None else seed + 1, self.model.device)
+        self.sampler = Sampler(*sampling, None if seed is None else seed + 1, self.model.device)
         self.step = 0
         prompt_ids = torch.tensor(prompt, device=self.model.device)
         set_draft_context(self.model, prompt_ids)
         prefill(self.model, self.cache, prompt_ids)
-        self.pending, self.tree = prompt[-1], None
+        self.pending, self.batch = prompt[-1], None
         self.tokens = list(prompt)  # committed, the pending token last
         self.rolled = []  # the window the last rollouts extended
         self.chain_fed = False  # whether the region holds [pending, w_1..w_{n-1}] of the current window
@@ -83,35 +141,33 @@ class MirrorDraft:
             tokens, qs, _ = self.model.propose_streams(self.cache, self.pending, n, 0,
                                                        pick=checked_pick(self.sampler, self.step),
                                                        stop=stop_when_unsure(self.min_prob))
-            return tokens, self._stack(qs)
-        tokens, qs = [], []
-        feed = self.pending
-        for offset in range(n):
-            logits = self._forward([feed], offset, None)[0]
-            if not confident(logits, self.min_prob):
-                break
-            tok, q = self.sampler.pick(logits)
-            tokens.append(tok)
-            qs.append(q)
-            feed = tok
-        return tokens, self._stack(qs)
+            return tokens, stack_q(qs)
+        first = torch.tensor([self.pending], device=self.model.device)
+        window, q = roll_chain(lambda ids, offset: self._forward(ids, offset, None)[0], first, n, self.sampler,
+                               self.min_prob, self.step)
+        return window, (q if window else None)
 
     @torch.inference_mode()
-    def rollouts(self, window: list[int], exit_ids: list[list[int]], depth: int) -> int:
+    def rollouts(self, window: list[int], exit_ids, depth: int) -> int:
         """Branch-complete rollouts: every branch (i, v), v in E_i, v != w_{i+1}, continues the
         context (..., w_1..w_i, v) by `depth` draft tokens; all branches form one tree
-        (``mirror_rt.ops.branch_tree``), one draft forward per rollout step. Needs the window
-        chain [pending, w_1..w_{n-1}] in the region already when the draft rolled the window out;
-        otherwise (an empty window after a miss under ``fallback="exit"``, or a context lookup's
-        window) the pending token and the window are fed here first. Returns the number of branches."""
+        (``mirror_rt.ops.branch_tree``), one draft forward per rollout step. exit_ids: [n + 1, k]
+        ids (a tensor on any device, a numpy array or lists), -1 for holes. Needs the window chain [pending,
+        w_1..w_{n-1}] in the region already when the draft rolled the window out; otherwise (an
+        empty window after a miss under ``fallback="exit"``, or a context lookup's window) the
+        pending token and the window are fed here first. Returns the number of branches."""
         n = len(window)
         self.rolled = list(window)
-        exit_ids = self._without_looked_up(window, exit_ids)
+        rows = exit_ids if isinstance(exit_ids, list) else exit_ids.tolist()  # the batch's one read
+        rows = self._without_looked_up(window, rows)
         # Near the end of the draft's context the cache's free slots, not MAX_TREE_NODES, bound the tree.
         fit = max_branches_for(n, depth, self.max_branches, self.cache.max_len - self.cache.length)
-        tree = build_branch_tree(torch.tensor(window, dtype=torch.long), torch.tensor(exit_ids), max_branches=fit,
+        branches = branch_list(window, rows, fit)
+        tree = build_branch_tree(torch.tensor(window, dtype=torch.long), _rows_tensor(rows, n), max_branches=fit,
                                  capacity=n + fit * max(depth, 1))
-        nb = tree.num_branches
+        batch, nb = _Rollout(tree, branches), len(branches)
+        assert nb == tree.num_branches, "branch_list must follow build_branch_tree's order"
+        self.batch = batch
         # Region slot 0 holds the pending token (every node's ancestor), tree node j is slot 1 + j.
         # First forward: w_n (closing the window chain, tree node n-1) and every branch root; or,
         # without the chain in the region, the pending token and every node from w_1 on.
@@ -119,23 +175,18 @@ class MirrorDraft:
             logits, roots = self._tree_forward(tree, n - 1), 1
         else:
             logits, roots = self._tree_forward(tree, 0, with_pending=True), 1 + n
-        picks = [self.sampler.pick(logits[roots + b]) for b in range(nb)]
-        outs, qs = [[tok] for tok, _ in picks], [[q] for _, q in picks]
-        sure = [[s] for s in confident_rows(logits[roots:roots + nb], self.min_prob)]
-        for _ in range(1, depth if nb else 0):
-            if not any(all(s) for s in sure):  # every branch's window is cut already: nothing more counts
-                break
-            extend_branch_tree(tree, torch.tensor([o[-1] for o in outs]))
-            logits = self._tree_forward(tree, tree.step_start)
-            for b, s in zip(range(nb), confident_rows(logits[:nb], self.min_prob)):
-                tok, q = self.sampler.pick(logits[b])
-                outs[b].append(tok)
-                qs[b].append(q)
-                sure[b].append(s)
-        # a branch's window ends before its first token the draft was unsure of (min_prob)
-        cut = [s.index(False) if False in s else len(s) for s in sure]
-        self.tree = tree
-        self.outs, self.qs = [o[:c] for o, c in zip(outs, cut)], [q[:c] for q, c in zip(qs, cut)]
+        if nb == 0:
+            batch.finite.append(all_finite(logits))
+            return 0
+        self._draw(batch, logits[roots:roots + nb])
+        for _ in range(1, depth):
+            if self.min_prob > 0:  # every branch's window is cut already: nothing more counts
+                alive, finite = read_back(batch.alive(), torch.stack(batch.finite).all())
+                raise_unless_finite(finite, "draft", self.step)
+                if not alive:
+                    break
+            extend_branch_tree(tree, torch.zeros(nb, dtype=torch.long))  # structure only: tokens stay on device
+            self._draw(batch, self._tree_forward(tree, tree.step_start, ids=batch.tokens[-1]))
         return nb
 
     @torch.inference_mode()
@@ -144,23 +195,40 @@ class MirrorDraft:
         Returns (source, window list[int] or None, q [depth, V] or None): source "lookup" when the
         context lookup gives the next window, "branch" when branch (A, c) was rolled out, None (a
         miss: the caller asks for ``fresh_window`` or goes on without a window)."""
-        tree, self.tree = self.tree, None
+        batch, self.batch = self.batch, None
         self.tokens += self.rolled[:accepted] + [int(next_token)]
         self.pending = int(next_token)
         self.step += 1
         copied = self._look_up([], self.lookup_window)
-        k = tree.find_branch(accepted, int(next_token)) if tree is not None and not copied else -1
+        k = batch.index.get((accepted, int(next_token)), -1) if batch is not None and not copied else -1
         if k < 0:
+            if batch is not None:
+                raise_unless_finite(read_back(torch.stack(batch.finite).all())[0], "draft", self.step - 1)
             self.cache.commit_path(range(accepted + 1))
             self.chain_fed = False
             return ("lookup", copied, None) if copied else (None, None, None)
         # Pending + the branch's path (w_1..w_A, root c, its rollouts) become a chain; the first
         # A + 1 are committed, the rest ([c, r_1..r_{depth-1}]) is the next window's region.
-        path = [0] + [1 + int(j) for j in tree.branch_nodes(k)]
-        self.cache.gather_region(path)
+        window, q = self._read_window(batch, k)
+        self.cache.gather_region(batch.path(k, accepted))
         self.cache.commit(accepted + 1)
         self.chain_fed = True
-        return "branch", self.outs[k], self._stack(self.qs[k])
+        return "branch", window, q
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _draw(self, batch: _Rollout, logits):
+        tokens, q = self.sampler.draw(logits)
+        batch.add(tokens, q, sure_rows(logits, self.min_prob), all_finite(logits))
+
+    def _read_window(self, batch: _Rollout, k: int):
+        """Branch k's window up to its first unsure token, and its q rows: one read (with the batch's
+        finiteness, raised here)."""
+        tokens, sure, q = batch.window_of(k)
+        tokens, sure, finite = read_back(tokens, sure, torch.stack(batch.finite).all())
+        raise_unless_finite(finite, "draft", self.step)
+        cut = sure.index(0) if 0 in sure else len(sure)
+        return tokens[:cut], (None if q is None or cut == 0 else q[:cut])
 
     def _look_up(self, tail: list[int], n: int) -> list[int]:
         """The context lookup's window after the committed tokens + tail ([] without one)."""
@@ -169,42 +237,43 @@ class MirrorDraft:
         self.lookup.update(self.tokens)
         return self.lookup.propose(tail, n)
 
-    def _without_looked_up(self, window: list[int], exit_ids: list[list[int]]) -> list[list[int]]:
-        """exit_ids with a hole (-1) for every branch (i, v) whose context the lookup covers."""
+    def _without_looked_up(self, window: list[int], exit_rows: list[list[int]]) -> list[list[int]]:
+        """exit_rows with a hole (-1) for every branch (i, v) whose context the lookup covers."""
         if self.lookup is None:
-            return exit_ids
+            return exit_rows
         self.lookup.update(self.tokens)
         return [[v if v < 0 or not self.lookup.propose(window[:i] + [v], 1) else -1 for v in row]
-                for i, row in enumerate(exit_ids)]
+                for i, row in enumerate(exit_rows)]
 
-    def _tree_forward(self, tree, first: int, with_pending: bool = False):
+    def _tree_forward(self, tree, first: int, with_pending: bool = False, ids=None):
         """Draft forward of tree nodes [first, num_nodes) (region slots 1 + j): logits [Tq, V].
-        with_pending: an empty window; the pending token (region slot 0, every root's parent) is fed
-        in the same forward, as row 0 of the logits."""
+        ids: the nodes' tokens on the device (default: the tree's own). with_pending: an empty
+        window; the pending token (region slot 0, every root's parent) is fed in the same forward,
+        as row 0 of the logits."""
         rows = slice(first, tree.num_nodes)
         mask = tree.dense_mask(first, tree.num_nodes)
         mask = torch.cat([torch.ones(mask.shape[0], 1, dtype=torch.bool), mask], dim=1)  # the pending slot
-        ids, positions = tree.tokens[rows].tolist(), (1 + tree.positions[rows]).tolist()
+        ids = tree.tokens[rows] if ids is None else ids
+        positions = 1 + tree.positions[rows]
         if not with_pending:
             return self._forward(ids, 1 + first, mask, positions)
         pending_row = torch.zeros(1, mask.shape[1], dtype=torch.bool)
         pending_row[0, 0] = True
-        return self._forward([self.pending] + ids, first, torch.cat([pending_row, mask]), [0] + positions)
+        ids = torch.cat([torch.tensor([self.pending]), ids])
+        return self._forward(ids, first, torch.cat([pending_row, mask]), torch.cat([torch.zeros(1, dtype=torch.long),
+                                                                                      positions]))
 
-    # --- helpers -------------------------------------------------------------------------------
-
-    def _forward(self, ids, offset, mask, positions=None):
-        """Feed ids at region offset `offset` (chain when mask is None); logits [len(ids), V]."""
-        model, base = self.model, self.cache.length
-        dev = model.device
-        pos = None if positions is None else torch.tensor([[base + p for p in positions]], device=dev)
+    def _forward(self, ids: torch.Tensor, offset: int, mask, positions=None):
+        """Feed ids [k] at region offset `offset` (a chain when mask is None) -> logits [k, V].
+        positions: [k] region positions (host or device)."""
+        model, dev = self.model, self.model.device
+        pos = None if positions is None else (self.cache.length + positions.to(dev))[None]
         m = None if mask is None else mask[None].to(dev)
-        h = model.run_layers(model.embed(torch.tensor([ids], device=dev)), 0, model.num_layers, self.cache,
-                             pos, m, offset)
-        logits = model.head(h)[0]
-        check_finite(logits, "draft", self.step)
-        return logits
+        h = model.run_layers(model.embed(ids.to(dev)[None]), 0, model.num_layers, self.cache, pos, m, offset)
+        return model.head(h)[0]
 
-    @staticmethod
-    def _stack(qs):
-        return None if not qs or qs[0] is None else torch.stack(qs)
+
+def _rows_tensor(rows: list[list[int]], n: int) -> torch.Tensor:
+    """Exit rows as an int64 [n + 1, k] host tensor (-1 padded; one hole column when all are empty)."""
+    width = max(1, max((len(r) for r in rows), default=1))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows] or [[-1]] * (n + 1), dtype=torch.long)

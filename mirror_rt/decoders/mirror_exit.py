@@ -23,9 +23,9 @@ the target's (lossless).
 Exit vocabulary: with a reduced-vocabulary draft (our SS draft: 8k trained ids + the prompt's
 tokens), the exit scores only the draft's vocabulary, ``vocab_ids``. The draft can still take any
 token as a branch root, but a correction outside its vocabulary is rare and rarely predicted,
-while the full LM head costs as much as half the target's prefix on a small model (SmolLM2-135M:
-49k rows against 15 layers). Only the logit lens and ``ExitHead`` can be restricted; any other
-callable exit head is used as given (full vocabulary).
+while the full LM head of a small model with a large vocabulary costs a good part of the target's
+prefix (bench/RESULTS.md, "exit vocabulary"). Only the logit lens and ``ExitHead`` can be
+restricted; any other callable exit head is used as given (full vocabulary).
 """
 from __future__ import annotations
 
@@ -34,9 +34,8 @@ import math
 import torch
 
 from mirror_rt import ops
+from mirror_rt.decoders.mirror_config import POLICIES
 from mirror_rt.decoders.mirror_draft import max_branches_for
-
-POLICIES = ("per_position", "ranked")
 
 
 def draft_vocabulary(draft, prompt: torch.Tensor):
@@ -50,23 +49,23 @@ class ExitProposer:
 
     target      the target model (its final norm and LM head serve the logit lens)
     head        None (logit lens), an ``ExitHead``, or any callable hidden [1, T, H] -> logits [1, T, V]
-    kappa       candidates per position ("per_position"); the budget is (depth + 1) * kappa ("ranked")
+    plan        the default limits of each call (a ``planner.Plan``; a call's own plan wins):
+                ``kappa``, candidates per position ("per_position"; "ranked" spends a budget of
+                (window + 1) * kappa); ``window``, the rollout depth per branch (what fits one tree
+                depends on it); ``max_branches``, the cap ("ranked" keeps the best that many,
+                "per_position" leaves the cap to the tree builder, first positions first);
+                ``min_branch_prob``: "ranked" drops branches whose estimated P(A = i, c = v) is
+                below it, since a rollout that is almost never adopted still costs draft time
+    policy      "ranked" or "per_position"
     vocab_ids   int64 [Vc] target ids the exit may propose, or None for the full vocabulary
-    max_branches  the user's cap (None: none); "ranked" keeps the best that many (and no more than
-                fit one rollout tree of ``depth``), "per_position" leaves the cap to the tree
-                builder (first positions first)
-    depth       rollout depth per branch (the window), for what fits one tree
-    min_prob    "ranked" drops branches whose estimated P(A = i, c = v) is below this: a rollout
-                that is almost never adopted still costs draft time (0: fill the budget)
     """
 
-    def __init__(self, target, head, kappa: int, policy: str = "ranked", vocab_ids=None, max_branches=None,
-                 depth: int = 7, min_prob: float = 0.0):
+    def __init__(self, target, head, plan, policy: str = "ranked", vocab_ids=None):
         if policy not in POLICIES:
             raise ValueError(f"branch_policy must be one of {POLICIES}, got {policy!r}")
-        self.target, self.head, self.kappa, self.policy = target, head, kappa, policy
-        self.max_branches, self.depth = max_branches, depth
-        self.log_floor = math.log(min_prob) if min_prob > 0 else -math.inf
+        self.target, self.head, self.kappa, self.policy = target, head, plan.kappa, policy
+        self.depth, self.max_branches = plan.window, plan.max_branches
+        self.log_floor = math.log(plan.min_branch_prob) if plan.min_branch_prob > 0 else -math.inf
         restrictable = head is None or hasattr(head, "normed")
         self.vocab_ids = vocab_ids.to(target.device) if vocab_ids is not None and restrictable else None
         self.sub_weight = None
@@ -86,41 +85,47 @@ class ExitProposer:
     def to_target_ids(self, columns: torch.Tensor) -> torch.Tensor:
         return columns if self.vocab_ids is None else self.vocab_ids[columns]
 
-    def __call__(self, hidden: torch.Tensor, window: list[int]) -> list[list[int]]:
-        """Branch candidates E for ``build_branch_tree``: [n + 1][k] target ids, best first per row,
-        -1 where a row has fewer candidates than the longest (a hole: no branch)."""
+    def __call__(self, hidden: torch.Tensor, window: list[int], plan=None) -> torch.Tensor:
+        """Branch candidates E for ``build_branch_tree``: int64 [n + 1, k] target ids on the device,
+        best first per row, -1 where a row has fewer candidates than k (a hole: no branch).
+        plan: this step's ``planner.Plan`` (its kappa, branch cap and floor), or None for the
+        proposer's own. Vectorised: nothing is read on the host."""
+        kappa, cap, floor, depth = self.kappa, self.max_branches, self.log_floor, self.depth
+        if plan is not None:
+            kappa, cap, depth = plan.kappa, plan.max_branches, plan.window
+            floor = math.log(plan.min_branch_prob) if plan.min_branch_prob > 0 else -math.inf
         logp = self.log_probs(hidden)
         if self.policy == "per_position":
-            k = min(self.kappa, logp.shape[-1])
-            return self.to_target_ids(torch.topk(logp, k, dim=-1).indices).cpu().tolist()
-        return self.ranked(logp, window)
+            k = min(kappa, logp.shape[-1])
+            return self.to_target_ids(torch.topk(logp, k, dim=-1).indices)
+        return self.ranked(logp, window, kappa * (depth + 1), max_branches_for(len(window), depth, cap), floor)
 
-    def ranked(self, logp: torch.Tensor, window: list[int]) -> list[list[int]]:
-        n = len(window)
-        # (window + 1) * kappa even when this step's window is shorter (the last step, or an empty
-        # window after a miss): the draft has the same time for them under the target's suffix.
-        budget = min((self.depth + 1) * self.kappa, max_branches_for(n, self.depth, self.max_branches))
+    def ranked(self, logp: torch.Tensor, window: list[int], budget: int, fit: int, log_floor: float) -> torch.Tensor:
+        """The best ``min(budget, fit)`` branches by estimated P(A = i, c = v). budget: (depth + 1) *
+        kappa even when this step's window is shorter (the last step, or an empty window after a
+        miss): the draft has the same time for them under the target's suffix; fit: what one
+        rollout tree holds."""
+        n, dev = len(window), logp.device
+        budget = min(budget, fit)
         if budget == 0:
-            return [[-1] for _ in range(n + 1)]
+            return torch.full((n + 1, 1), -1, dtype=torch.int64, device=dev)
         k = min(budget + 1, logp.shape[-1])  # +1: one of a row's top ids may be the window's own token
         top_lp, top_col = torch.topk(logp, k, dim=-1)
         top_ids = self.to_target_ids(top_col)
-        log_reach = torch.zeros(n + 1)
-        score = top_lp.cpu()
+        score = top_lp.clone()
         if n:
-            w = torch.tensor(window, device=logp.device)
+            w = torch.tensor(window, device=dev)
             cols = self.columns_of(w)
-            accept_lp = torch.where(cols >= 0, logp[torch.arange(n), cols.clamp(min=0)], -torch.inf)
-            log_reach[1:] = torch.cumsum(accept_lp.cpu(), 0)
-            score[:n][(top_ids[:n] == w[:, None]).cpu()] = -torch.inf  # branch (i, w_{i+1}) is the window itself
-        score += log_reach[:, None]
+            accept_lp = torch.where(cols >= 0, logp[torch.arange(n, device=dev), cols.clamp(min=0)], -torch.inf)
+            score[1:] += torch.cumsum(accept_lp, 0)[:, None]  # log reach_i = sum_{j < i} log p_j(w_{j+1})
+            score[:n] = score[:n].masked_fill(top_ids[:n] == w[:, None], -torch.inf)  # (i, w_{i+1}): the window
         flat = torch.topk(score.flatten(), min(budget, score.numel()))
-        rows = [[] for _ in range(n + 1)]
-        for s, f in sorted(zip(flat.values.tolist(), flat.indices.tolist()), key=lambda t: t[1]):
-            if s > self.log_floor:
-                rows[f // k].append(int(top_ids[f // k, f % k]))  # row order = rank order (index-sorted)
-        width = max(1, max(len(r) for r in rows))
-        return [r + [-1] * (width - len(r)) for r in rows]
+        chosen = torch.zeros(score.numel(), dtype=torch.bool, device=dev)
+        chosen[flat.indices] = flat.values > log_floor
+        chosen = chosen.view_as(score)
+        # chosen ids first in each row, in rank order; holes (-1) after them
+        order = torch.sort((~chosen).to(torch.int8), dim=-1, stable=True).indices
+        return torch.where(chosen, top_ids, -1).gather(-1, order)
 
     def columns_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Exit-vocabulary column of each target id, -1 where the id is outside it."""

@@ -8,112 +8,90 @@ from __future__ import annotations
 
 import torch
 
-from mirror_rt import ops
-from mirror_rt.decoders.base import (Emitter, GenerationOutput, Sampler, Stats, as_prompt, check_context,
-                                     check_finite, check_generation_args, check_pair, prefill)
+from mirror_rt import defaults
+from mirror_rt.decoders.base import (GenerateArgs, GenerationOutput, check_pair, check_window, prefill,
+                                     prepare_model, start_generation)
 from mirror_rt.decoders.drafting import DraftState, check_min_draft_prob
 from mirror_rt.decoders.lookup import ContextLookup, check_lookup, check_lookup_window
-
-
-def chain_parents(n: int, device) -> torch.Tensor:
-    """[1, n] int32 parents of a chain: -1, 0, 1, ..., n-2."""
-    return (torch.arange(n, dtype=torch.int32, device=device) - 1)[None]
-
-
-def verify_chain(node_ids, logits, q, mode: str, sampler: Sampler, temperature: float, top_k: int,
-                 top_p: float) -> tuple[int, int]:
-    """Verify the chain [pending, w_1..w_n] (node_ids [1, n+1]) against the target's logits
-    [1, n+1, V]. q: [>= n, V] rows the window was drawn from (rejection only; row j drew w_{j+1}).
-    Returns (accepted count A, next token)."""
-    T = node_ids.shape[1]
-    draft_probs = uniforms = None
-    if mode != "greedy":
-        uniforms = sampler.uniforms(1, T).to(logits.device)
-    if mode == "rejection":
-        draft_probs = torch.zeros_like(logits)  # the last node has no child: its q row stays 0
-        if q is not None:
-            draft_probs[0, : T - 1] = q[: T - 1].to(logits.device)
-    accept_len, _, next_token = ops.verify_accept(
-        node_ids, chain_parents(T, logits.device), logits, mode, temperature=max(temperature, 1e-6),
-        top_k=top_k, top_p=top_p, draft_probs=draft_probs, uniforms=uniforms)
-    return int(accept_len[0]), int(next_token[0])
+from mirror_rt.decoders.verify import verify_step
 
 
 class SpeculativeDecoder:
-    """window: draft tokens per step; lookup: longest n-gram of the context lookup tried before the
-    draft (greedy decoding only; 0 = the draft alone); lookup_window: how many tokens a copied
-    window may hold (None: ``window``); a copied window costs no draft pass, so it may be longer
-    than the draft's (on the 2-core CPU the extra verified positions cost what they gained).
-    min_draft_prob: the draft's window ends before the first token it gives less than this
-    probability (0: always ``window`` tokens); an empty window makes the step a plain target step.
-    A weak draft then costs fewer draft passes and verified rows where it is unsure."""
+    """window: draft tokens per step (1..defaults.MAX_WINDOW). Keywords:
 
-    def __init__(self, target, draft, window: int = 7, lookup: int = 0, lookup_window: int | None = None,
-                 min_draft_prob: float = 0.0):
-        if not isinstance(window, int) or not 1 <= window <= 64:
-            raise ValueError(f"window must be an integer in [1, 64], got {window!r}")
+    lookup          longest n-gram of the context lookup tried before the draft (greedy only; 0: off)
+    lookup_window   tokens a copied window may hold (None: ``window``; a copied window costs no draft pass)
+    min_draft_prob  the draft's window ends before the first token it gives less than this probability
+                    (0: always ``window`` tokens); an empty window makes the step a plain target step,
+                    so a weak draft costs fewer draft passes and verified rows where it is unsure
+    compile         ``mirror_rt.compiled.prepare``'s choice for both models (False, True, "auto")
+    """
+
+    def __init__(self, target, draft, window: int = defaults.WINDOW, *, lookup: int = 0, **options):
+        unknown = set(options) - {"lookup_window", "min_draft_prob", "compile"}
+        if unknown:
+            raise TypeError(f"SpeculativeDecoder got unexpected keyword(s) {sorted(unknown)}")
+        self.window = check_window(window)
         check_pair(target, draft)
-        self.target, self.draft, self.window = target, draft, window
+        self.target, self.draft = target, draft
         check_lookup(lookup)
         self.lookup = lookup
-        self.lookup_window = check_lookup_window(lookup_window, window, 64)
-        self.min_draft_prob = check_min_draft_prob(min_draft_prob)
+        self.lookup_window = check_lookup_window(options.get("lookup_window"), window, defaults.MAX_WINDOW)
+        self.min_draft_prob = check_min_draft_prob(options.get("min_draft_prob", 0.0))
+        compile = options.get("compile", defaults.COMPILE)
+        self.runner, self.draft_runner = prepare_model(target, compile), prepare_model(draft, compile)
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
-                 top_k=0, top_p=1.0, stream=None) -> GenerationOutput:
-        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n], stats).
-        stream: optional callable receiving each list of newly emitted token ids."""
-        check_generation_args(max_new_tokens, temperature, top_k, top_p)
-        target = self.target
-        prompt = as_prompt(input_ids, target.config.vocab_size, target.device)
-        reserve = max(self.window, self.lookup_window) + 1
-        capacity = check_context(target, prompt.numel(), max_new_tokens, reserve)
-        check_context(self.draft, prompt.numel(), max_new_tokens, reserve)
-        cache, draft = target.new_cache(capacity), DraftState(self.draft, capacity)
-        sampler = Sampler(temperature, top_k, top_p, seed, target.device)
-        mode = "greedy" if sampler.greedy else "rejection"
-        lookup = ContextLookup(self.lookup) if self.lookup and sampler.greedy else None
-        out, stats = Emitter(max_new_tokens, eos_token_id, stream), Stats("sd")
-        with stats.phase("prefill"):
-            prefill(target, cache, prompt)
-            draft.prefill(prompt.to(self.draft.device))
-        tokens = prompt.tolist()
-        while not out.done:
-            room = max_new_tokens - len(out.tokens) - 1
-            with stats.phase("draft"):
-                window, q = propose(lookup, draft, tokens, min(self.window, room), sampler, stats,
-                                    min(self.lookup_window, room), self.min_draft_prob)
-                if not window and room > 0:
-                    stats.counters["empty_steps"] += 1
-            with stats.phase("target"):
-                node_ids = torch.tensor([[tokens[-1]] + window], device=target.device)
-                logits = target(node_ids, cache)
-                check_finite(logits, "target", stats.steps)
-            with stats.phase("verify"):
-                accepted, next_token = verify_chain(node_ids, logits, q, mode, sampler, temperature, top_k, top_p)
-            cache.commit(1 + accepted)
-            draft.sync(len(tokens) + accepted)
-            new = window[:accepted] + [next_token]
-            tokens += new
-            out.emit(new)
-            stats.add_step(accepted)
-        empty = stats.counters["empty_steps"]  # the draft was unsure of its first token (min_draft_prob)
-        return GenerationOutput(out.result(target.device), stats.finish(
-            len(out.tokens), window=self.window, lookup_windows=stats.counters["lookup_windows"], empty_steps=empty,
-            mean_accepted_per_window=stats.mean_accepted_per_window(empty)))
+                 top_k=0, top_p=1.0, stream=None, stop=None, tokenizer=None) -> GenerationOutput:
+        """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n] int64, stats).
+        Keywords as ``base.GenerateArgs``: eos_token_id None is the model's EOS ([] for none),
+        stop strings need ``tokenizer``, stream receives each list of new token ids."""
+        args = GenerateArgs(max_new_tokens, eos_token_id, temperature, seed, top_k, top_p, stream, stop, tokenizer)
+        slack = max(self.window, self.lookup_window) + 1
+        gen = start_generation(self.target, input_ids, args, "sd", slack, self.draft)
+        draft = DraftState(self.draft_runner, gen.capacity)
+        lookup = ContextLookup(self.lookup) if self.lookup and gen.sampler.greedy else None
+        with gen.stats.phase("prefill"):
+            prefill(self.runner, gen.cache, gen.prompt)
+            draft.prefill(gen.prompt.to(self.draft.device))
+        while not gen.out.done:
+            self.step(gen, draft, lookup)
+        empty = gen.stats.counters["empty_steps"]  # the draft was unsure of its first token (min_draft_prob)
+        return gen.output(self.target.device, window=self.window, lookup_windows=gen.stats.counters["lookup_windows"],
+                          empty_steps=empty, mean_accepted_per_window=gen.stats.mean_accepted_per_window(empty))
+
+    def step(self, gen, draft: DraftState, lookup):
+        """Draft a window, verify it with one target forward, commit. One host read on the target's side."""
+        stats, tokens, target = gen.stats, gen.tokens, self.runner
+        room = gen.out.remaining - 1
+        with stats.phase("draft"):
+            window, q = propose(lookup, draft, gen, min(self.window, room), min(self.lookup_window, room),
+                                self.min_draft_prob)
+            if not window and room > 0:
+                stats.counters["empty_steps"] += 1
+        with stats.phase("target"):
+            node_ids = torch.tensor([[tokens[-1]] + window], device=target.device)
+            logits = target(node_ids, gen.cache)
+        with stats.phase("verify"):
+            mode = "greedy" if gen.sampler.greedy else "rejection"
+            accepted, next_token = verify_step(node_ids, logits, q, mode, gen.sampler, stats.steps)
+        gen.cache.commit(1 + accepted)
+        draft.sync(len(tokens) + accepted)
+        new = window[:accepted] + [next_token]
+        tokens += new
+        gen.out.emit(new)
+        stats.add_step(accepted)
 
 
-def propose(lookup, draft: DraftState, tokens: list[int], n: int, sampler: Sampler, stats: Stats,
-            lookup_n: int | None = None, min_prob: float = 0.0):
-    """The next window after `tokens` (last entry pending): up to lookup_n (default n) tokens copied
-    from the context when the lookup finds them (q None: greedy), else n rolled out by the draft.
+def propose(lookup, draft: DraftState, gen, n: int, lookup_n: int, min_prob: float = 0.0):
+    """The next window after gen.tokens (last entry pending): up to lookup_n tokens copied from the
+    context when the lookup finds them (q None: greedy), else up to n rolled out by the draft.
     Returns (window, q)."""
-    lookup_n = n if lookup_n is None else lookup_n
     if lookup is not None and n > 0 and lookup_n > 0:
-        lookup.update(tokens)
+        lookup.update(gen.tokens)
         window = lookup.propose([], lookup_n)
         if window:
-            stats.counters["lookup_windows"] += 1
+            gen.stats.counters["lookup_windows"] += 1
             return window, None
-    return draft.propose(tokens, n, sampler, stats.steps, min_prob)
+    return draft.propose(gen.tokens, n, gen.sampler, gen.stats.steps, min_prob)

@@ -82,6 +82,7 @@ class ProcessLane:
             self.conn.send(make_worker)
             status, payload = self._recv(start_timeout)
         except (LaneError, OSError, ValueError) as e:
+            self.proc.join(timeout=2.0)  # a child that broke the pipe is exiting: let it finish, then ask
             died = not self.proc.is_alive()
             self.close()
             message = str(e if isinstance(e, LaneError) else self._died())
