@@ -1,7 +1,7 @@
 """``mirror-rt bench`` (and ``python bench/specbench.py``): Spec-Bench over AR, SD, Mirror-SD.
 
     mirror-rt bench QUESTION_JSONL [--limit N] [--categories mt_bench,qa] [--decoders ar,sd,mirror]
-                    [--max-new-tokens 64] [--temperature 0] [--window 7 --kappa 8 --exit-layer L --lane auto]
+                    [--max-new-tokens 64] [--temperature 0] [--window 3 --kappa 2 --exit-layer L --lane auto]
                     [--target PATH --draft SPEC] [--out DIR]
 
 --limit N keeps the first N prompts of each task family (not N in total). The AR baseline always
@@ -18,6 +18,8 @@ import platform
 import shlex
 import subprocess
 import sys
+
+from mirror_rt import defaults
 
 
 def add_bench_args(p):
@@ -110,7 +112,7 @@ def cmd_bench(args):
     print(f"\nSpec-Bench ({args.question_file}): target {model_id} ({target.config.num_layers} layers), draft: {label}")
     print(f"{len(result['prompts'])} prompts ({len(result['skipped'])} skipped), "
           f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, max {args.max_new_tokens} "
-          f"new tokens, window {args.window or 7}, kappa {args.kappa or 8}"
+          f"new tokens, window {args.window or defaults.WINDOW}, kappa {args.kappa or defaults.KAPPA}"
           + (f", exit layer {mirror.config.exit_layer}, lane {args.lane}" if mirror is not None else ""))
     print(f"device {stamp['device']}, commit {stamp['commit']}, {stamp['date']}")
     print(format_table(rows))
