@@ -175,7 +175,8 @@ def main(argv=None):
     if has_llama_cpp and gguf.endswith(".gguf"):
         peer = [python_probe(_LLAMA_CPP_PROBE, gguf, args.prompt) for _ in range(args.runs)]
         report["llama_cpp"] = peer
-        print(f"llama.cpp (llama_cpp): {fmt(median_row(peer), ('import_s', 'load_s', 'first_token_s', 'wall_s', 'maxrss_mb'))}")
+        keys = ("import_s", "load_s", "first_token_s", "wall_s", "maxrss_mb")
+        print(f"llama.cpp (llama_cpp): {fmt(median_row(peer), keys)}")
     else:
         print("llama.cpp: skipped (llama_cpp is not importable here: pip install llama-cpp-python)")
     if args.json:

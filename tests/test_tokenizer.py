@@ -45,7 +45,8 @@ def mixed_corpus(n: int, seed: int = 0) -> list[str]:
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}],
-    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "é 😀"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "é 😀"}],
 ]
 
 
@@ -130,7 +131,8 @@ def write_tokenizer_gguf(path, pre: str):
     w.add_head_count(2), w.add_head_count_kv(2), w.add_layer_norm_rms_eps(1e-5)
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "Ġ w", "Ġ o", "a t", "e n"]
     alphabet = list(_byte_alphabet().values())
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet, *(m.replace(" ", "") for m in merges), "<think>"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet, *(m.replace(" ", "") for m in merges),
+              "<think>"]
     w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre)
     w.add_token_list(tokens), w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 4) + [4])
     w.add_token_merges(merges), w.add_add_bos_token(False)
@@ -246,7 +248,8 @@ def test_header_matches_gguf_reader(tmp_path):
     w.add_array("test.ints", [1, -2, 3]), w.add_array("test.strs", ["a", "é", ""])
     w.add_tensor("a.weight", np.arange(15, dtype=np.float32).reshape(3, 5))
     w.add_tensor("b.weight", np.ones((2, 7), dtype=np.float16))
-    q8 = gguf.quants.quantize(np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64), gguf.GGMLQuantizationType.Q8_0)
+    q8 = gguf.quants.quantize(np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64),
+                              gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("c.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     header, reader = read_gguf_header(path), GGUFReader(path)
