@@ -2,7 +2,7 @@
 all read it, so a setting has one value everywhere unless a caller passes another.
 
 Mirror-SD's values are the ones tuned for the embedded default pair on a CPU (bench/RESULTS.md,
-"demo settings"): a short window and few exit candidates, because on a CPU the draft's branch
+"Why the defaults"): a short window and few exit candidates, because on a CPU the draft's branch
 rollouts compete with the target for the same cores; a ranked branch floor, so that branches the
 exit head rarely sees adopted are not rolled out; and fallback "exit", so that a miss starts the
 next step at once instead of waiting for a fresh window.
@@ -28,7 +28,7 @@ COMPILE = "auto"           # mirror_rt.compiled.prepare: compiled where it measu
 # --- what the command-line tools (generate, demo, bench) switch on, the library leaves off ------------
 # A process lane needs the caller's script under `if __name__ == "__main__":` (spawn), which a
 # library default cannot assume; the tools are such scripts, and without the GIL the CPU overlap is
-# real (bench/RESULTS.md, "lanes").
+# real (bench/RESULTS.md, "Why the defaults").
 CLI_CPU_LANE = "process"
 # Context lookup: a window copied from the context first (greedy only; decoders/lookup.py).
 CLI_LOOKUP = 4

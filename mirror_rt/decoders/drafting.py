@@ -17,7 +17,7 @@ def uses_streams(model) -> bool:
     """Whether to propose windows with the draft's Speculative Streaming heads. Opt-in
     (``draft.stream_proposals = True``): the same tokens in fewer passes, but each pass also carries
     the stream guesses, which did not pay at our default draft's acceptance on a CPU
-    (bench/RESULTS.md, "Speculative Streaming")."""
+    (bench/RESULTS.md, "Stream proposals")."""
     return bool(getattr(model, "n_streams", 0)) and bool(getattr(model, "stream_proposals", False))
 
 

@@ -12,7 +12,7 @@ window is not drawn from a distribution, so the sampling modes use the draft alo
 still verifies every token, so the output stays exactly the target's.
 
 With a weak draft it is most of what the windows accept on answers that quote their prompt
-(bench/RESULTS.md, "context lookup").
+(bench/RESULTS.md, "Why the defaults": context lookup).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ Exit vocabulary: with a reduced-vocabulary draft (our SS draft: 8k trained ids +
 tokens), the exit scores only the draft's vocabulary, ``vocab_ids``. The draft can still take any
 token as a branch root, but a correction outside its vocabulary is rare and rarely predicted,
 while the full LM head of a small model with a large vocabulary costs a good part of the target's
-prefix (bench/RESULTS.md, "exit vocabulary"). Only the logit lens and ``ExitHead`` can be
+prefix (bench/RESULTS.md, "Why the defaults": exit vocabulary). Only the logit lens and ``ExitHead`` can be
 restricted; any other callable exit head is used as given (full vocabulary).
 """
 from __future__ import annotations
