@@ -2,6 +2,7 @@
 rejected with a clear message, long runs stay flat in memory and time, seeds are deterministic."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import resource
@@ -246,3 +247,19 @@ def test_same_seed_same_tokens_across_runs_and_lanes(pair):
     assert all(r == results[0] for r in results), results
     with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=4, lane="inline", plan="fixed")) as dec:
         assert dec.generate(IDS, 30, temperature=0.8, seed=99).tokens.tolist() != results[0]
+
+
+def test_old_config_names_warn_and_are_routed(pair):
+    """top_k= is kappa, and the placement fields given to MirrorConfig reach the Placement, for one
+    release, each with a DeprecationWarning."""
+    target, draft = pair
+    with pytest.warns(DeprecationWarning, match="kappa"):
+        cfg = MirrorConfig(top_k=5)
+    assert cfg.kappa == 5
+    with pytest.warns(DeprecationWarning, match="Placement"):
+        cfg = MirrorConfig(lane="inline", lane_timeout=7.0, draft_threads=1)
+    dec = MirrorDecoder(target, draft, cfg)
+    assert (dec.placement.lane, dec.placement.lane_timeout, dec.placement.draft_threads) == ("inline", 7.0, 1)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        MirrorConfig(topk=3)
+    assert len(dataclasses.fields(MirrorConfig)) <= 8
