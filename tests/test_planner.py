@@ -249,3 +249,35 @@ def test_fixed_planner_summary():
     s = p.summary()
     assert s["plans"] == {p.plan().label(): 5} and s["plan_step_ms"][p.plan().label()]["measured"] > 0
 
+
+@pytest.mark.parametrize("lane", ["inline", "thread", "process"])
+def test_plan_auto_is_lossless_on_every_lane(lane):
+    """plan="auto" changes window, kappa, fallback and overlap from step to step (warm-up, probes,
+    re-plans): the greedy output stays AR's on every lane."""
+    import torch
+    from mirror_helpers import tiny_pair
+
+    from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder
+    from mirror_rt.placement import Placement
+
+    target, draft = tiny_pair(layers=4)
+    with MirrorDecoder(target, draft, MirrorConfig(window=5, kappa=4, plan="auto"), Placement(lane=lane)) as dec:
+        for length, n in ((1, 40), (7, 57)):
+            ids = (torch.arange(5, 5 + length)[None] * 7) % 64
+            out = dec.generate(ids, n, eos_token_id=[])
+            ref = AutoregressiveDecoder(target).generate(ids, n, eos_token_id=[])
+            assert out.tokens.tolist() == ref.tokens.tolist(), (lane, length)
+
+
+def test_make_planner_reads_mirror_config_and_placement():
+    from mirror_rt import defaults
+    from mirror_rt.decoders import MirrorConfig
+    from mirror_rt.placement import Placement
+
+    cfg = MirrorConfig(window=5, kappa=3, plan="auto", min_branch_prob=0.05, max_branches=12)
+    p = make_planner(cfg, Placement(lane="inline"))
+    assert isinstance(p, AutoPlanner) and (p.max_window, p.max_kappa) == (5, 3)
+    assert all(plan.min_branch_prob == 0.05 and plan.max_branches == 12 for plan in p.plans)
+    assert {plan.overlap for plan in p.plans} == {"serial", "off"}  # an inline lane cannot overlap
+    fixed = make_planner(MirrorConfig(window=5, kappa=3, plan="fixed", fallback="exit"), Placement())
+    assert fixed.plan() == Plan(5, 3, None, defaults.MIN_BRANCH_PROB, "exit", "overlapped")
