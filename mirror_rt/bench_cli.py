@@ -12,9 +12,11 @@ Writes <out>/<model_id>-<decoder>.jsonl (Spec-Bench model_answer format), <out>/
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -27,7 +29,8 @@ def add_bench_args(p):
 
     p.add_argument("question_file", help="Spec-Bench question.jsonl (fields question_id, category, turns)")
     p.add_argument("--decoders", default="ar,sd,mirror",
-                   help="comma-separated: ar, sd, mirror or module:factory (AR is always added as the baseline)")
+                   help="comma-separated: ar, sd, mirror, auto, a grid point sd-wW or mirror-wW-kK (window W, "
+                        "kappa K, plan fixed), or module:factory (AR is always added as the baseline)")
     p.add_argument("--limit", type=int, default=None, help="at most N prompts per task family (default: all)")
     p.add_argument("--categories", default=None,
                    help="comma-separated task families (mt_bench, translation, summarization, qa, math_reasoning, "
@@ -61,9 +64,23 @@ def build_decoders(names, target, draft, args) -> dict:
         if ":" in name:
             module, attr = name.split(":", 1)
             decoders[attr] = getattr(import_module(module), attr)(target, draft, args)
+        elif grid_point(name):
+            kind, settings = grid_point(name)
+            decoders[name] = make_decoder(kind, target, draft, argparse.Namespace(**{**vars(args), **settings}))
         else:
             decoders[name] = make_decoder(name, target, draft, args)
     return decoders
+
+
+def grid_point(name: str):
+    """'sd-w3' -> ("sd", {window: 3}); 'mirror-w3-k2' -> ("mirror", {window: 3, kappa: 2, plan: "fixed"});
+    None for any other name."""
+    m = re.fullmatch(r"(sd)-w(\d+)|(mirror)-w(\d+)-k(\d+)", name)
+    if m is None:
+        return None
+    if m.group(1):
+        return "sd", {"window": int(m.group(2))}
+    return "mirror", {"window": int(m.group(4)), "kappa": int(m.group(5)), "plan": "fixed"}
 
 
 def run_stamp() -> dict:
@@ -117,8 +134,12 @@ def cmd_bench(args):
     print(f"device {stamp['device']}, commit {stamp['commit']}, {stamp['date']}")
     print(format_table(rows))
     print("\nlatency law (mirror_rt.sim) over all prompts, decode phase only:")
+    from mirror_rt.planner import plan_report
+
     for name, recs in result["runs"].items():
         print("  " + format_prediction(predict_from_stats([r["stats"] for r in recs])))
+        for line in plan_report([r["stats"] for r in recs]):
+            print("  " + line)
     print(f"\nwrote {csv_path}, {png_path}")
     for name, path in paths.items():
         print(f"wrote {path}")

@@ -113,6 +113,27 @@ def test_bad_settings_get_clear_errors(pair):
             dec.generate([1, 2, 3], 4)
 
 
+def test_bench_names_a_grid_point_and_the_auto_decoder(pair):
+    from mirror_rt.bench_cli import build_decoders, grid_point
+    from mirror_rt.cli import build_parser
+
+    assert grid_point("mirror-w3-k2") == ("mirror", {"window": 3, "kappa": 2, "plan": "fixed"})
+    assert grid_point("sd-w5") == ("sd", {"window": 5})
+    assert grid_point("mirror") is None and grid_point("sd-w") is None
+    target, draft = pair
+    args = build_parser().parse_args(["bench", "q.jsonl", "--decoders", "sd-w2,auto", "--window", "3", "--lookup", "0"])
+    args.exit_head_fn = None
+    decs = build_decoders(args.decoders.split(","), target, draft, args)
+    try:
+        assert list(decs) == ["ar", "sd-w2", "auto"]
+        assert decs["sd-w2"].window == 2 and isinstance(decs["auto"], AutoDecoder)
+        ids = prompt(3)
+        out = decs["auto"].generate(ids, 12, eos_token_id=[])
+        assert out.tokens.tolist() == ar(target, ids, 12)
+    finally:
+        decs["auto"].close()
+
+
 def test_plan_report_lines():
     from mirror_rt.planner import plan_report
 
