@@ -110,13 +110,13 @@ class FixedPlanner:
     def observe(self, rec: StepRecord) -> None:
         self.history.append((rec.plan, None, rec.step_s()))
 
-    def summary(self) -> dict:
-        """For a decoder's stats: the one plan and its steps, and the measured mean step."""
-        steps = len(self.history)
-        measured = sum(m for _, _, m in self.history) / steps * 1e3 if steps else None
+    def summary(self, since: int = 0) -> dict:
+        """For a decoder's stats: the one plan, its steps from step `since` on, the measured mean step."""
+        steps = len(self.history) - since
+        measured = sum(m for _, _, m in self.history[since:]) / steps * 1e3 if steps > 0 else None
         label = self.fixed.label()
-        return {"plans": {label: steps} if steps else {},
-                "plan_step_ms": {label: {"predicted": None, "measured": measured}} if steps else {},
+        return {"plans": {label: steps} if steps > 0 else {},
+                "plan_step_ms": {label: {"predicted": None, "measured": measured}} if steps > 0 else {},
                 "plan_now": label, "plan_pred_tok_s": None}
 
 

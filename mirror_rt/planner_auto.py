@@ -238,7 +238,6 @@ class AutoPlanner:
         self.prediction: Prediction | None = None
         self.snap: SimpleNamespace | None = None  # the rates at the last re-plan
         self.history: list[tuple[Plan, float | None, float]] = []
-        self.used = Counter()
         self._pending: tuple[Plan, float | None, float] | None = None
 
     def plan(self) -> Plan:
@@ -263,7 +262,6 @@ class AutoPlanner:
         self.costs.add(rec, measured)
         self.rates.add(rec)
         self.history.append((rec.plan, pred, measured))
-        self.used[rec.plan.label()] += 1
         self.steps += 1
         if self.steps >= len(self.warmup) and (self.steps - len(self.warmup)) % self.replan_every == 0:
             self._replan()
@@ -290,19 +288,21 @@ class AutoPlanner:
         k = min(self.max_kappa, c.kappa * 2) if turn == 2 else max(1, c.kappa // 2) if turn == 3 else c.kappa
         return Plan(w, k, c.max_branches, c.min_branch_prob, c.fallback, c.overlap)
 
-    def summary(self) -> dict:
-        """For a decoder's stats: the plans used (steps each), the law's mean predicted step beside the
-        measured one per plan, and the plan now in use with its predicted tokens/s."""
-        per = defaultdict(lambda: [0.0, 0, 0.0])
-        for plan, pred, meas in self.history:
+    def summary(self, since: int = 0) -> dict:
+        """For a decoder's stats: the plans used (steps each) from step `since` on (e.g. one generate
+        call's), the law's mean predicted step beside the measured one per plan, and the plan now in
+        use with its predicted tokens/s."""
+        per, used = defaultdict(lambda: [0.0, 0, 0.0]), Counter()
+        for plan, pred, meas in self.history[since:]:
             row = per[plan.label()]
+            used[plan.label()] += 1
             row[2] += meas
             if pred is not None:
                 row[0] += pred
                 row[1] += 1
-        return {"plans": dict(self.used.most_common()),
+        return {"plans": dict(used.most_common()),
                 "plan_step_ms": {k: {"predicted": (r[0] / r[1] * 1e3) if r[1] else None,
-                                     "measured": r[2] / self.used[k] * 1e3} for k, r in per.items()},
+                                     "measured": r[2] / used[k] * 1e3} for k, r in per.items()},
                 "plan_now": self.current.label(),
                 "plan_pred_tok_s": self.prediction.tok_s if self.prediction else None}
 

@@ -174,6 +174,7 @@ def test_warmup_is_cheap_and_history_records_predictions():
     assert all(pred is not None and pred > 0 and meas > 0 for _, pred, meas in late)
     s = p.summary()
     assert sum(s["plans"].values()) == 40 and s["plan_now"] == p.current.label() and s["plan_pred_tok_s"] > 0
+    assert sum(p.summary(since=30)["plans"].values()) == 10  # one generate call's steps
 
 
 def test_prediction_tracks_measurement_on_a_steady_machine():
@@ -248,6 +249,7 @@ def test_fixed_planner_summary():
     run(p, Machine(), 5)
     s = p.summary()
     assert s["plans"] == {p.plan().label(): 5} and s["plan_step_ms"][p.plan().label()]["measured"] > 0
+    assert p.summary(since=3)["plans"] == {p.plan().label(): 2}
 
 
 @pytest.mark.parametrize("lane", ["inline", "thread", "process"])
