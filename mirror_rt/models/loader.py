@@ -18,7 +18,8 @@ from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.device_dtype import resolve_device, resolve_dtype
 from mirror_rt.models.llama import LlamaModel
 from mirror_rt.models.meta_device import meta_device
-from mirror_rt.models.quant import KeptBlocks, fuse_layers, install_blocks, quantize_model, quantize_q8_0
+from mirror_rt.models.quant import KeptBlocks, install_blocks, quantize_model, quantize_q8_0
+from mirror_rt.models.quant_fused import fuse_layers
 from mirror_rt.ops.quant import QTYPES
 from mirror_rt.models.rope import inverse_frequencies
 

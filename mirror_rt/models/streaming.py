@@ -47,8 +47,8 @@ from mirror_rt import ops
 from mirror_rt.models.config import ModelConfig
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
 from mirror_rt.models.meta_device import meta_device, to_empty
-from mirror_rt.models.quant import (QuantLinear, _Fused, dequantize, fuse_layers, is_quantized, quantize,
-                                    quantize_layers)
+from mirror_rt.models.quant import QuantLinear, dequantize, is_quantized, quantize, quantize_layers
+from mirror_rt.models.quant_fused import Fused, fuse_layers
 from mirror_rt.ops.quant import QTYPE_NAMES, QuantWeight
 from mirror_rt.models.rope import rope_cos_sin
 
@@ -342,7 +342,7 @@ def _float_state(layer: nn.Module, prefix_all: str = "") -> dict:
     state = {}
     for name, module in layer.named_modules():
         prefix = prefix_all + (f"{name}." if name else "")
-        if isinstance(module, _Fused):
+        if isinstance(module, Fused):
             parent = prefix_all + (f"{name.rpartition('.')[0]}." if "." in name else "")
             for part_name, part in module.unfused():
                 state.update(_float_state(part, f"{parent}{part_name}."))
@@ -404,7 +404,7 @@ def save_streaming_draft(draft: StreamingDraft, path: str, dtype=torch.float16, 
         module = k.rpartition(".")[0]
         if k.endswith(".blocks"):  # a QuantLinear's blocks: saved as its weight (fused ones as their parts)
             layer = draft.get_submodule(module)
-            parts = layer.unfused() if isinstance(layer, _Fused) else [(module.rpartition(".")[2], layer)]
+            parts = layer.unfused() if isinstance(layer, Fused) else [(module.rpartition(".")[2], layer)]
             for name, part in parts:
                 key = f"{module.rpartition('.')[0]}.{name}.weight"
                 state[key] = part.blocks.detach().to("cpu").contiguous()

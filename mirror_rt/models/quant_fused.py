@@ -1,0 +1,105 @@
+"""Fused quantized projections: one kernel call where a decoder layer makes three (q, k, v) or two
+(gate, up). The rows of the parts are stacked; each output row is computed as it was alone, so the
+fused layer gives the same bits with fewer calls (each big enough to share among threads). The
+loader and ``quantize_model`` fuse once, at load."""
+from __future__ import annotations
+
+import torch
+
+from mirror_rt.models.llama import MLP, Attention
+from mirror_rt.models.quant import QuantLinear
+from mirror_rt.models.rope import apply_rope
+
+__all__ = ["Fused", "QuantAttention", "QuantMLP", "fuse_layers"]
+
+
+class Fused(QuantLinear):
+    """Rows of several same-input QuantLinears stacked: one call streams them all. ``parts`` names
+    each part and its rows, in order (each output row is computed as it was alone, bit for bit)."""
+
+    parts: tuple = ()
+
+    @classmethod
+    def stack(cls, named: list) -> "Fused":
+        first = named[0][1]
+        blocks = torch.cat([m.blocks for _, m in named])
+        bias = None if first.bias is None else torch.cat([m.bias for _, m in named])
+        fused = cls(blocks, first.qtype, (blocks.shape[0], first.in_features), bias, check_scales=False)
+        fused.parts = tuple((name, m.out_features) for name, m in named)
+        return fused
+
+    def unfused(self):
+        """[(part name, QuantLinear)] with this module's rows (views of its blocks)."""
+        out, start = [], 0
+        for name, rows in self.parts:
+            bias = None if self.bias is None else self.bias[start:start + rows]
+            out.append((name, QuantLinear(self.blocks[start:start + rows], self.qtype, (rows, self.in_features), bias,
+                                          check_scales=False)))
+            start += rows
+        return out
+
+
+def _fusable(*mods) -> bool:
+    return all(isinstance(m, QuantLinear) and not isinstance(m, Fused) for m in mods) and \
+        len({(m.qtype, m.in_features, m.bias is None) for m in mods}) == 1
+
+
+def fuse_layers(layers) -> int:
+    """In each decoder layer whose q/k/v (and gate/up) projections are QuantLinears of one type,
+    make one call of them: the attention and MLP become QuantAttention / QuantMLP (same results,
+    bit for bit; fewer calls, and each call big enough to share among threads). Returns how many
+    layers changed. Done once at load: nothing is decided per call."""
+    changed = 0
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn) is Attention and _fusable(attn.q_proj, attn.k_proj, attn.v_proj):
+            layer.self_attn = QuantAttention.from_attention(attn)
+            changed += 1
+        if type(mlp) is MLP and _fusable(mlp.gate_proj, mlp.up_proj):
+            layer.mlp = QuantMLP.from_mlp(mlp)
+    return changed
+
+
+def _rebuilt(module, cls, drop: tuple, name: str, fused: Fused):
+    """A copy of ``module`` as ``cls`` (its other attributes and submodules kept) with the modules
+    ``drop`` replaced by ``name`` = fused."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in ("_modules", "_parameters", "_buffers"):
+        new.__dict__[key] = dict(module.__dict__[key])
+    for d in drop:
+        del new._modules[d]
+    new._modules[name] = fused
+    return new
+
+
+class QuantAttention(Attention):
+    """Attention whose q, k and v come from one QuantLinear call (``qkv_proj``)."""
+
+    @classmethod
+    def from_attention(cls, attn):
+        fused = Fused.stack([("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj)])
+        return _rebuilt(attn, cls, ("q_proj", "k_proj", "v_proj"), "qkv_proj", fused)
+
+    def project(self, x, cos, sin):
+        """As Attention.project: x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hkv, D]."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.reshape(B, T, self.nh, self.hd)
+        k, v = k.reshape(B, T, self.nkv, self.hd), v.reshape(B, T, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class QuantMLP(MLP):
+    """The MLP with gate and up from one QuantLinear call (``gate_up_proj``)."""
+
+    @classmethod
+    def from_mlp(cls, mlp):
+        fused = Fused.stack([("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj)])
+        return _rebuilt(mlp, cls, ("gate_proj", "up_proj"), "gate_up_proj", fused)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
