@@ -126,3 +126,6 @@ def test_custom_op_opcheck():
     torch.library.opcheck(torch.ops.mirror_rt.quant_linear, (x, blocks, 3, 24, torch.randn(24)))
     torch.testing.assert_close(torch.ops.mirror_rt.quant_linear(x, blocks, 3, 24, None),
                                quant_linear_ref(x, blocks, "q4_1", w.shape), atol=2e-4, rtol=1e-5)
+    ids = torch.tensor([4, 0, 23, 4])
+    torch.library.opcheck(torch.ops.mirror_rt.dequantize_rows, (blocks, 3, ids, 64))
+    assert torch.equal(torch.ops.mirror_rt.dequantize_rows(blocks, 3, ids, 64), dequantize_ref(blocks, 3, w.shape)[ids])

@@ -44,7 +44,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("a quantized linear runs inference only; load the model with quant='dequantize' to train")
-        if x.dtype is torch.float32 and x.is_cpu and self.blocks.is_cpu and not torch.compiler.is_compiling():
+        if x.dtype is torch.float32 and x.is_cpu and self.blocks.is_cpu:
+            if torch.compiler.is_compiling():  # traced: the custom op (its fake gives the shape)
+                y = torch.ops.mirror_rt.quant_linear(x.reshape(-1, self.in_features), self.blocks, self.qtype,
+                                                     self.out_features, self.bias)
+                return y.reshape(*x.shape[:-1], self.out_features)
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"x must be [..., {self.in_features}], got shape {tuple(x.shape)}")
             if x.numel():
@@ -71,6 +75,9 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] int64 -> [..., H] float32 (an id outside the table raises ValueError)."""
+        if torch.compiler.is_compiling() and self.blocks.is_cpu:
+            rows = torch.ops.mirror_rt.dequantize_rows(self.blocks, self.qtype, ids.reshape(-1), self.embedding_dim)
+            return rows.reshape(*ids.shape, self.embedding_dim)
         rows = self.weight.dequantize(ids.reshape(-1).to("cpu"))
         return rows.reshape(*ids.shape, self.embedding_dim).to(ids.device)
 

@@ -1,4 +1,5 @@
-"""``torch.ops.mirror_rt.quant_linear``: the quantized-weight product as a torch custom op, so
+"""``torch.ops.mirror_rt.quant_linear`` (and ``dequantize_rows``, the quantized embedding's lookup):
+the quantized-weight product as a torch custom op, so
 ``torch.compile`` traces through it (a fake implementation gives the output's shape) instead of
 breaking the graph at the C++ call. Eager code calls ``mirror_rt.ops.quant.quant_linear``, which
 skips the dispatcher's per-call cost."""
@@ -27,4 +28,20 @@ def _(x, blocks, qtype, out_features, bias=None):
     return x.new_empty(x.shape[0], out_features)
 
 
-__all__ = ["quant_linear_op", "quant_linear_unchecked"]
+@torch.library.custom_op("mirror_rt::dequantize_rows", mutates_args=())
+def dequantize_rows_op(blocks: torch.Tensor, qtype: int, ids: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows ids (int64 [n]) of blocks uint8 [rows, in_features/32*block_bytes] -> float32 [n, in_features]
+    (a quantized embedding's lookup)."""
+    from mirror_rt import _C
+
+    out = torch.empty(ids.numel(), in_features, dtype=torch.float32)
+    _C.dequantize_rows(blocks, qtype, ids.reshape(-1).contiguous(), out, torch.get_num_threads())
+    return out
+
+
+@dequantize_rows_op.register_fake
+def _(blocks, qtype, ids, in_features):
+    return blocks.new_empty(ids.numel(), in_features, dtype=torch.float32)
+
+
+__all__ = ["quant_linear_op", "dequantize_rows_op", "quant_linear_unchecked"]
