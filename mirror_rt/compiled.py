@@ -25,6 +25,7 @@ model and buckets loads them instead of compiling.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 import weakref
 
@@ -102,6 +103,11 @@ def _head(model, hidden):
     return model.head(hidden)
 
 
+def _rebuild(model, mode, backend, max_tokens, max_buckets, min_uses):
+    return CompiledModel(model, mode=mode, backend=backend, max_tokens=max_tokens, max_buckets=max_buckets,
+                         min_uses=min_uses)
+
+
 def _canonical(t: torch.Tensor) -> torch.Tensor:
     """t as a contiguous inference tensor. Dynamo guards on dispatch keys (inference tensors and
     ordinary ones differ) and strides (even of size-1 dims): inputs (ids, positions, masks, the
@@ -131,10 +137,8 @@ class CompiledModel:
         _set_cache_dir()
         from mirror_rt.ops import library
         library._small_linear_rows()  # looked up eagerly: the import it makes cannot be traced
-        limit = max(64, 4 * max_buckets)  # dynamo's per-code cache: every bucket of every model
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               4 * limit)
+        self._limit = max(64, 4 * max_buckets)  # dynamo's per-code cache: every bucket of every model
+        self._thread = threading.local()
         self.model = model
         self.mode, self.backend = mode, backend
         self.max_tokens, self.max_buckets = max_tokens, max_buckets
@@ -150,7 +154,14 @@ class CompiledModel:
         self._static_caches = weakref.WeakSet()
 
     def __getattr__(self, name):  # config, num_layers, device, dtype, name, ... come from the model
+        if name == "model":  # not set yet (unpickling)
+            raise AttributeError(name)
         return getattr(self.__dict__["model"], name)
+
+    def __reduce__(self):
+        """Pickled (to a process lane) as the model and the settings: the other process sets up
+        its own compilation (dynamo's limits, its own buckets)."""
+        return (_rebuild, (self.model, self.mode, self.backend, self.max_tokens, self.max_buckets, self.min_uses))
 
     def __repr__(self):
         return f"CompiledModel({self.model.name}, {len(self.buckets)} buckets, enabled={self.enabled})"
@@ -234,8 +245,18 @@ class CompiledModel:
         self.buckets.add(key)
         return True
 
+    def _raise_limits(self):
+        """Dynamo's recompile limits, raised in the calling thread (its config is per thread, and
+        a lane's thread compiles the draft)."""
+        if not getattr(self._thread, "done", False):
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, self._limit)
+            cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * self._limit)
+            self._thread.done = True
+
     def _run(self, piece: str, *args):
         """The compiled piece's output, or None after a failure (warned once; eager from then on)."""
+        self._raise_limits()
         try:
             with torch.inference_mode():
                 if self._cuda_graphs:

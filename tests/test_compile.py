@@ -176,3 +176,26 @@ def test_cuda_graph_replay_equals_eager():
     assert _greedy(c, 20, chunk=5) == _greedy(m, 20, chunk=5)
     assert c.enabled, c.error
 
+
+
+def test_many_buckets_on_another_thread_and_after_pickling():
+    """A lane's thread compiles past dynamo's default limit of 8 graphs a function (its config
+    is per thread), and a pickled CompiledModel (a process lane's draft) compiles on its own."""
+    import pickle
+    import threading
+
+    m = _model(num_layers=1)
+    c = pickle.loads(pickle.dumps(prepare(m, True, backend="eager", min_uses=1)))
+
+    def run():
+        cache = c.new_cache(32)
+        with torch.inference_mode():
+            for T in range(1, 11):
+                c(torch.ones(1, T, dtype=torch.long), cache)
+
+    worker = threading.Thread(target=run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        worker.start()
+        worker.join()
+    assert isinstance(c, CompiledModel) and c.enabled and len(c.buckets) == 10, c.error
