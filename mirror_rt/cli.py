@@ -151,8 +151,9 @@ def cmd_generate(args):
         stream(new)
 
     t_gen = time.perf_counter()
+    stop = {"stop": args.stop, "tokenizer": tok} if getattr(args, "stop", None) else {}
     out = dec.generate(ids, args.max_new_tokens, eos_token_id=eos, temperature=args.temperature,
-                       seed=args.seed, stream=on_tokens)
+                       seed=args.seed, stream=on_tokens, **stop)
     stream.end()
     print()
     s = out.stats
@@ -177,6 +178,8 @@ def build_parser():
     g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
     g.add_argument("prompt", nargs="?", help="the user message (default: read stdin)")
     g.add_argument("--decoder", default="mirror", choices=["ar", "sd", "mirror"])
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable): the output ends right after the token that completes it")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
     d = sub.add_parser("demo", help="AR, vanilla SD and Mirror-SD side by side on the embedded default")

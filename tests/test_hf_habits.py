@@ -187,6 +187,16 @@ def test_decoder_guard_points_to_load_model():
     check_model(load_model(hf))  # ours passes
     with pytest.raises(TypeError, match="mirror_rt model"):
         check_model(object())
+    # the decoders call it: a transformers model handed to one is named, with the way out
+    import mirror_rt
+
+    ours = load_model(hf)
+    with pytest.raises(TypeError, match=r"target is a transformers LlamaForCausalLM.*load_model\(target\)"):
+        mirror_rt.AutoregressiveDecoder(hf).generate(torch.tensor([[1, 2]]), 3)
+    with pytest.raises(TypeError, match=r"draft is a transformers LlamaForCausalLM.*load_model\(draft\)"):
+        mirror_rt.SpeculativeDecoder(ours, hf)
+    with pytest.raises(TypeError, match=r"target is a transformers"):
+        mirror_rt.MirrorDecoder(hf, ours)
 
 
 # --- loading conventions --------------------------------------------------------------------
@@ -410,6 +420,41 @@ def test_ops_docstrings_carry_the_contract(name, phrases):
     result = doctest.DocTestRunner().run(test)
     assert result.failed == 0
 
+
+# --- the example ----------------------------------------------------------------------------
+
+def test_transformers_example_runs_and_agrees(capsys):
+    import importlib.util
+    import os
+
+    from helpers import ROOT
+
+    path = os.path.join(ROOT, "examples", "transformers_to_mirror_rt.py")
+    spec = importlib.util.spec_from_file_location("transformers_to_mirror_rt", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--max-new-tokens", "30"]) == 0
+    out = capsys.readouterr().out
+    # the stop string ended both runs at the 6th of 30 allowed tokens, with the same tokens
+    assert "6 tokens" in out and "the same tokens as transformers" in out
+    hf_text, ours_text = out.split("--- transformers ---\n")[1].split("\n--- mirror_rt (sd) ---\n")
+    assert ours_text.splitlines()[0] == hf_text.strip("\n")
+
+
+
+def test_cli_stop_string(tiny_dir_with_tokenizer, capsys):
+    from mirror_rt.cli import main
+
+    argv = ["generate", "hello world", "--target", str(tiny_dir_with_tokenizer), "--decoder", "sd",
+            "--draft", "truncated:1", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    full = capsys.readouterr().out.rstrip("\n")
+    stop = full[len(full) // 2:len(full) // 2 + 2]  # two characters from the middle of what it says
+    assert main(argv + ["--stop", stop]) == 0
+    cut = capsys.readouterr().out.rstrip("\n")
+    end = full.index(stop) + len(stop)  # where the first occurrence of the stop string ends
+    # the output ends with the token that completes it: past `end` by less than one token's text
+    assert full.startswith(cut) and end <= len(cut) < len(full) and len(cut) - end < 8
 
 # --- sliding-window attention ---------------------------------------------------------------
 

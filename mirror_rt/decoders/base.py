@@ -154,6 +154,9 @@ def check_context(model, prompt_len: int, max_new_tokens: int, slack: int) -> in
 def check_pair(target, draft):
     """Draft and target must share a vocabulary: the same size and, where both loaders read the
     tokenizer (``tokenizer_tokens``), the same token at every id both tokenizers define."""
+    from mirror_rt.models.from_hf import check_model  # a transformers model: TypeError naming load_model
+
+    check_model(target, "target"), check_model(draft, "draft")
     tv, dv = target.config.vocab_size, draft.config.vocab_size
     if tv != dv:
         raise ValueError(f"draft vocabulary ({dv} tokens) differs from the target's ({tv}); "
@@ -289,6 +292,9 @@ class Generation:
 def start_generation(target, input_ids, args: GenerateArgs, name: str, slack: int, draft=None) -> Generation:
     """The set-up every decoder shares: argument and prompt checks, cache capacity (the draft's
     context too), the target's cache, sampler, emitter (EOS, stop strings, stream) and stats."""
+    from mirror_rt.models.from_hf import check_model
+
+    check_model(target, "target")  # a transformers model: TypeError naming load_model
     args.check()
     from mirror_rt.generation import StopStrings, resolve_eos
 

@@ -29,7 +29,7 @@ def check_model(model, role: str = "model"):
     if is_transformers_model(model):
         raise TypeError(f"{role} is a transformers {type(model).__name__}; the decoders take mirror_rt models: "
                         f"wrap it with mirror_rt.load_model({role}) (it shares the weights, no copy)")
-    if not all(hasattr(model, a) for a in ("new_cache", "run_layers", "head", "config")):
+    if not all(hasattr(model, a) for a in ("new_cache", "config")):
         raise TypeError(f"{role} must be a mirror_rt model (from mirror_rt.load_model), got {type(model).__name__}")
 
 
