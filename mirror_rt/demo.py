@@ -15,22 +15,12 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from mirror_rt import defaults
 from mirror_rt.sim import format_prediction, predict_from_stats
 
 DECODERS = ("ar", "sd", "mirror")
-# On a 2-core CPU the draft's branch rollouts compete with the target for cores, so the demo
-# uses a smaller window and kappa than the paper's 7 / 8 (override with --window / --kappa);
-# 3 / 2 was the fastest of windows {2, 3, 4} x kappa {2, 4} on the built-in prompts.
-DEMO_WINDOW, DEMO_KAPPA = 3, 2
-# After a miss, the next step starts at once with an empty window (fallback "exit") instead of
-# waiting for the draft to recompute one, and ranked branches under 5% are not rolled out: at
-# this CPU's acceptance both measured faster (bench/RESULTS.md). Override with --fallback recompute
-# / --min-branch-prob 0.
-DEMO_FALLBACK, DEMO_MIN_BRANCH_PROB = "exit", 0.05
-# On a CPU the draft runs in a second process (--lane auto picks a worker thread elsewhere): with
-# the cores split 1 + 1 both lanes overlap, and without sharing the GIL the process lane measured
-# Mirror 1.11-1.14x SD against 1.07-1.09x on a thread (bench/RESULTS.md). Override with --lane.
-DEMO_CPU_LANE = "process"
+# The demo runs every decoder with the defaults of mirror_rt/defaults.py (override with --window,
+# --kappa, --fallback, --min-branch-prob, --lane); that table says why they are what they are.
 
 
 def threads_note(mirror) -> str:
@@ -129,12 +119,12 @@ def run_demo(args, load_pair, make_decoder):
     Returns {decoder name: [GenerationOutput per prompt]}."""
     from mirror_rt.tokenizer import encode_chat
 
-    args.window = args.window or DEMO_WINDOW
-    args.kappa = args.kappa or DEMO_KAPPA
-    args.fallback = args.fallback or DEMO_FALLBACK
-    args.min_branch_prob = DEMO_MIN_BRANCH_PROB if args.min_branch_prob is None else args.min_branch_prob
+    args.window = args.window or defaults.WINDOW
+    args.kappa = args.kappa or defaults.KAPPA
+    args.fallback = args.fallback or defaults.FALLBACK
+    args.min_branch_prob = defaults.MIN_BRANCH_PROB if args.min_branch_prob is None else args.min_branch_prob
     if args.lane == "auto" and args.device == "cpu":
-        args.lane = DEMO_CPU_LANE
+        args.lane = defaults.CLI_CPU_LANE
     t0 = time.perf_counter()
     target, draft, tok, label = load_pair(args)
     load_s = time.perf_counter() - t0
@@ -165,7 +155,7 @@ def run_demo(args, load_pair, make_decoder):
     print(f"{len(prompts)} {source}, greedy, max {args.max_new_tokens} new tokens, window {args.window}, "
           f"kappa {args.kappa}, Mirror branches {args.branch_policy} (floor {args.min_branch_prob}), fallback "
           f"{args.fallback}, exit layer {decoders['mirror'].config.exit_layer} "
-          f"({'trained exit head' if decoders['mirror'].config.exit_head is not None else 'logit lens'}), "
+          f"({'trained exit head' if decoders['mirror'].config.trained_exit else 'logit lens'}), "
           f"lane {args.lane}, {threads}, context lookup "
           f"{f'up to {args.lookup}-grams' if args.lookup else 'off'}")
     print(linears)
