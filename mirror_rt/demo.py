@@ -163,8 +163,12 @@ def run_demo(args, load_pair, make_decoder):
           f"({DECODERS[0]}'s warm-up)")
     print(format_table(results))
     print("\nlatency law (DESIGN.md §1, with the fallback term) fed by the measured phases, per step:")
+    from mirror_rt.planner import plan_report
+
     for outs in results.values():
         print(" " + format_prediction(predict_from_stats([o.stats for o in outs])))
+        for line in plan_report([o.stats for o in outs]):  # the planner's decisions (plan="auto")
+            print(" " + line)
     if sharing:
         print(sharing)
     return results
