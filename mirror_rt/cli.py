@@ -8,20 +8,15 @@ import argparse
 import sys
 import time
 
+from mirror_rt import defaults
 from mirror_rt.cli_checks import check_args
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
-# The context lookup (mirror_rt/decoders/lookup.py) is on in the CLI: on held-out Spec-Bench
-# answers it raised greedy SD's mean accepted length at window 7 from 0.33 to 1.10 with our
-# default draft (bench/RESULTS.md). The library's decoders keep it off unless asked.
-DEFAULT_LOOKUP = 4
-# A copied window as long as the draft's: longer ones were no faster on the 2-core CPU (bench/RESULTS.md).
-DEFAULT_LOOKUP_WINDOW = 0
-# The draft's windows end where it is unsure (decoders/drafting.py, confident): with our weak default
-# draft a full window mostly costs draft passes and verified rows for nothing. 0.6 was the best of
-# 0.2-0.9 in a simulation on prompts apart from the evaluation ones (bench/RESULTS.md, "Why the defaults").
-# The library's decoders keep full windows unless asked.
-DEFAULT_MIN_DRAFT_PROB = 0.6
+# What the tools switch on that the library leaves off (context lookup, draft confidence cut, a
+# process lane on a CPU): one table, mirror_rt/defaults.py, says why.
+DEFAULT_LOOKUP = defaults.CLI_LOOKUP
+DEFAULT_LOOKUP_WINDOW = defaults.CLI_LOOKUP_WINDOW
+DEFAULT_MIN_DRAFT_PROB = defaults.CLI_MIN_DRAFT_PROB
 
 
 def _add_model_args(p):
@@ -34,21 +29,22 @@ def _add_model_args(p):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=None, help="draft window gamma (default 7; the demo uses 3: demo.DEMO_WINDOW)")
-    p.add_argument("--kappa", type=int, default=None, help="Mirror exit top-k (default 8; the demo uses 2: demo.DEMO_KAPPA)")
+    p.add_argument("--window", type=int, default=None, help=f"draft window gamma (default {defaults.WINDOW})")
+    p.add_argument("--kappa", type=int, default=None, help=f"Mirror kappa: exit candidates per position (default {defaults.KAPPA})")
     p.add_argument("--exit-layer", type=int, default=None, help="Mirror early-exit layer (default N/2)")
     p.add_argument("--max-branches", type=int, default=None, help="cap on Mirror branches per step")
-    p.add_argument("--branch-policy", default="ranked", choices=["ranked", "per_position"],
+    p.add_argument("--branch-policy", default=defaults.BRANCH_POLICY, choices=["ranked", "per_position"],
                    help="Mirror branches: ranked by estimated P(A=i, c=v), or top-kappa at every position")
     p.add_argument("--min-branch-prob", type=float, default=None,
-                   help="ranked Mirror branches: skip those the exit head puts below this probability (default 0; "
-                        "the demo uses 0.05)")
+                   help="ranked Mirror branches: skip those the exit head puts below this probability "
+                        f"(default {defaults.MIN_BRANCH_PROB})")
     p.add_argument("--fallback", default=None, choices=["recompute", "exit"],
-                   help="Mirror after a miss: recompute a window (the paper; the default), or run the next step "
-                        "with an empty window whose exit branches give the draft its next one (the demo's)")
+                   help="Mirror after a miss: recompute a window (the paper), or run the next step with an empty "
+                        f"window whose exit branches give the draft its next one (default {defaults.FALLBACK})")
     p.add_argument("--exit-vocab", default="draft", choices=["draft", "full"],
                    help="Mirror exit scores the draft's reduced vocabulary (default) or the full one")
-    p.add_argument("--mode", default="match", choices=["match", "rejection"], help="Mirror sampling rule")
+    p.add_argument("--mode", default=defaults.MODE, choices=["match", "rejection"],
+                   help="Mirror sampling rule (default %(default)s; see MirrorConfig)")
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
                    help="SD and Mirror first copy a window from the context when its last N tokens occurred "
                         "before (greedy only; 0 = the draft alone; default %(default)s)")
@@ -60,8 +56,16 @@ def _add_model_args(p):
                    help="a draft window ends before the first token the draft gives less than this "
                         "probability (0: full windows; default %(default)s); an empty window is a plain "
                         "target step")
-    p.add_argument("--lane", default="auto", help="where the Mirror draft runs: auto|inline|thread|process|cuda|npu")
+    p.add_argument("--lane", default="auto", help="where the Mirror draft runs: auto|inline|thread|process|cuda|npu "
+                                                  "(auto: a second process on a CPU, a stream on a GPU)")
+    p.add_argument("--plan", default=None, choices=["auto", "fixed"],
+                   help="Mirror-SD's plan: 'auto' fits window, kappa, branches and overlap to the measured step "
+                        "(--window/--kappa bound it); 'fixed' runs --window/--kappa every step "
+                        "(default: mirror_rt.defaults.PLAN)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the target (default: all cores)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the models' forward compiled (torch.compile; CUDA graphs on a GPU). Default: auto, "
+                        "on for CUDA and off on a CPU, where compiling takes minutes (mirror_rt.compiled)")
 
 
 def load_pair(args):
@@ -103,32 +107,46 @@ def load_pair(args):
     return target, draft, tokenizer, label
 
 
-def make_decoder(name, target, draft, args):
-    from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+def cli_lane(args, target) -> str:
+    """--lane, with "auto" on a CPU resolved to the tools' process lane (defaults.CLI_CPU_LANE)."""
+    lane = getattr(args, "lane", None) or defaults.LANE
+    return defaults.CLI_CPU_LANE if lane == "auto" and target.device.type == "cpu" else lane
 
-    window = args.window or 7
+
+def make_decoder(name, target, draft, args):
+    """'ar', 'sd', 'mirror' or 'auto' (AutoDecoder: the fastest of the three, measured on the request)."""
+    from mirror_rt.decoders import (AutoregressiveDecoder, DraftOptions, MirrorConfig, MirrorDecoder, Placement,
+                                    SpeculativeDecoder)
+    from mirror_rt.decoders.auto import AutoDecoder
+
+    window = args.window or defaults.WINDOW
     lookup = getattr(args, "lookup", 0)  # namespaces built without our parser: off
     lookup_window = getattr(args, "lookup_window", 0)
     lookup_window = max(window, lookup_window) if lookup_window else None
     min_draft_prob = getattr(args, "min_draft_prob", 0.0)
+    compile = getattr(args, "compile", None)
+    compile = "auto" if compile is None else compile
     if name == "ar":
-        return AutoregressiveDecoder(target)
+        return AutoregressiveDecoder(target, compile=compile)
     if name == "sd":
         return SpeculativeDecoder(target, draft, window, lookup=lookup, lookup_window=lookup_window,
-                                  min_draft_prob=min_draft_prob)
-    if name == "mirror":
+                                  min_draft_prob=min_draft_prob, compile=compile)
+    if name in ("mirror", "auto"):
         head = getattr(args, "exit_head_fn", None)
         exit_layer = args.exit_layer or (head.exit_layer if head is not None else None)
-        return MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, top_k=args.kappa or 8, exit_head=head,
-                                                         window=window, mode=args.mode,
-                                                         branch_policy=args.branch_policy,
-                                                         min_branch_prob=args.min_branch_prob or 0.0,
-                                                         fallback=args.fallback or "recompute",
-                                                         exit_vocab=args.exit_vocab, lookup=lookup,
-                                                         lookup_window=lookup_window,
-                                                         min_draft_prob=min_draft_prob,
-                                                         max_branches=args.max_branches, lane=args.lane))
-    raise ValueError(f"--decoder must be ar, sd or mirror, got {name!r}")
+        floor = getattr(args, "min_branch_prob", None)
+        config = MirrorConfig(
+            exit_layer=exit_layer, exit_head=head, kappa=args.kappa or defaults.KAPPA, window=window,
+            branch_policy=getattr(args, "branch_policy", None) or defaults.BRANCH_POLICY,
+            fallback=getattr(args, "fallback", None) or defaults.FALLBACK,
+            mode=getattr(args, "mode", None) or defaults.MODE, plan=getattr(args, "plan", None) or defaults.PLAN,
+            draft=DraftOptions(lookup=lookup, lookup_window=lookup_window, min_prob=min_draft_prob,
+                               min_branch_prob=defaults.MIN_BRANCH_PROB if floor is None else floor,
+                               max_branches=getattr(args, "max_branches", None),
+                               exit_vocab=getattr(args, "exit_vocab", None) or defaults.EXIT_VOCAB))
+        decoder = MirrorDecoder if name == "mirror" else AutoDecoder
+        return decoder(target, draft, config, Placement(lane=cli_lane(args, target), compile=compile))
+    raise ValueError(f"--decoder must be ar, sd, mirror or auto, got {name!r}")
 
 
 def cmd_generate(args):
@@ -159,7 +177,11 @@ def cmd_generate(args):
     s = out.stats
     extra = f", reuse {s['reuse_rate']:.0%}, fallback {s['fallback_rate']:.0%}" if "reuse_rate" in s else ""
     print(f"[{args.decoder}] {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, mean accepted "
-          f"{s['mean_accepted']:.2f}{extra}{f'; draft: {label}' if label else ''}", file=sys.stderr)
+          f"{s.get('mean_accepted', 0.0):.2f}{extra}{f'; draft: {label}' if label else ''}", file=sys.stderr)
+    from mirror_rt.planner import plan_report
+
+    for line in plan_report(s):
+        print(line, file=sys.stderr)
     ttft = f"{first[0] - t_gen:.2f} s" if first else "-"
     print(f"  load {load_s:.2f} s, first token {ttft} after generate started", file=sys.stderr)
     if hasattr(dec, "close"):
@@ -177,7 +199,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
     g.add_argument("prompt", nargs="?", help="the user message (default: read stdin)")
-    g.add_argument("--decoder", default="mirror", choices=["ar", "sd", "mirror"])
+    g.add_argument("--decoder", default="mirror", choices=["ar", "sd", "mirror", "auto"])
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string (repeatable): the output ends right after the token that completes it")
     _add_model_args(g)
