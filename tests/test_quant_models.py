@@ -178,3 +178,21 @@ def test_hf_checkpoint_quantized_at_load(tmp_path):
     ids = torch.tensor([[1, 5, 9, 33]])
     with torch.inference_mode():
         assert torch.equal(model(ids, model.new_cache(8)), want(ids, want.new_cache(8)))
+
+
+def test_float_draft_file_quantized_as_read_equals_quantizing_the_loaded_draft(tmp_path):
+    """Loading a float draft file beside a quantized target quantizes each weight as it is read;
+    the blocks are the ones quantizing the whole float draft afterwards gives."""
+    from mirror_rt.models.streaming import quantize_draft
+
+    target, _ = _quantized_pair("q4_1")
+    float_target = random_model(seed=3, **TINY)
+    with torch.no_grad():
+        draft = StreamingDraft.from_target(target, num_layers=2, n_streams=2)
+    files = save_streaming_draft(draft, str(tmp_path / "d.safetensors"))
+    as_read = load_streaming_draft(files[0], target)
+    afterwards = quantize_draft(load_streaming_draft(files[0], float_target).float(), "q8_0")
+    blocks = {k: v for k, v in as_read.state_dict().items() if k.startswith("layers.")}
+    other = {k: v for k, v in afterwards.state_dict().items() if k.startswith("layers.")}
+    assert sorted(blocks) == sorted(other) and any(k.endswith(".blocks") for k in blocks)
+    assert all(torch.equal(blocks[k], other[k]) for k in blocks)

@@ -175,10 +175,35 @@ class _Tensor:
     data: a view of the file's map, typed for float types, uint8 [rows, bytes per row] for blocks."""
     name: str
     shape: tuple
-    tensor_type: object
+    tensor_type: int        # GGML type id (gguf.GGMLQuantizationType's value)
     data_offset: int
     n_elements: int
     data: np.ndarray
+
+
+# GGML type id -> (name, elements per block, bytes per block) for the types the loaders meet most;
+# the rest come from the gguf package (imported only then: it takes ~0.15 s to import).
+_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+          6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 28: ("F64", 1, 8),
+          30: ("BF16", 1, 2)}
+_FLOATS = {0: np.float32, 1: np.float16, 28: np.float64}
+
+
+def _block_size(ggml_type: int) -> tuple[int, int]:
+    if ggml_type in _TYPES:
+        return _TYPES[ggml_type][1:]
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+
+
+def type_name(ggml_type: int) -> str:
+    """"Q4_1" for 3, and so on (the gguf package's name for a type it knows)."""
+    if ggml_type in _TYPES:
+        return _TYPES[ggml_type][0]
+    from gguf.constants import GGMLQuantizationType
+
+    return GGMLQuantizationType(ggml_type).name
 
 
 class GGUFFile:
@@ -187,28 +212,24 @@ class GGUFFile:
     copied until written), without the per-item cost of GGUFReader's metadata parsing."""
 
     def __init__(self, path):
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
         header = read_gguf_header(path)
         self.path = header.path
         self.fields = {k: _Field(k, v) for k, v in header.metadata.items()}
         data = np.memmap(header.path, dtype=np.uint8, mode="c")
-        floats = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
-                  GGMLQuantizationType.F64: np.float64}
         self.tensors = []
         for t in header.tensors:
-            qtype = GGMLQuantizationType(t.ggml_type)
-            block, type_size = GGML_QUANT_SIZES[qtype]
+            qtype = t.ggml_type
+            block, type_size = _block_size(qtype)
             n = int(np.prod(t.shape)) if t.shape else 1
             inner = t.shape[-1] if t.shape else 1
             if inner % block:
-                raise ValueError(f"{path}: tensor {t.name} rows of {inner} do not fill {qtype.name} blocks of {block}")
+                raise ValueError(f"{path}: tensor {t.name} rows of {inner} do not fill {type_name(qtype)} blocks of {block}")
             nbytes = n // block * type_size
             if t.offset + nbytes > len(data):
                 raise ValueError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end)")
             raw = data[t.offset:t.offset + nbytes]
-            if qtype in floats:
-                view = raw.view(floats[qtype]).reshape(t.shape)
+            if qtype in _FLOATS:
+                view = raw.view(_FLOATS[qtype]).reshape(t.shape)
             else:
                 view = raw.reshape(*t.shape[:-1], inner // block * type_size)
             self.tensors.append(_Tensor(t.name, tuple(reversed(t.shape)), qtype, t.offset, n, view))

@@ -19,6 +19,7 @@ from mirror_rt.models.device_dtype import resolve_device, resolve_dtype
 from mirror_rt.models.llama import LlamaModel
 from mirror_rt.models.meta_device import meta_device
 from mirror_rt.models.quant import KeptBlocks, install_blocks, quantize_model, quantize_q8_0
+from mirror_rt.models.file_pages import release_file_pages
 from mirror_rt.models.quant_fused import fuse_layers
 from mirror_rt.ops.quant import QTYPES
 from mirror_rt.models.rope import inverse_frequencies
@@ -86,8 +87,8 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
     if quant not in (None, "dequantize"):
         quantize_model(model, quant)
-    elif kept:
-        fuse_layers(model.layers)
+    elif kept:  # the fused copies replace their parts: the parts' file pages are given back
+        fuse_layers(model.layers, replaced=lambda blocks: release_file_pages(path, blocks))
     return model
 
 
@@ -258,8 +259,6 @@ def _read_gguf(path, keep_blocks=False):
     """(config, tensors, tokens). With keep_blocks, 2-D weights stored as Q4_0 / Q4_1 / Q8_0 come
     back as KeptBlocks viewing the file's memory map (q/k rows unpermuted: a copy of those),
     weights of other quantized types as KeptBlocks converted to Q8_0, float tensors as float32."""
-    from gguf.quants import dequantize
-
     from mirror_rt.models.gguf_header import GGUFFile
 
     try:  # GGUFReader's fields and tensors without its per-item parsing; views of a copy-on-write map
@@ -288,7 +287,7 @@ def _read_gguf(path, keep_blocks=False):
             tensors[name] = KeptBlocks(torch.from_numpy(arr), kind, shape)
             continue
         try:
-            arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            arr = np.asarray(_dequantized(t), dtype=np.float32).reshape(shape)
         except ValueError as e:
             raise ValueError(f"{path}: tensor {t.name} cannot be read ({e})") from None
         arr = _unpermuted(cfg, name, arr, shape, path)
@@ -297,6 +296,16 @@ def _read_gguf(path, keep_blocks=False):
             continue
         tensors[name] = torch.from_numpy(arr.copy())  # own, writable memory
     return cfg, tensors, _gguf_tokens(reader)
+
+
+def _dequantized(t):
+    """A GGUF tensor's values as floats: float types as they are, the others through gguf."""
+    if t.data.dtype != np.uint8:  # F32 / F16 / F64: already a typed view
+        return t.data
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(t.data, GGMLQuantizationType(t.tensor_type))
 
 
 def _unpermuted(cfg, name, arr, shape, path):

@@ -44,19 +44,26 @@ def _fusable(*mods) -> bool:
         len({(m.qtype, m.in_features, m.bias is None) for m in mods}) == 1
 
 
-def fuse_layers(layers) -> int:
+def fuse_layers(layers, replaced=None) -> int:
     """In each decoder layer whose q/k/v (and gate/up) projections are QuantLinears of one type,
     make one call of them: the attention and MLP become QuantAttention / QuantMLP (same results,
     bit for bit; fewer calls, and each call big enough to share among threads). Returns how many
-    layers changed. Done once at load: nothing is decided per call."""
+    layers changed. Done once at load: nothing is decided per call. ``replaced``, if given, is
+    called after each layer with the block tensors the fused copies replaced (the loader gives
+    their file pages back)."""
     changed = 0
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
+        old = []
         if type(attn) is Attention and _fusable(attn.q_proj, attn.k_proj, attn.v_proj):
             layer.self_attn = QuantAttention.from_attention(attn)
+            old += [attn.q_proj.blocks, attn.k_proj.blocks, attn.v_proj.blocks]
             changed += 1
         if type(mlp) is MLP and _fusable(mlp.gate_proj, mlp.up_proj):
             layer.mlp = QuantMLP.from_mlp(mlp)
+            old += [mlp.gate_proj.blocks, mlp.up_proj.blocks]
+        if replaced is not None and old:
+            replaced(old)
     return changed
 
 

@@ -45,9 +45,10 @@ from torch import nn
 
 from mirror_rt import ops
 from mirror_rt.models.config import ModelConfig
+from mirror_rt.models.file_pages import release_file_pages
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
 from mirror_rt.models.meta_device import meta_device, to_empty
-from mirror_rt.models.quant import QuantLinear, dequantize, is_quantized, quantize, quantize_layers
+from mirror_rt.models.quant import QuantLinear, _quantizable, dequantize, is_quantized, quantize, quantize_layers
 from mirror_rt.models.quant_fused import Fused, fuse_layers
 from mirror_rt.ops.quant import QTYPE_NAMES, QuantWeight
 from mirror_rt.models.rope import rope_cos_sin
@@ -438,11 +439,37 @@ def save_streaming_draft(draft: StreamingDraft, path: str, dtype=torch.float16, 
     return files
 
 
+def _read_shards(path: str, shards: int):
+    """(name, tensor) of every tensor in a draft file and its shards, one tensor at a time."""
+    from safetensors import safe_open
+
+    base, ext = os.path.splitext(path)
+    for i in range(shards):
+        f = path if i == 0 else f"{base}.{i}{ext}"
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{path}: shard {f} is missing")
+        with safe_open(f, "pt") as shard:
+            for k in shard.keys():
+                tensor = shard.get_tensor(k)  # a copy: the map's pages are not needed again
+                release_file_pages(f)
+                yield k, tensor
+
+
+def _draft_linear(draft: StreamingDraft, key: str):
+    """The module whose ``weight`` is ``key`` (None for a tensor that is no module's weight)."""
+    parent, _, attr = key.rpartition(".")
+    if attr != "weight" or not parent:
+        return None
+    try:
+        return draft.get_submodule(parent)
+    except AttributeError:
+        return None
+
+
 def load_streaming_draft(path: str, target: LlamaModel) -> StreamingDraft:
     """A StreamingDraft from ``save_streaming_draft`` files, attached to ``target`` (same
     device and dtype as the target)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"streaming draft file {path!r} not found")
@@ -454,39 +481,45 @@ def load_streaming_draft(path: str, target: LlamaModel) -> StreamingDraft:
     if meta["hidden_size"] != target.config.hidden_size or meta["vocab_size"] != target.config.vocab_size:
         raise ValueError(f"{path}: draft was trained for hidden {meta['hidden_size']} / vocab {meta['vocab_size']}, "
                          f"target has {target.config.hidden_size} / {target.config.vocab_size}")
-    base, ext = os.path.splitext(path)
-    state = {}
-    for i in range(shards):
-        f = path if i == 0 else f"{base}.{i}{ext}"
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{path}: shard {f} is missing")
-        state.update(load_file(f))
     cfg = copy.copy(target.config)
     cfg.num_layers, cfg.intermediate_size = meta["num_layers"], meta["intermediate_size"]
-    vocab_ids = state.pop("vocab_ids", None)
     with meta_device():  # shapes only: the weights are assigned below
         draft = StreamingDraft(cfg, meta["n_streams"], meta["stream_layers"] or 1)
+    # On a quantized CPU target the draft's own linears run Q8_0: each float weight is quantized as
+    # it is read, so the float copies of the whole draft never exist together (peak memory).
     keep = target.device.type == "cpu" and is_quantized(target)
-    kept = {}
-    for k, qtype in meta.get("quant", {}).items():  # exported blocks: kept on a quantized CPU target
-        if k not in state:
-            raise ValueError(f"{path}: quantized tensor {k} is missing")
-        shape = tuple(draft.get_submodule(k.rpartition(".")[0]).weight.shape)
-        if keep:
-            kept[k] = QuantLinear(state.pop(k), qtype, shape)
+    exported = meta.get("quant", {})
+    state, kept, vocab_ids = {}, {}, None
+    for k, tensor in _read_shards(path, shards):
+        if k == "vocab_ids":
+            vocab_ids = tensor
+            continue
+        linear = _draft_linear(draft, k)
+        if k in exported:
+            shape = tuple(linear.weight.shape)
+            if keep:
+                kept[k] = QuantLinear(tensor, exported[k], shape)
+            else:
+                state[k] = dequantize(tensor, exported[k], shape)
+        elif keep and k.startswith("layers.") and _quantizable(linear):
+            kept[k] = QuantLinear(quantize(tensor.float(), "q8_0"), "q8_0", tuple(tensor.shape))
         else:
-            state[k] = dequantize(state[k], qtype, shape)
-    to_empty(draft, target.device)
-    missing, unexpected = draft.load_state_dict({k: v.to(target.dtype) for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if (k.startswith("layers.") or k == "stream_embed") and k not in kept]
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
-    for k, layer in kept.items():
+            state[k] = tensor
+    for k in exported:
+        if k not in kept and k not in state:
+            raise ValueError(f"{path}: quantized tensor {k} is missing")
+    for k, layer in kept.items():  # before to_empty: the float linears they replace are never made
         parent, _, attr = k.removesuffix(".weight").rpartition(".")
         setattr(draft.get_submodule(parent), attr, layer)
+    to_empty(draft, target.device)
+    missing, unexpected = draft.load_state_dict({k: v.to(target.dtype) for k, v in state.items()}, strict=False)
+    kept_blocks = {k.removesuffix(".weight") + ".blocks" for k in kept}
+    missing = [k for k in missing if (k.startswith("layers.") or k == "stream_embed") and k not in kept_blocks]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
     draft.to(target.dtype)
+    if keep:
+        fuse_layers(draft.layers)
     draft.attach(target, None if vocab_ids is None else vocab_ids.long())
     draft.name = meta.get("name", draft.name)
-    if keep:  # the target's weights are quantized: the draft's own (still float) linears too
-        quantize_draft(draft, "q8_0")
     return draft.eval()

@@ -1,0 +1,64 @@
+"""Give back the resident pages of a memory-mapped model file once their bytes have been copied.
+
+The GGUF loader keeps quantized blocks as views of a copy-on-write map of the file. Fusing a
+layer's q/k/v (and gate/up) copies their blocks into one tensor; the originals are then referenced
+by nothing, but their pages stay resident and count in the process's memory until the map is
+closed, which it never is while the model lives. ``release_file_pages`` drops them
+(``madvise(MADV_DONTNEED)``): a page of a private file map that was never written is read again
+from the file if it is ever touched, so this changes memory, never contents. The same holds for
+the map safetensors reads a draft through, once each tensor is copied out. Only whole pages inside
+a map of the named file are dropped; elsewhere (another OS, an anonymous tensor) it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+
+_MADV_DONTNEED = 4
+
+
+def _file_regions(path: str) -> list[tuple[int, int]]:
+    """[(start, end)] of this process's maps of ``path`` (Linux /proc/self/maps)."""
+    target = os.path.realpath(path)
+    regions = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() == target:
+                    lo, hi = fields[0].split("-")
+                    regions.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return regions
+
+
+def _madvise():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name, use_errno=True) if name else None
+    fn = getattr(libc, "madvise", None)
+    if fn is not None:
+        fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return fn
+
+
+def release_file_pages(path: str, tensors=None) -> int:
+    """Drop the resident pages wholly inside each CPU tensor's bytes that lie in a map of ``path``
+    (``tensors=None``: every page of those maps, for a reader whose copies are already made).
+    The maps must never have been written. Returns the bytes released (0 where the OS offers no way)."""
+    regions = _file_regions(path)
+    madvise = _madvise() if regions else None
+    if madvise is None:
+        return 0
+    spans = regions if tensors is None else [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                                             for t in tensors]
+    page, released = mmap.PAGESIZE, 0
+    for lo, hi in spans:
+        for r_lo, r_hi in regions:
+            start, end = max(lo, r_lo), min(hi, r_hi)
+            start, end = -(-start // page) * page, end // page * page  # whole pages only
+            if end > start and madvise(start, end - start, _MADV_DONTNEED) == 0:
+                released += end - start
+    return released
