@@ -12,7 +12,7 @@ a map of the named file are dropped; elsewhere (another OS, an anonymous tensor)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import mmap
 import os
 
@@ -35,30 +35,42 @@ def _file_regions(path: str) -> list[tuple[int, int]]:
     return regions
 
 
+@functools.cache
 def _madvise():
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name, use_errno=True) if name else None
-    fn = getattr(libc, "madvise", None)
-    if fn is not None:
-        fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    """libc's madvise, or None (not a POSIX libc)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise  # the process's own symbols include libc's
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
     return fn
 
 
+class FilePages:
+    """The maps of one file in this process (read once: make it after the file is mapped)."""
+
+    def __init__(self, path: str):
+        self.regions = _file_regions(path)
+
+    def release(self, tensors=None) -> int:
+        """Drop the resident pages wholly inside each CPU tensor's bytes that lie in these maps
+        (``tensors=None``: every page of them, for a reader whose copies are already made). The
+        maps must never have been written. Returns the bytes released (0 where the OS offers no way)."""
+        madvise = _madvise() if self.regions else None
+        if madvise is None:
+            return 0
+        spans = self.regions if tensors is None else [
+            (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+        page, released = mmap.PAGESIZE, 0
+        for lo, hi in spans:
+            for r_lo, r_hi in self.regions:
+                start, end = max(lo, r_lo), min(hi, r_hi)
+                start, end = -(-start // page) * page, end // page * page  # whole pages only
+                if end > start and madvise(start, end - start, _MADV_DONTNEED) == 0:
+                    released += end - start
+        return released
+
+
 def release_file_pages(path: str, tensors=None) -> int:
-    """Drop the resident pages wholly inside each CPU tensor's bytes that lie in a map of ``path``
-    (``tensors=None``: every page of those maps, for a reader whose copies are already made).
-    The maps must never have been written. Returns the bytes released (0 where the OS offers no way)."""
-    regions = _file_regions(path)
-    madvise = _madvise() if regions else None
-    if madvise is None:
-        return 0
-    spans = regions if tensors is None else [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
-                                             for t in tensors]
-    page, released = mmap.PAGESIZE, 0
-    for lo, hi in spans:
-        for r_lo, r_hi in regions:
-            start, end = max(lo, r_lo), min(hi, r_hi)
-            start, end = -(-start // page) * page, end // page * page  # whole pages only
-            if end > start and madvise(start, end - start, _MADV_DONTNEED) == 0:
-                released += end - start
-    return released
+    """``FilePages(path).release(tensors)``: for one call; make a FilePages for many."""
+    return FilePages(path).release(tensors)

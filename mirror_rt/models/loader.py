@@ -19,7 +19,7 @@ from mirror_rt.models.device_dtype import resolve_device, resolve_dtype
 from mirror_rt.models.llama import LlamaModel
 from mirror_rt.models.meta_device import meta_device
 from mirror_rt.models.quant import KeptBlocks, install_blocks, quantize_model, quantize_q8_0
-from mirror_rt.models.file_pages import release_file_pages
+from mirror_rt.models.file_pages import FilePages
 from mirror_rt.models.quant_fused import fuse_layers
 from mirror_rt.ops.quant import QTYPES
 from mirror_rt.models.rope import inverse_frequencies
@@ -88,7 +88,7 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     if quant not in (None, "dequantize"):
         quantize_model(model, quant)
     elif kept:  # the fused copies replace their parts: the parts' file pages are given back
-        fuse_layers(model.layers, replaced=lambda blocks: release_file_pages(path, blocks))
+        fuse_layers(model.layers, replaced=FilePages(path).release)
     return model
 
 
@@ -266,6 +266,7 @@ def _read_gguf(path, keep_blocks=False):
     except Exception as e:  # the reader raises assorted errors on bad files
         raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
     cfg = gguf_config(reader, path)
+    pages = FilePages(path)
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"loading {os.path.basename(path)}", unit="tensor", leave=False,
                   disable=None):
@@ -283,8 +284,10 @@ def _read_gguf(path, keep_blocks=False):
             arr = np.asarray(t.data)  # uint8 [out, in/32*block_bytes] in the map
             if arr.ndim != 2 or arr.shape[0] != shape[0]:
                 raise ValueError(f"{path}: tensor {t.name} holds {arr.shape} bytes for shape {shape} (corrupt file?)")
-            arr = _unpermuted(cfg, name, arr, shape, path)
-            tensors[name] = KeptBlocks(torch.from_numpy(arr), kind, shape)
+            unpermuted = _unpermuted(cfg, name, arr, shape, path)
+            if unpermuted is not arr:  # a copy: the file's pages of the original are not read again
+                pages.release([torch.from_numpy(arr)])
+            tensors[name] = KeptBlocks(torch.from_numpy(unpermuted), kind, shape)
             continue
         try:
             arr = np.asarray(_dequantized(t), dtype=np.float32).reshape(shape)

@@ -45,7 +45,7 @@ from torch import nn
 
 from mirror_rt import ops
 from mirror_rt.models.config import ModelConfig
-from mirror_rt.models.file_pages import release_file_pages
+from mirror_rt.models.file_pages import FilePages
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
 from mirror_rt.models.meta_device import meta_device, to_empty
 from mirror_rt.models.quant import QuantLinear, _quantizable, dequantize, is_quantized, quantize, quantize_layers
@@ -449,9 +449,11 @@ def _read_shards(path: str, shards: int):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{path}: shard {f} is missing")
         with safe_open(f, "pt") as shard:
+            pages = None
             for k in shard.keys():
                 tensor = shard.get_tensor(k)  # a copy: the map's pages are not needed again
-                release_file_pages(f)
+                pages = pages or FilePages(f)  # after the first read: the file is mapped by then
+                pages.release()
                 yield k, tensor
 
 
