@@ -283,3 +283,26 @@ def test_make_planner_reads_mirror_config_and_placement():
     assert {plan.overlap for plan in p.plans} == {"serial", "off"}  # an inline lane cannot overlap
     fixed = make_planner(MirrorConfig(window=5, kappa=3, plan="fixed", fallback="exit"), Placement())
     assert fixed.plan() == Plan(5, 3, None, defaults.MIN_BRANCH_PROB, "exit", "overlapped")
+
+
+def test_one_planner_per_decoder_and_its_plans_in_each_calls_stats():
+    """The planner keeps its measurements across generate calls; each call's stats carry the plans
+    it used (steps each, summing to its steps) and the plan now in use."""
+    import torch
+    from mirror_helpers import tiny_pair
+
+    from mirror_rt.decoders import MirrorConfig, MirrorDecoder
+    from mirror_rt.placement import Placement
+
+    target, draft = tiny_pair(layers=4)
+    ids = (torch.arange(5, 12)[None] * 7) % 64
+    with MirrorDecoder(target, draft, MirrorConfig(window=5, kappa=4, plan="auto"), Placement(lane="inline")) as dec:
+        first = dec.generate(ids, 30, eos_token_id=[]).stats
+        planner, after_first = dec.planner, len(dec.planner.history)
+        second = dec.generate(ids, 30, eos_token_id=[]).stats
+        assert dec.planner is planner and len(planner.history) > after_first > 0
+    assert sum(first["plans"].values()) == after_first
+    assert sum(second["plans"].values()) == len(planner.history) - after_first
+    for s in (first, second):
+        assert 0 < sum(s["plans"].values()) <= s["steps"] and s["plan_now"]
+        assert all(row["measured"] > 0 for row in s["plan_step_ms"].values())

@@ -60,6 +60,7 @@ class MirrorDecoder:
         self.runner = prepare_model(target, self.placement.compile)
         self.lane = None
         self.draft_threads = None  # what the lane's draft got (its share of the caller's cores)
+        self.planner = None  # one per decoder: plan="auto" keeps its measurements across generate calls
 
     def _lane(self):
         """The draft's lane, built on first use."""
@@ -127,7 +128,9 @@ class _Run:
         self.dec, self.cfg, self.gen, self.mode, self.seed = dec, dec.config, gen, mode, seed
         self.target, self.stats, self.timeout = dec.runner, gen.stats, dec.placement.lane_timeout
         self.sampler = gen.sampler  # the verify rule's random source (tests replace verify)
-        self.planner = make_planner(self.cfg, dec.placement)
+        if dec.planner is None:
+            dec.planner = make_planner(self.cfg, dec.placement)
+        self.planner, self.first_step = dec.planner, len(dec.planner.history)
         vocab = draft_vocabulary(dec.draft, gen.prompt) if self.cfg.draft.exit_vocab == "draft" else None
         head = None if isinstance(self.cfg.exit_head, LogitLens) else self.cfg.exit_head
         self.exit = ExitProposer(dec.target, head, self.planner.plan(), self.cfg.branch_policy, vocab)
@@ -297,4 +300,5 @@ class _Run:
             overlap_fraction=overlap / rollout_total if rollout_total > 0 else 0.0,
             branches_per_step=s.counters["branches"] / steps, empty_steps=empty,
             mean_accepted_per_window=s.mean_accepted_per_window(empty),
+            **self.planner.summary(since=self.first_step),
         )
