@@ -54,3 +54,18 @@ def test_decoders_compiled_give_eager_tokens(kind, lane, monkeypatch):
         got = _decoder_tokens(kind, True, lane)
     assert counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
     assert got == _decoder_tokens(kind, False, lane)
+
+
+def test_prompts_of_other_lengths_reuse_the_compiled_buckets(monkeypatch):
+    """The decoder's target cache comes from the prepared model (capacity rounded up), so a second
+    prompt of another length meets no new bucket."""
+    from mirror_rt.decoders import AutoregressiveDecoder
+
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    dec = AutoregressiveDecoder(_model(seed=11), compile=True)
+    first = dec.generate(torch.tensor([[3, 1, 4, 1, 5, 9]]), 6).tokens
+    buckets = set(dec.runner.buckets)
+    assert buckets, "nothing was compiled"
+    dec.generate(torch.tensor([[2, 7, 1, 8, 2, 8, 1, 8, 2]]), 6)
+    assert set(dec.runner.buckets) == buckets
+    assert torch.equal(first, AutoregressiveDecoder(_model(seed=11)).generate(torch.tensor([[3, 1, 4, 1, 5, 9]]), 6).tokens)

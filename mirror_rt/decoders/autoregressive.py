@@ -12,6 +12,9 @@ class AutoregressiveDecoder:
     """compile: ``mirror_rt.compiled.prepare``'s choice for the target (False, True or "auto")."""
 
     def __init__(self, target, compile=defaults.COMPILE):
+        from mirror_rt.models.from_hf import check_model
+
+        check_model(target, "target")  # a transformers model: TypeError naming load_model
         self.target = target
         self.runner = prepare_model(target, compile)
 
@@ -22,7 +25,7 @@ class AutoregressiveDecoder:
         Keywords as ``base.GenerateArgs``: eos_token_id None is the model's EOS ([] for none),
         stop strings need ``tokenizer``, stream receives each list of new token ids."""
         args = GenerateArgs(max_new_tokens, eos_token_id, temperature, seed, top_k, top_p, stream, stop, tokenizer)
-        gen = start_generation(self.target, input_ids, args, "ar", 1)
+        gen = start_generation(self.runner, input_ids, args, "ar", 1)
         with gen.stats.phase("prefill"):
             prefill(self.runner, gen.cache, gen.prompt)
         while not gen.out.done:

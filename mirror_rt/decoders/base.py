@@ -291,7 +291,9 @@ class Generation:
 
 def start_generation(target, input_ids, args: GenerateArgs, name: str, slack: int, draft=None) -> Generation:
     """The set-up every decoder shares: argument and prompt checks, cache capacity (the draft's
-    context too), the target's cache, sampler, emitter (EOS, stop strings, stream) and stats."""
+    context too), the target's cache, sampler, emitter (EOS, stop strings, stream) and stats.
+    target: the decoder's prepared target (its ``new_cache`` rounds a compiled cache's capacity,
+    so prompts of different lengths share compiled artifacts)."""
     from mirror_rt.models.from_hf import check_model
 
     check_model(target, "target")  # a transformers model: TypeError naming load_model

@@ -107,7 +107,7 @@ class MirrorDecoder:
         if mode == "greedy" and temperature > 0:
             raise ValueError("mode 'greedy' needs temperature 0; use 'match' or 'rejection' to sample")
         slack = max(self.config.window, self.config.draft.lookup_window) + 1
-        gen = start_generation(self.target, input_ids, args, "mirror", slack, self.draft)
+        gen = start_generation(self.runner, input_ids, args, "mirror", slack, self.draft)
         return _Run(self, gen, mode, seed).generate()
 
 

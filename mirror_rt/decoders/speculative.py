@@ -49,7 +49,7 @@ class SpeculativeDecoder:
         stop strings need ``tokenizer``, stream receives each list of new token ids."""
         args = GenerateArgs(max_new_tokens, eos_token_id, temperature, seed, top_k, top_p, stream, stop, tokenizer)
         slack = max(self.window, self.lookup_window) + 1
-        gen = start_generation(self.target, input_ids, args, "sd", slack, self.draft)
+        gen = start_generation(self.runner, input_ids, args, "sd", slack, self.draft)
         draft = DraftState(self.draft_runner, gen.capacity)
         lookup = ContextLookup(self.lookup) if self.lookup and gen.sampler.greedy else None
         with gen.stats.phase("prefill"):
