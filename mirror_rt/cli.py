@@ -145,7 +145,9 @@ def make_decoder(name, target, draft, args):
                                max_branches=getattr(args, "max_branches", None),
                                exit_vocab=getattr(args, "exit_vocab", None) or defaults.EXIT_VOCAB))
         decoder = MirrorDecoder if name == "mirror" else AutoDecoder
-        return decoder(target, draft, config, Placement(lane=cli_lane(args, target), compile=compile))
+        lane_start = getattr(args, "lane_start", "wait")
+        return decoder(target, draft, config, Placement(lane=cli_lane(args, target), compile=compile,
+                                                        lane_start=lane_start))
     raise ValueError(f"--decoder must be ar, sd, mirror or auto, got {name!r}")
 
 
@@ -158,6 +160,7 @@ def cmd_generate(args):
     load_s = time.perf_counter() - t0
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = encode_chat(tok, prompt, target.device)
+    args.lane_start = "background"  # one request: the target starts while a draft process comes up
     dec = make_decoder(args.decoder, target, draft, args)
     stream = TextStreamer(tok)  # prints text as later tokens can no longer change it
     eos = resolve_eos(target) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])

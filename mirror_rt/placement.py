@@ -18,6 +18,9 @@ from mirror_rt import defaults
 from mirror_rt.lanes import LANE_KINDS, is_ready, make_lane
 
 
+LANE_STARTS = ("wait", "background")
+
+
 @dataclass(slots=True)
 class Placement:
     """lane          where the draft runs: one of ``mirror_rt.lanes.LANE_KINDS`` ("auto": a stream for
@@ -26,12 +29,17 @@ class Placement:
     draft_threads    torch threads of a CPU draft on a thread or process lane (None: half the caller's)
     lane_timeout     seconds before a silent draft lane counts as failed
     compile          ``mirror_rt.compiled.prepare``'s choice for the target and draft: False, True, "auto"
+    lane_start       "wait": the lane is up before the first generate goes on (the draft takes part from
+                     the first step); "background": a process lane starts while the target decodes
+                     alone, and the draft joins at the first step after it is up (a one-off command
+                     does not wait seconds for a new interpreter); other lanes start at once either way
     """
 
     lane: str = defaults.LANE
     draft_threads: int | None = None
     lane_timeout: float = defaults.LANE_TIMEOUT
     compile: object = defaults.COMPILE
+    lane_start: str = "wait"
 
     def validate(self) -> "Placement":
         if self.lane not in LANE_KINDS:
@@ -40,6 +48,8 @@ class Placement:
             raise ValueError(f"draft_threads must be None or a positive integer, got {self.draft_threads!r}")
         if not isinstance(self.lane_timeout, (int, float)) or not self.lane_timeout > 0:
             raise ValueError(f"lane_timeout must be a positive number of seconds, got {self.lane_timeout!r}")
+        if self.lane_start not in LANE_STARTS:
+            raise ValueError(f"lane_start must be one of {LANE_STARTS}, got {self.lane_start!r}")
         return self
 
     def threads_for(self, draft_device) -> int | None:
@@ -52,7 +62,7 @@ class Placement:
         return None
 
     def open_lane(self, make_worker, draft_device, threads: int | None):
-        return make_lane(self.lane, make_worker, draft_device, threads)
+        return make_lane(self.lane, make_worker, draft_device, threads, background=self.lane_start == "background")
 
 
 class CoreShare:

@@ -93,7 +93,7 @@ import functools
 from mirror_rt.lanes import LaneError
 from mirror_rt.lanes.process import ProcessLane
 try:  # no __main__ guard: the spawned child re-runs this file and fails while starting its own lane
-    ProcessLane(functools.partial(dict, blob=bytes(1 << 20)), 1, start_timeout=60)  # 1 MB: more than a pipe holds
+    ProcessLane(functools.partial(dict, blob=bytes(1 << 20)), 1, start_timeout=60).wait_started()  # 1 MB: more than a pipe holds
     print("started")
 except LaneError as e:
     print("LaneError:", e)
@@ -263,3 +263,28 @@ def test_old_config_names_warn_and_are_routed(pair):
     with pytest.raises(TypeError, match="unexpected keyword"):
         MirrorConfig(topk=3)
     assert len(dataclasses.fields(MirrorConfig)) <= 8
+
+
+def test_process_lane_started_in_the_background_joins_later_and_stays_lossless(pair, reference):
+    """lane_start="background": the first generate does not wait for the draft's process (the
+    target decodes alone until it is up); once it is up the draft takes part; tokens never change."""
+    from mirror_rt.placement import Placement
+
+    target, draft = pair
+    with MirrorDecoder(target, draft, MirrorConfig(window=3, plan="fixed"),
+                       Placement(lane="process", lane_start="background")) as dec:
+        t0 = time.perf_counter()
+        first = dec.generate(IDS, 40)
+        assert first.tokens.tolist() == reference
+        assert not dec.lane.started() or time.perf_counter() - t0 < 60
+        dec.lane.wait_started()
+        second = dec.generate(IDS, 40)
+    assert second.tokens.tolist() == reference
+    assert second.stats["reuse_hits"] + second.stats["fallbacks"] > 0  # the draft's windows took part
+
+
+def test_lane_start_setting_is_checked():
+    from mirror_rt.placement import Placement
+
+    with pytest.raises(ValueError, match="lane_start"):
+        Placement(lane="process", lane_start="later").validate()

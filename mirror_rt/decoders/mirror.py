@@ -33,7 +33,7 @@ from mirror_rt.decoders.mirror_config import FALLBACKS, DraftOptions, ExitAt, Lo
 from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.mirror_exit import ExitProposer, draft_vocabulary
 from mirror_rt.decoders.verify import verify_step
-from mirror_rt.lanes import LaneError, result_of
+from mirror_rt.lanes import LaneError, is_started, result_of
 from mirror_rt.placement import CoreShare, Placement
 
 
@@ -137,23 +137,27 @@ class _Run:
         self.cores, self.spans = CoreShare(None, None), []
 
     def generate(self) -> GenerationOutput:
-        gen, stats, s = self.gen, self.stats, self.gen.sampler
+        gen, stats = self.gen, self.stats
         try:
             try:
                 # The draft's prefill and first window go to the lane first, so that on a thread, process
                 # or stream lane they overlap the target's prefill (an inline lane runs them right here).
+                # A process lane still starting (a new interpreter: seconds) joins later instead.
                 lane = self.dec._lane()
-                started = lane.submit("start", gen.tokens, gen.capacity, (s.temperature, s.top_k, s.top_p),
-                                      self.seed)
-                first = lane.submit("fresh_window", self.planner.plan().window)
+                first = self.draft_start(lane) if is_started(lane) else None
             finally:  # even when the lane failed: the target alone then finishes from this cache
                 with stats.phase("prefill"):  # with all the caller's threads (the draft's prefill is short)
                     prefill(self.target, gen.cache, gen.prompt)
+            while first is None and not gen.out.done:  # the target decodes alone until the lane is up
+                gen.tokens.append(target_step(self.target, gen))
+                first = self.draft_start(lane) if is_started(lane) else None
+            if gen.out.done:
+                return gen.output(self.dec.target.device, **self.finish())
             self.cores = CoreShare(lane, self.dec.draft_threads)
             self.cores.beside_draft()
             with stats.phase("first_window"):
-                result_of(started, self.timeout)
-                window, q = result_of(first, self.timeout)[0]
+                result_of(first[0], self.timeout)
+                window, q = result_of(first[1], self.timeout)[0]
             while not gen.out.done:
                 window, q = self.step(lane, window, q)
         except LaneError as e:
@@ -161,6 +165,13 @@ class _Run:
         finally:
             self.cores.restore()
         return gen.output(self.dec.target.device, **self.finish())
+
+    def draft_start(self, lane):
+        """Send the draft the committed tokens and ask for its first window: (start, window) replies."""
+        s = self.gen.sampler
+        started = lane.submit("start", self.gen.tokens, self.gen.capacity, (s.temperature, s.top_k, s.top_p),
+                              self.seed)
+        return started, lane.submit("fresh_window", self.planner.plan().window)
 
     def step(self, lane, window, q):
         """One Mirror-SD step (DESIGN.md §1); returns the next window and its q rows."""

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from mirror_rt.lanes.base import InlineLane, LaneError, is_ready, result_of
+from mirror_rt.lanes.base import InlineLane, LaneError, is_ready, is_started, result_of
 from mirror_rt.lanes.process import ProcessLane
 from mirror_rt.lanes.thread import StreamLane, ThreadLane
 
 LANE_KINDS = ("auto", "inline", "thread", "process", "cuda", "npu")
 
 
-def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None):
+def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None, background: bool = False):
     """Build a lane of `kind` running make_worker()'s object. threads: torch threads of the draft
     on a process lane (default 1) or a thread lane (default: what the process uses when the
-    worker starts).
+    worker starts). background: a process lane returns while its child is still starting
+    (``is_started`` tells when it is up); otherwise every lane is up when this returns.
 
     auto: a CUDA stream for a CUDA draft, a worker thread otherwise. process: make_worker must
     be picklable. npu: torch.npu streams (untested on hardware; see README).
@@ -28,7 +29,14 @@ def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None):
     if kind == "thread":
         return ThreadLane(make_worker, threads)
     if kind == "process":
-        return ProcessLane(make_worker, threads)
+        lane = ProcessLane(make_worker, threads)
+        if not background:
+            try:
+                lane.wait_started()
+            except LaneError:
+                lane.close()
+                raise
+        return lane
     if kind in ("cuda", "npu"):
         module = getattr(torch, kind, None)
         if module is None or not module.is_available():
@@ -36,5 +44,5 @@ def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None):
         return StreamLane(make_worker, device, module)
 
 
-__all__ = ["make_lane", "LANE_KINDS", "LaneError", "is_ready", "InlineLane", "ThreadLane", "StreamLane", "ProcessLane",
+__all__ = ["make_lane", "LANE_KINDS", "LaneError", "is_ready", "is_started", "InlineLane", "ThreadLane", "StreamLane", "ProcessLane",
            "result_of"]

@@ -45,6 +45,11 @@ class InlineLane:
         pass
 
 
+def is_started(lane) -> bool:
+    """Whether a lane's worker is up, without waiting (only a process lane starts in the background)."""
+    return lane.started() if hasattr(lane, "started") else True
+
+
 def is_ready(fut) -> bool:
     """Whether a lane future's result is in, without waiting (a process lane's reply reads what its
     pipe already holds). A failed call counts as ready; ``result_of`` raises it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing as mp
+import threading
 
 from mirror_rt.lanes.base import LaneError, timed_call
 
@@ -61,6 +62,11 @@ class _Reply:
 
 
 class ProcessLane:
+    """The draft in a spawned process. The child starts in the background: a new interpreter
+    imports torch and receives the draft (seconds on a small CPU), and the caller goes on meanwhile;
+    ``started()`` says whether it is up, without waiting, and the first call waits for it (a child
+    that failed to start raises LaneError there)."""
+
     kind = "process"
 
     def __init__(self, make_worker, threads: int | None = None, start_timeout: float = 300.0,
@@ -78,21 +84,36 @@ class ProcessLane:
         child.close()
         self.call_timeout = call_timeout
         self.waiting = collections.deque()
+        self._start_error = None
+        self._starter = threading.Thread(target=self._start, args=(make_worker, start_timeout), daemon=True,
+                                         name="mirror-draft-start")
+        self._starter.start()
+
+    def _start(self, make_worker, start_timeout):
+        """In the starter thread: send the recipe, wait for "ready"; a failure is kept for the first call."""
         try:
             self.conn.send(make_worker)
             status, payload = self._recv(start_timeout)
+            if status != "ready":
+                raise LaneError(f"draft process failed to start: {payload[0]}: {payload[1]}")
         except (LaneError, OSError, ValueError) as e:
             self.proc.join(timeout=2.0)  # a child that broke the pipe is exiting: let it finish, then ask
             died = not self.proc.is_alive()
-            self.close()
             message = str(e if isinstance(e, LaneError) else self._died())
-            if died:
+            if died and "failed to start" not in message:
                 message += (" before it built the draft; a script that starts a process lane must do so under "
                             "`if __name__ == '__main__':` (the 'spawn' start method re-imports the main module)")
-            raise LaneError(message) from None
-        if status != "ready":
-            self.close()
-            raise LaneError(f"draft process failed to start: {payload[0]}: {payload[1]}")
+            self._start_error = LaneError(message)
+
+    def started(self) -> bool:
+        """Whether the child is up (or failed to start), without waiting."""
+        return not self._starter.is_alive()
+
+    def wait_started(self):
+        """Wait for the child; LaneError if it did not start."""
+        self._starter.join()
+        if self._start_error is not None:
+            raise self._start_error
 
     def _recv(self, timeout):
         timeout = self.call_timeout if timeout is None else timeout
@@ -111,6 +132,7 @@ class ProcessLane:
         reply.value, reply.done = self._recv(timeout), True
 
     def submit(self, method: str, *args) -> _Reply:
+        self.wait_started()
         try:
             self.conn.send((method, args))
         except (OSError, BrokenPipeError, ValueError):
@@ -127,7 +149,10 @@ class ProcessLane:
         return self.proc.pid
 
     def close(self, wait=True):
-        """Ask the process to exit; kill it if it does not within 5 s."""
+        """Ask the process to exit; kill it if it does not within 5 s (at once if still starting)."""
+        if not self.started():  # the starter may be writing to the pipe: end the child, then the starter
+            self.proc.kill()
+            self._starter.join()
         try:
             self.conn.send(None)
         except (OSError, ValueError):
