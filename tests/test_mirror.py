@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement
 from mirror_rt.decoders.mirror_config import DraftOptions
 from mirror_rt.decoders.mirror_draft import MirrorDraft, max_branches_for
 from mirror_rt.models.derive import random_model, truncated_copy
@@ -43,7 +43,8 @@ def test_greedy_equals_autoregressive_inline(pair, exit_layer, kappa, window):
     target, draft = pair
     torch.manual_seed(exit_layer * 100 + kappa * 10 + window)
     ids = torch.randint(0, 64, (1, 1 + (kappa * window) % 13))
-    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, kappa=kappa, window=window, lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(exit_layer=exit_layer, kappa=kappa, window=window),
+                        Placement(lane="inline"))
     out = dec.generate(ids, 29)  # 29: max_new_tokens ends mid-window for most windows
     assert out.tokens.tolist() == ar_tokens(target, ids, 29)
     check_consistent(out, 29)
@@ -56,7 +57,8 @@ def test_every_branch_policy_is_lossless(pair, policy, floor):
     for exit_layer, kappa, window in [(1, 2, 3), (3, 8, 7)]:
         ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(window))
         dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=exit_layer, kappa=kappa, window=window,
-                                                        branch_policy=policy, min_branch_prob=floor, lane="inline"))
+                                                        branch_policy=policy, min_branch_prob=floor),
+                            Placement(lane="inline"))
         out = dec.generate(ids, 29)
         assert out.tokens.tolist() == ar_tokens(target, ids, 29)
         check_consistent(out, 29)
@@ -71,8 +73,9 @@ def test_exit_fallback_is_lossless_and_runs_empty_windows(pair, lane):
     the draft its next window. Greedy output is AR's, every miss is followed by an empty step."""
     target, draft = pair
     for exit_layer, kappa, window, policy in [(1, 2, 3, "ranked"), (3, 8, 7, "per_position"), (2, 1, 1, "ranked")]:
-        with MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=exit_layer, kappa=kappa, window=window, lane=lane,
-                                                       branch_policy=policy, fallback="exit")) as dec:
+        with MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=exit_layer, kappa=kappa, window=window,
+                                                       branch_policy=policy, fallback="exit"),
+                           Placement(lane=lane)) as dec:
             for length in (1, 6):
                 ids = torch.arange(3, 3 + length)[None] % 64
                 out = dec.generate(ids, 31)
@@ -90,8 +93,9 @@ def test_exit_fallback_with_exact_exit_never_waits(pair):
     target, _ = tiny_pair(seed=3)
     identity_last_layer(target)
     _, draft = tiny_pair(seed=4)
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=1, window=3, lane="inline",
-                                                    branch_policy="per_position", fallback="exit"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=1, window=3,
+                                                    branch_policy="per_position", fallback="exit"),
+                        Placement(lane="inline"))
     ids = torch.tensor([[7, 8, 9]])
     out = dec.generate(ids, 30)
     assert out.tokens.tolist() == ar_tokens(target, ids, 30)
@@ -102,8 +106,8 @@ def test_exit_fallback_with_exact_exit_never_waits(pair):
 @pytest.mark.parametrize("exit_layer,kappa,window", [(2, 8, 7), (1, 2, 3)])
 def test_greedy_equals_autoregressive_on_lanes(pair, lane, exit_layer, kappa, window):
     target, draft = pair
-    with MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=exit_layer, kappa=kappa, window=window,
-                                                   lane=lane)) as dec:
+    with MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=exit_layer, kappa=kappa, window=window),
+                       Placement(lane=lane)) as dec:
         for length in (1, 5, 17):
             ids = torch.arange(length)[None] % 64
             out = dec.generate(ids, 24)
@@ -114,8 +118,8 @@ def test_greedy_equals_autoregressive_on_lanes(pair, lane, exit_layer, kappa, wi
 def test_draft_equal_to_target_accepts_every_window():
     target, _ = tiny_pair()
     identity_last_layer(target)
-    dec = MirrorDecoder(target, target, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=8, window=4, lane="inline",
-                                                    branch_policy="per_position"))
+    dec = MirrorDecoder(target, target, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=8, window=4,
+                                                    branch_policy="per_position"), Placement(lane="inline"))
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     out = dec.generate(ids, 41)
     assert out.tokens.tolist() == ar_tokens(target, ids, 41)
@@ -129,8 +133,8 @@ def test_draft_equal_to_target_accepts_every_window():
 def test_exact_exit_head_makes_every_correction_a_hit(pair):
     target, draft = tiny_pair(seed=3)
     identity_last_layer(target)
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=1, window=3, lane="inline",
-                                                    branch_policy="per_position"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=1, window=3,
+                                                    branch_policy="per_position"), Placement(lane="inline"))
     ids = torch.tensor([[7, 8, 9]])
     out = dec.generate(ids, 30)
     assert out.tokens.tolist() == ar_tokens(target, ids, 30)
@@ -140,7 +144,8 @@ def test_exact_exit_head_makes_every_correction_a_hit(pair):
 
 def test_random_draft_with_weak_exit_mostly_falls_back(pair):
     target, draft = pair
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=1, window=3, lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=1, window=3),
+                        Placement(lane="inline"))
     ids = torch.tensor([[1, 2, 3]])
     out = dec.generate(ids, 30)
     assert out.tokens.tolist() == ar_tokens(target, ids, 30)
@@ -157,8 +162,8 @@ def test_eos_inside_reused_branch_stops_exactly():
     ref = ar_tokens(target, ids, 40)[0]
     cut = next(i for i in range(12, 40) if ref[i] not in ref[:i]) + 1  # an EOS first seen late
     eos = ref[cut - 1]
-    dec = MirrorDecoder(target, target, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=8, window=5, lane="inline",
-                                                    branch_policy="per_position"))
+    dec = MirrorDecoder(target, target, MirrorConfig(plan="fixed", exit_layer=N_LAYERS - 1, kappa=8, window=5,
+                                                    branch_policy="per_position"), Placement(lane="inline"))
     out = dec.generate(ids, 40, eos_token_id=eos)
     assert out.tokens[0].tolist() == ref[:cut]
     assert out.stats["reuse_hits"] >= 1
@@ -168,7 +173,7 @@ def test_truncated_copy_draft_is_lossless(pair):
     target, _ = pair
     draft = truncated_copy(target, 2)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    out = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", lane="inline")).generate(ids, 33)
+    out = MirrorDecoder(target, draft, MirrorConfig(plan="fixed"), Placement(lane="inline")).generate(ids, 33)
     assert out.tokens.tolist() == ar_tokens(target, ids, 33)
 
 
@@ -238,7 +243,8 @@ def test_stochastic_modes_follow_target_distribution(small_vocab_pair, mode):
     target, draft = small_vocab_pair
     ids = torch.tensor([[1, 3]])
     probs = exact_two_token_distribution(target, ids)
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=2, window=2, mode=mode, lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=2, window=2, mode=mode),
+                        Placement(lane="inline"))
     stat, dof = chi_square(sample_counts(dec, ids, 5, 1500), probs)
     assert stat < CHI2_999[dof], f"{mode}: chi-square {stat:.1f} with {dof} dof"
 
@@ -254,8 +260,9 @@ def test_exit_fallback_follows_target_distribution(small_vocab_pair, mode):
     for a in range(V):
         pa = exact_two_token_distribution(target, torch.cat([ids, torch.tensor([[a]])], 1))
         tail += p1[a] * pa
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=1, window=1, mode=mode, lane="inline",
-                                                    branch_policy="per_position", fallback="exit"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=1, window=1, mode=mode,
+                                                    branch_policy="per_position", fallback="exit"),
+                        Placement(lane="inline"))
     counts, empty = torch.zeros(V, V, dtype=torch.int64), 0
     for seed in range(1500):
         out = dec.generate(ids, 3, temperature=1.0, seed=seed)
@@ -280,7 +287,8 @@ def test_distribution_test_catches_a_wrong_rule(small_vocab_pair, monkeypatch):
         return T - 1, int(torch.multinomial(process_logits(logits[0, -1]), 1, generator=self.sampler.generator))
 
     monkeypatch.setattr(mirror_mod._Run, "verify", accept_everything)
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=2, window=2, mode="match", lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=2, window=2, mode="match"),
+                        Placement(lane="inline"))
     stat, dof = chi_square(sample_counts(dec, ids, 5, 1500), probs)
     assert stat > CHI2_999[dof], f"wrong rule went unnoticed: chi-square {stat:.1f} with {dof} dof"
 
@@ -293,7 +301,8 @@ def test_rollouts_overlap_the_suffix(lane):
     slow_target = SlowTarget(target, 0.03)  # prefix + suffix: 30 ms each
     slow_draft = SlowDraft(draft, 0.01)  # 1 + window forwards per rollout: ~40 ms
     ids = torch.tensor([[1, 2, 3]])
-    with MirrorDecoder(slow_target, slow_draft, MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3, lane=lane)) as dec:
+    with MirrorDecoder(slow_target, slow_draft, MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3),
+                       Placement(lane=lane)) as dec:
         out = dec.generate(ids, 20)
     s = out.stats
     assert out.tokens.tolist() == ar_tokens(target, ids, 20)
@@ -305,7 +314,8 @@ def test_rollouts_overlap_the_suffix(lane):
 
 def test_inline_lane_has_no_overlap(pair):
     target, draft = pair
-    out = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", lane="inline")).generate(torch.tensor([[1, 2]]), 10)
+    out = MirrorDecoder(target, draft, MirrorConfig(plan="fixed"),
+                        Placement(lane="inline")).generate(torch.tensor([[1, 2]]), 10)
     assert out.stats["overlap_fraction"] == 0.0
 
 
@@ -316,8 +326,8 @@ def test_draft_prefill_overlaps_the_target_prefill():
     slow_target = SlowTarget(target, 0.3)  # prefill: one run_layers call, 300 ms
     slow_draft = SlowDraft(draft, 0.04)  # start + a 3-token window: a few forwards, ~160 ms serial
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3, lane="thread")
-    with MirrorDecoder(slow_target, slow_draft, cfg) as dec:
+    cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3)
+    with MirrorDecoder(slow_target, slow_draft, cfg, Placement(lane="thread")) as dec:
         dec.generate(ids, 2)  # builds the lane (not timed)
         calls = slow_draft.calls
         out = dec.generate(ids, 2)
@@ -341,8 +351,8 @@ def test_cpu_lane_prefills_with_every_thread_then_shares_them(lane, draft_thread
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3, lane=lane, draft_threads=draft_threads)
-        with MirrorDecoder(counted_target, slow_draft, cfg) as dec:
+        cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3)
+        with MirrorDecoder(counted_target, slow_draft, cfg, Placement(lane=lane, draft_threads=draft_threads)) as dec:
             out = dec.generate(ids, 12)
             assert torch.get_num_threads() == 4
         assert out.tokens.tolist() == ar_tokens(target, ids, 12)
@@ -367,7 +377,8 @@ def test_demo_notes_when_the_draft_shares_the_targets_cores(lane, shares):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3, lane=lane)) as dec:
+        with MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3),
+                           Placement(lane=lane)) as dec:
             dec.generate(torch.tensor([[1, 2, 3]]), 4)
             note = core_sharing_note(dec)
     finally:
@@ -390,8 +401,8 @@ def test_suffix_takes_every_core_once_the_rollouts_are_done(lane):
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3, lane=lane, draft_threads=2)
-        with MirrorDecoder(slow, slow_draft, cfg) as dec:
+        cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3)
+        with MirrorDecoder(slow, slow_draft, cfg, Placement(lane=lane, draft_threads=2)) as dec:
             out = dec.generate(ids, 10)
             assert torch.get_num_threads() == 4
         assert out.tokens.tolist() == ar_tokens(target, ids, 10)
@@ -411,8 +422,8 @@ def test_target_alone_after_a_lane_failure_gets_every_thread_back():
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3, lane="thread")
-        with MirrorDecoder(counted, FailingDraft(draft, after=4), cfg) as dec:
+        cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3)
+        with MirrorDecoder(counted, FailingDraft(draft, after=4), cfg, Placement(lane="thread")) as dec:
             with pytest.warns(RuntimeWarning, match="draft lane failed"):
                 out = dec.generate(ids, 16)
             assert torch.get_num_threads() == 4
@@ -431,7 +442,8 @@ def test_rollouts_shrink_to_the_draft_cache_near_the_end_of_its_context():
     target = random_model(seed=0, num_layers=4, max_position=64)
     draft = truncated_copy(target, 1)
     ids = torch.randint(0, 64, (1, 37), generator=torch.Generator().manual_seed(0))
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3, lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=2, kappa=2, window=3),
+                        Placement(lane="inline"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed lane warns: make it fail the test
         out = dec.generate(ids, 20)  # 37 + 20 + 4 slack: 3 context slots left, a tree needs more
@@ -449,8 +461,9 @@ def test_unsure_draft_windows_follow_target_distribution(small_vocab_pair, mode)
     tail = torch.zeros(V, V, dtype=torch.float64)
     for a in range(V):
         tail += p1[a] * exact_two_token_distribution(target, torch.cat([ids, torch.tensor([[a]])], 1))
-    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=1, window=1, mode=mode, lane="inline",
-                                                    branch_policy="per_position", min_draft_prob=0.75))
+    dec = MirrorDecoder(target, draft, MirrorConfig(plan="fixed", exit_layer=1, kappa=1, window=1, mode=mode,
+                                                    branch_policy="per_position", min_draft_prob=0.75),
+                        Placement(lane="inline"))
     counts, empty, steps = torch.zeros(V, V, dtype=torch.int64), 0, 0
     for seed in range(1500):
         out = dec.generate(ids, 3, temperature=1.0, seed=seed)
@@ -465,8 +478,8 @@ def test_unsure_draft_windows_follow_target_distribution(small_vocab_pair, mode)
 @pytest.mark.parametrize("lane,min_prob", [("inline", 0.3), ("inline", 0.9), ("thread", 0.5), ("process", 0.5)])
 def test_greedy_with_unsure_draft_windows_equals_autoregressive(pair, lane, min_prob):
     target, draft = pair
-    cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=3, window=4, lane=lane, min_draft_prob=min_prob, fallback="exit")
-    with MirrorDecoder(target, draft, cfg) as dec:
+    cfg = MirrorConfig(plan="fixed", exit_layer=2, kappa=3, window=4, min_draft_prob=min_prob, fallback="exit")
+    with MirrorDecoder(target, draft, cfg, Placement(lane=lane)) as dec:
         for seed in (0, 1):
             ids = torch.randint(0, 64, (1, 6 + seed), generator=torch.Generator().manual_seed(seed))
             out = dec.generate(ids, 30)

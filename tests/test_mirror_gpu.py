@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement, SpeculativeDecoder
 from mirror_rt.models.derive import random_model
 
 pytestmark = pytest.mark.gpu
@@ -17,7 +17,7 @@ def test_greedy_mirror_equals_ar_on_gpu(lane):
     ids = torch.arange(1, 12, device="cuda")[None]
     ref = AutoregressiveDecoder(target).generate(ids, 48).tokens.tolist()
     assert SpeculativeDecoder(target, draft, 5).generate(ids, 48).tokens.tolist() == ref
-    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, kappa=4, window=5, lane=lane)) as dec:
+    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, kappa=4, window=5), Placement(lane=lane)) as dec:
         out = dec.generate(ids, 48)
     assert out.tokens.tolist() == ref
     assert out.stats["lane"] == ("stream" if lane == "cuda" else lane)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mirror_helpers import FailingDraft, tiny_pair
-from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement, SpeculativeDecoder
 from mirror_rt.lanes import LaneError
 from mirror_rt.models.derive import random_model
 
@@ -33,7 +33,7 @@ def reference(pair):
 @pytest.mark.parametrize("lane", ["inline", "thread", "process"])
 def test_draft_that_raises_falls_back_to_target(pair, reference, lane):
     target, draft = pair
-    dec = MirrorDecoder(target, FailingDraft(draft, after=12), MirrorConfig(window=3, lane=lane))
+    dec = MirrorDecoder(target, FailingDraft(draft, after=12), MirrorConfig(window=3), Placement(lane=lane))
     with pytest.warns(RuntimeWarning, match="draft lane failed"):
         out = dec.generate(IDS, 40)
     assert out.tokens.tolist() == reference
@@ -47,7 +47,7 @@ def test_lane_that_fails_before_the_prefill_falls_back_to_target(pair, reference
     """A lane that cannot even be built (after=0) or take the first call (after=1): the target
     still prefills and finishes alone."""
     target, draft = pair
-    dec = MirrorDecoder(target, draft, MirrorConfig(window=3, lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(window=3), Placement(lane="inline"))
 
     class DeadLane:
         kind = "dead"
@@ -73,7 +73,7 @@ def test_lane_that_fails_before_the_prefill_falls_back_to_target(pair, reference
 
 def test_killed_draft_process_loses_nothing(pair, reference):
     target, draft = pair
-    dec = MirrorDecoder(target, draft, MirrorConfig(window=3, lane="process"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(window=3), Placement(lane="process"))
     seen = []
 
     def kill_after_ten(new):
@@ -118,7 +118,7 @@ def test_process_lane_started_without_main_guard_raises_instead_of_hanging(tmp_p
 def test_hung_draft_process_times_out(pair, reference):
     target, draft = pair
     dec = MirrorDecoder(target, FailingDraft(draft, after=12, how="hang"),
-                        MirrorConfig(window=3, lane="process", lane_timeout=3.0))
+                        MirrorConfig(window=3), Placement(lane="process", lane_timeout=3.0))
     t0 = time.perf_counter()
     with pytest.warns(RuntimeWarning, match="did not answer"):
         out = dec.generate(IDS, 40)
@@ -129,7 +129,7 @@ def test_hung_draft_process_times_out(pair, reference):
 @pytest.mark.parametrize("lane", ["inline", "process"])
 def test_nan_in_draft_logits_raises(pair, lane):
     target, draft = pair
-    dec = MirrorDecoder(target, FailingDraft(draft, after=5, how="nan"), MirrorConfig(window=3, lane=lane))
+    dec = MirrorDecoder(target, FailingDraft(draft, after=5, how="nan"), MirrorConfig(window=3), Placement(lane=lane))
     with pytest.raises(FloatingPointError, match="draft produced NaN/inf logits at step"):
         dec.generate(IDS, 40)
     dec.close()
@@ -141,7 +141,7 @@ def test_nan_in_target_logits_raises(pair):
     with torch.no_grad():
         broken.layers[2].mlp.up_proj.weight.fill_(float("inf"))
     for dec in (AutoregressiveDecoder(broken), SpeculativeDecoder(broken, draft, 3),
-                MirrorDecoder(broken, draft, MirrorConfig(lane="inline"))):
+                MirrorDecoder(broken, draft, MirrorConfig(), Placement(lane="inline"))):
         with pytest.raises(FloatingPointError, match="target produced NaN/inf logits"):
             dec.generate(IDS, 10)
 
@@ -169,7 +169,7 @@ def test_bad_mirror_config(pair, kwargs, match):
 
 def test_bad_generate_arguments(pair):
     target, draft = pair
-    dec = MirrorDecoder(target, draft, MirrorConfig(lane="inline"))
+    dec = MirrorDecoder(target, draft, MirrorConfig(), Placement(lane="inline"))
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         dec.generate(IDS, 5, temperature=-1)
     with pytest.raises(ValueError, match="top_p must be in \\(0, 1\\]"):
@@ -186,7 +186,7 @@ def test_bad_generate_arguments(pair):
 def test_same_size_but_different_tokenizer_is_refused(pair, decoder):
     target, draft = pair
     make = (lambda t, d: SpeculativeDecoder(t, d, 3)) if decoder == "sd" else \
-        (lambda t, d: MirrorDecoder(t, d, MirrorConfig(lane="inline")))
+        (lambda t, d: MirrorDecoder(t, d, MirrorConfig(), Placement(lane="inline")))
     V = target.config.vocab_size
     target.tokenizer_tokens = tuple(f"t{i}" for i in range(V))
     try:
@@ -212,7 +212,7 @@ def test_long_run_is_flat_in_memory_and_time(lane):
     target = random_model(21, vocab_size=64, hidden_size=32, num_layers=2)
     draft = random_model(22, vocab_size=64, hidden_size=32, num_layers=1)
     times = []
-    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, kappa=2, window=3, lane=lane)) as dec:
+    with MirrorDecoder(target, draft, MirrorConfig(exit_layer=1, kappa=2, window=3), Placement(lane=lane)) as dec:
         dec.generate(IDS, 200)  # warm-up: caches, allocator pools, the process lane's start
         gc.collect()
         rss_before, tensors_before = rss_mb(), _live_tensors()
@@ -242,10 +242,10 @@ def test_same_seed_same_tokens_across_runs_and_lanes(pair):
     target, draft = pair
     results = []
     for lane in ("inline", "thread", "process", "inline"):
-        with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=4, lane=lane, plan="fixed")) as dec:
+        with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=4, plan="fixed"), Placement(lane=lane)) as dec:
             results.append(dec.generate(IDS, 30, temperature=0.8, seed=1234).tokens.tolist())
     assert all(r == results[0] for r in results), results
-    with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=4, lane="inline", plan="fixed")) as dec:
+    with MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=4, plan="fixed"), Placement(lane="inline")) as dec:
         assert dec.generate(IDS, 30, temperature=0.8, seed=99).tokens.tolist() != results[0]
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement, SpeculativeDecoder
 from mirror_rt.models.derive import random_model, truncated_copy
 from mirror_rt.specbench import load_questions, run_specbench, summarize, task_family
 from mirror_rt.specbench_report import accept_lengths, format_table, plot_speedups, write_answers, write_csv
@@ -46,7 +46,7 @@ def test_specbench_end_to_end(qfile, tmp_path):
     target = random_model(seed=0, num_layers=4, max_position=64)
     draft = truncated_copy(target, 1)
     decoders = {"ar": AutoregressiveDecoder(target), "sd": SpeculativeDecoder(target, draft, 3),
-                "mirror": MirrorDecoder(target, draft, MirrorConfig(kappa=2, window=3, lane="inline"))}
+                "mirror": MirrorDecoder(target, draft, MirrorConfig(kappa=2, window=3), Placement(lane="inline"))}
     questions = load_questions(qfile) + [{"question_id": 4, "category": "rag", "turns": ["x" * 60]}]
     result = run_specbench(questions, fake_encode, decoders, context=64, max_new_tokens=12, progress=False)
     assert result["skipped"] == [4]  # 60 prompt tokens + 12 new exceed the 64-token context

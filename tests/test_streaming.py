@@ -174,7 +174,7 @@ def test_save_load_roundtrip(tmp_path, trained):
 
 
 def test_sd_decoders_stay_lossless_with_the_trained_pair(trained):
-    from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+    from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, Placement, SpeculativeDecoder
     from mirror_rt.exit_head import new_exit_head
 
     target, draft, seqs = trained
@@ -185,8 +185,8 @@ def test_sd_decoders_stay_lossless_with_the_trained_pair(trained):
         ids = torch.tensor([s[:6]])
         ref = AutoregressiveDecoder(target).generate(ids, 20).tokens
         assert torch.equal(SpeculativeDecoder(target, draft, 4).generate(ids, 20).tokens, ref)
-        with MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, exit_head=head, kappa=3, window=3,
-                                                       lane="inline")) as dec:
+        with MirrorDecoder(target, draft, MirrorConfig(exit_layer=2, exit_head=head, kappa=3, window=3),
+                           Placement(lane="inline")) as dec:
             assert torch.equal(dec.generate(ids, 20).tokens, ref)
     acc = sd_acceptance(draft, [s[:6] for s in seqs[:2]], [s[6:20] for s in seqs[:2]], window=4)
     assert acc["steps"] > 0 and 0 <= acc["mean_accepted"] <= 4
