@@ -1,4 +1,4 @@
-"""AutoDecoder: lossless whatever it picks, says what it picked and why, measures again on drift."""
+"""AutoDecoder: lossless whatever it picks, says what it picked and why, chooses again on drift."""
 import pytest
 import torch
 from mirror_helpers import SlowDraft, tiny_pair
@@ -82,8 +82,10 @@ def test_choice_takes_the_margin_and_rechecks_on_drift(pair):
         dec._track(steady)
         assert dec.choice == "mirror"
         slow = {"new_tokens": 60, "wall_s": 1.0, "phase_s": {}}  # 60 tok/s: half the prediction
-        dec._track(slow)
-        assert dec.choice is None and dec.estimates == {} and "measuring again" in dec.reason
+        dec._track(slow)  # the running ratio falls to 75%: mirror's estimate drops to 90, SD (110) wins
+        assert dec.choice == "sd" and dec.estimates == {"ar": 100.0, "sd": 110.0, "mirror": 90.0}
+        assert "mirror measured 90.0 tok/s, off its prediction: chose again" in dec.reason
+        assert dec.reason.startswith("sd: predicted 110.0 tok/s")
 
 
 def test_sd_window_follows_its_acceptance(pair):

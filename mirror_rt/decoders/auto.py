@@ -5,8 +5,9 @@ tokens, SD continues from them, Mirror-SD continues from SD's, each a short prob
 latency law (mirror_rt.sim) turns each probe's phase times into a predicted tokens/s: AR's
 measured rate, SD's at its best window from its measured acceptance by position, Mirror-SD's
 from its planner. The fastest (a simpler decoder wins ties within ``margin``) writes the rest, and
-every later call, until its measured rate drifts more than ``drift`` from the prediction that
-chose it; the next call then measures again.
+every later call. When the chosen decoder's measured rate drifts more than ``drift`` from its
+prediction, the measurement replaces its estimate and the choice is made again from the estimates
+(measuring all three again would read the prompt three more times).
 
 Lossless whatever it picks: every decoder emits the target's tokens (greedy: exactly AR's), and a
 continuation from any prefix is the target's continuation. Sampling: each piece draws from the
@@ -32,7 +33,7 @@ class AutoDecoder:
     also bounds SD's); placement: Mirror-SD's Placement (None: its default).
     probe: new tokens each decoder writes while measured (ar, sd, mirror); margin: how much faster a
     more complex decoder must be predicted to be chosen; drift: the relative gap between the chosen
-    decoder's measured and predicted tokens/s that makes the next call measure again."""
+    decoder's measured and predicted tokens/s that makes it choose again."""
 
     def __init__(self, target, draft, config: MirrorConfig | None = None, placement=None, *,
                  probe=(8, 16, 24), margin: float = 0.02, drift: float = 0.10):
@@ -160,13 +161,20 @@ class AutoDecoder:
         return (1 + accepted_by_position(rates, best)) / (best * draft_token + target + rest)
 
     def _track(self, stats: dict):
-        """After a piece by the chosen decoder: measure again next call if the rate drifted."""
+        """After a piece by the chosen decoder: when its rate drifted from the prediction, its
+        measured rate replaces its estimate and the choice is made again from the estimates (no new
+        probes: each probe would read the whole prompt again)."""
         if stats.get("new_tokens", 0) < 8 or not self.estimates.get(self.choice):
             return
-        self.ratio = 0.5 * self.ratio + 0.5 * _decode_rate(stats) / self.estimates[self.choice]
+        measured = _decode_rate(stats)
+        self.ratio = 0.5 * self.ratio + 0.5 * measured / self.estimates[self.choice]
         if abs(self.ratio - 1) > self.drift:
-            self.reason += f"; measured {self.ratio:.0%} of the prediction: measuring again"
-            self.choice, self.estimates = None, {}
+            old = self.choice
+            self.estimates[old] = self.estimates[old] * self.ratio
+            self.choice, self.ratio = None, 1.0
+            note = f"{old} measured {self.estimates[old]:.1f} tok/s, off its prediction: chose again"
+            self._choose()
+            self.reason += f" ({note})"
 
 
 def _decode_rate(stats: dict) -> float:
