@@ -122,13 +122,14 @@ def _row(family, name, recs, base, greedy):
            "reuse_rate": "", "fallback_rate": "", "lookup_rate": "", "overlap": "", "equal_ar": "n/a",
            "pred_tok_s": "", "explained": ""}
     if steps:
-        row["mean_accepted"] = round(sum(s["mean_accepted"] * s["steps"] for s in stats) / steps, 3)
+        row["mean_accepted"] = round(sum(s.get("mean_accepted", 0.0) * s["steps"] for s in stats) / steps, 3)
         row["tokens_per_step"] = round(sum(s["new_tokens"] for s in stats) / steps, 3)
-    if "lookup_windows" in stats[0] and steps:  # windows copied from the context (decoders/lookup.py)
-        row["lookup_rate"] = round(sum(s["lookup_windows"] for s in stats) / steps, 3)
-    if "reuse_hits" in stats[0] and steps:
-        row["reuse_rate"] = round(sum(s["reuse_hits"] for s in stats) / steps, 3)
-        row["fallback_rate"] = round(sum(s["fallbacks"] for s in stats) / steps, 3)
+    # The auto decoder's stats are those of the decoder it chose, which can change between prompts.
+    if any("lookup_windows" in s for s in stats) and steps:  # windows copied from the context
+        row["lookup_rate"] = round(sum(s.get("lookup_windows", 0) for s in stats) / steps, 3)
+    if any("reuse_hits" in s for s in stats) and steps:
+        row["reuse_rate"] = round(sum(s.get("reuse_hits", 0) for s in stats) / steps, 3)
+        row["fallback_rate"] = round(sum(s.get("fallbacks", 0) for s in stats) / steps, 3)
         row["overlap"] = round(sum(s.get("overlap_fraction", 0.0) for s in stats) / len(stats), 3)
     if base is not None:
         b_tok, b_wall = sum(len(r["tokens"]) for r in base), sum(r["wall_time"] for r in base)

@@ -99,3 +99,18 @@ def test_build_decoders_puts_ar_first_and_takes_factories(tmp_path, monkeypatch)
     assert list(decoders) == ["ar", "sd", "sd3"] and decoders["sd3"].window == 3
     with pytest.raises(ValueError):
         build_decoders(["nope"], target, target, args)
+
+
+def test_summary_takes_records_whose_stats_differ(qfile):
+    """A decoder whose stats change shape between prompts (the auto decoder reports the stats of
+    the decoder it chose) still gets its row: missing counters count as zero."""
+    target = random_model(seed=0, num_layers=4, max_position=64)
+    draft = truncated_copy(target, 1)
+    decoders = {"ar": AutoregressiveDecoder(target),
+                "mirror": MirrorDecoder(target, draft, MirrorConfig(kappa=2, window=3), Placement(lane="inline"))}
+    result = run_specbench(load_questions(qfile), fake_encode, decoders, context=64, max_new_tokens=8, progress=False)
+    mixed = result["runs"]["mirror"]
+    mixed[1] = {**mixed[1], "stats": result["runs"]["ar"][1]["stats"]}  # this prompt "chose" AR
+    rows = summarize(result, greedy=True)
+    overall = [r for r in rows if r["decoder"] == "mirror" and r["family"] == "overall"][0]
+    assert overall["tok_s"] > 0 and 0 <= overall["reuse_rate"] <= 1 and overall["fallback_rate"] != ""
