@@ -125,14 +125,16 @@ def test_cli_prints_load_time_and_time_to_first_token(tmp_path, capsys):
 # --- the embedded default's peak memory ---------------------------------------------------------
 
 # The goal is 400 MB for the default pair loaded and one token generated. On x86-64 Linux it peaks
-# near 385 MB: torch's own import (220-280 MB, depending on the install), the GGUF's blocks (98 MB,
+# near 385-460 MB: torch's own import (220-280 MB, depending on the install), the GGUF's blocks (98 MB,
 # mapped; the pages of blocks copied into fused projections are given back), the SS draft's Q8_0
 # blocks, the tokenizer. The bound leaves room for torch's spread and catches a return of float
 # weights (dequantized loading: 1.1 GB; a float draft: +60 MB); bench/startup.py measures the stages.
 RSS_GOAL_MB = 400
-RSS_BOUND_MB = 460
+ADDED_BOUND_MB = 200  # the pair and one token on top of `import torch` (about 165 MB)
+RSS_BOUND_MB = 520
 _RSS_PROBE = """
 import json, torch
+torch_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
 from mirror_rt import default
 from mirror_rt.decoders import AutoregressiveDecoder
 from mirror_rt.tokenizer import encode_chat
@@ -142,7 +144,7 @@ dense = sum(p.numel() * p.element_size() for p in target.parameters() if p.is_fl
 # VmHWM is this process image's own peak: ru_maxrss would also count the parent's peak, which a
 # child started by vfork (as subprocess does) inherits at exec, so it would report pytest's size.
 hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"maxrss_mb": hwm_kb / 1024,
+print(json.dumps({"maxrss_mb": hwm_kb / 1024, "torch_mb": torch_kb / 1024,
                   "dense_weight_mb": dense / 2**20, "dynamo": "torch._dynamo" in __import__("sys").modules}))
 """
 
@@ -157,4 +159,6 @@ def test_default_pair_peak_memory_under_bound():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["dense_weight_mb"] < 10, f"the target's weights should stay quantized: {got}"
     assert not got["dynamo"], "loading the pair and one AR token should not import torch._dynamo"
+    # torch's own import varies by install (220-280 MB seen): what loading adds is bounded apart
+    assert got["maxrss_mb"] - got["torch_mb"] <= ADDED_BOUND_MB, f"{got} (the issue's goal: {RSS_GOAL_MB} MB in all)"
     assert got["maxrss_mb"] <= RSS_BOUND_MB, f"{got} (the issue's goal: {RSS_GOAL_MB} MB)"
