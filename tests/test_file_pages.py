@@ -1,4 +1,4 @@
-"""release_file_pages: the resident pages of a file map are given back, the values stay."""
+"""FilePages.release: the resident pages of a file map are given back, the values stay."""
 import os
 import sys
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mirror_rt.models.file_pages import release_file_pages
+from mirror_rt.models.file_pages import FilePages
 
 
 def _resident_kb(path) -> int:
@@ -32,7 +32,7 @@ def test_pages_are_released_and_read_back_unchanged(tmp_path):
     tensor = torch.from_numpy(mapped[100:])  # starts inside a page: that page stays
     before = int(tensor.sum())
     assert _resident_kb(path) > 2900
-    released = release_file_pages(str(path), [tensor])
+    released = FilePages(str(path)).release([tensor])
     assert released >= 3 * 2**20 - 8192 and released % 4096 == 0
     assert _resident_kb(path) < 100
     assert int(tensor.sum()) == before and torch.equal(tensor, torch.from_numpy(values[100:]))
@@ -43,6 +43,6 @@ def test_tensors_outside_the_file_are_left_alone(tmp_path):
     np.zeros(8192, dtype=np.uint8).tofile(path)
     mapped = np.memmap(path, dtype=np.uint8, mode="c")  # the file is mapped, the tensor is not in it
     anonymous = torch.arange(2**20, dtype=torch.float32)
-    assert release_file_pages(str(path), [anonymous]) == 0 and mapped.size == 8192
+    assert FilePages(str(path)).release([anonymous]) == 0 and mapped.size == 8192
     assert torch.equal(anonymous, torch.arange(2**20, dtype=torch.float32))
-    assert release_file_pages(str(tmp_path / "not_mapped.bin")) == 0
+    assert FilePages(str(tmp_path / "not_mapped.bin")).release() == 0

@@ -294,10 +294,7 @@ def start_generation(target, input_ids, args: GenerateArgs, name: str, slack: in
     context too), the target's cache, sampler, emitter (EOS, stop strings, stream) and stats.
     target: the decoder's prepared target (its ``new_cache`` rounds a compiled cache's capacity,
     so prompts of different lengths share compiled artifacts)."""
-    from mirror_rt.models.from_hf import check_model
-
-    check_model(target, "target")  # a transformers model: TypeError naming load_model
-    args.check()
+    args.check()  # the target itself was checked when the decoder was built (check_model / check_pair)
     from mirror_rt.generation import StopStrings, resolve_eos
 
     prompt = as_prompt(input_ids, target.config.vocab_size, target.device)

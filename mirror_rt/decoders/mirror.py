@@ -151,15 +151,14 @@ class _Run:
             while first is None and not gen.out.done:  # the target decodes alone until the lane is up
                 gen.tokens.append(target_step(self.target, gen))
                 first = self.draft_start(lane) if is_started(lane) else None
-            if gen.out.done:
-                return gen.output(self.dec.target.device, **self.finish())
-            self.cores = CoreShare(lane, self.dec.draft_threads)
-            self.cores.beside_draft()
-            with stats.phase("first_window"):
-                result_of(first[0], self.timeout)
-                window, q = result_of(first[1], self.timeout)[0]
-            while not gen.out.done:
-                window, q = self.step(lane, window, q)
+            if not gen.out.done:
+                self.cores = CoreShare(lane, self.dec.draft_threads)
+                self.cores.beside_draft()
+                with stats.phase("first_window"):
+                    result_of(first[0], self.timeout)
+                    window, q = result_of(first[1], self.timeout)[0]
+                while not gen.out.done:
+                    window, q = self.step(lane, window, q)
         except LaneError as e:
             self.draft_failed(e)
         finally:

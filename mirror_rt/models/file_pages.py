@@ -3,7 +3,7 @@
 The GGUF loader keeps quantized blocks as views of a copy-on-write map of the file. Fusing a
 layer's q/k/v (and gate/up) copies their blocks into one tensor; the originals are then referenced
 by nothing, but their pages stay resident and count in the process's memory until the map is
-closed, which it never is while the model lives. ``release_file_pages`` drops them
+closed, which it never is while the model lives. ``FilePages.release`` drops them
 (``madvise(MADV_DONTNEED)``): a page of a private file map that was never written is read again
 from the file if it is ever touched, so this changes memory, never contents. The same holds for
 the map safetensors reads a draft through, once each tensor is copied out. Only whole pages inside
@@ -69,8 +69,3 @@ class FilePages:
                 if end > start and madvise(start, end - start, _MADV_DONTNEED) == 0:
                     released += end - start
         return released
-
-
-def release_file_pages(path: str, tensors=None) -> int:
-    """``FilePages(path).release(tensors)``: for one call; make a FilePages for many."""
-    return FilePages(path).release(tensors)
