@@ -185,8 +185,8 @@ def cmd_generate(args):
 
     for line in plan_report(s):
         print(line, file=sys.stderr)
-    ttft = f"{first[0] - t_gen:.2f} s" if first else "-"
-    print(f"  load {load_s:.2f} s, first token {ttft} after generate started", file=sys.stderr)
+    ttft = f"{first[0] - t_gen:.3f} s" if first else "-"  # 3 decimals: a tiny model answers within 5 ms
+    print(f"  load {load_s:.3f} s, first token {ttft} after generate started", file=sys.stderr)
     if hasattr(dec, "close"):
         dec.close()
 
