@@ -14,6 +14,7 @@
 #include "core/info.h"
 #include "core/quant_linear.h"
 #include "core/small_linear.h"
+#include "core/row_attention.h"
 #include "core/tree_attention.h"
 #include "third_party/dlpack/dlpack.h"
 
@@ -116,7 +117,7 @@ std::string dims(const char* fmt, std::initializer_list<std::pair<const char*, i
 
 void tree_attention_py(py::handle q_, py::handle kc_, py::handle vc_, py::handle seqlens_,
                        py::handle kt_, py::handle vt_, py::handle mask_, py::handle out_,
-                       double sm_scale, int num_threads) {
+                       double sm_scale, int num_threads, bool row_exact) {
   View q(q_, "q"), kc(kc_, "k_cache"), vc(vc_, "v_cache"), sl(seqlens_, "cache_seqlens"),
       kt(kt_, "k_tree"), vt(vt_, "v_tree"), mask(mask_, "tree_mask"), out(out_, "out");
   q.rank(4);
@@ -150,6 +151,7 @@ void tree_attention_py(py::handle q_, py::handle kc_, py::handle vc_, py::handle
     value_error("tree_mask bits must be [B=" + std::to_string(B) + ", Tq=" + std::to_string(Tq) + ", W>=" + std::to_string(W) + "], got shape " + shape_str(*mask.t));
   mask.inner_contiguous();
   if (!std::isfinite(sm_scale)) value_error("sm_scale must be finite");
+  if (row_exact && dt != DType::kF32) type_error("row_exact tree_attention takes float32 tensors only");
 
   TreeAttentionArgs a{};
   a.dtype = dt;
@@ -172,7 +174,10 @@ void tree_attention_py(py::handle q_, py::handle kc_, py::handle vc_, py::handle
   a.num_threads = num_threads;
   if (B == 0) return;
   py::gil_scoped_release nogil;
-  tree_attention(a);
+  if (row_exact)
+    row_attention(a);
+  else
+    tree_attention(a);
 }
 
 void pack_tree_mask_py(py::handle mask_, py::handle out_) {
@@ -361,6 +366,39 @@ void small_linear_ptr_py(uintptr_t x, int64_t rows, int64_t in, uintptr_t w, int
 }
 
 
+// Row-exact attention on raw addresses, for the model's CPU attention (one call per layer): q, out
+// contiguous [B, Tq, Hq, D]; k/v contiguous [B, S, Hkv, D] KV-cache buffers whose first `prefix`
+// slots every row sees and whose next T slots are the new nodes (mask_bits 0: a causal chain, else
+// packed [B, Tq, W] bits). The model checked the shapes when it built the cache.
+void row_attention_ptr_py(uintptr_t q, int64_t B, int64_t Tq, int64_t Hq, int64_t D, uintptr_t k, uintptr_t v,
+                          int64_t S, int64_t Hkv, int64_t prefix, int64_t T, uintptr_t mask_bits, int64_t W,
+                          uintptr_t out, double sm_scale, int num_threads) {
+  if (B < 1 || Tq < 1 || Tq > T || Hkv < 1 || Hq % Hkv || D < 1 || D > kMaxHeadDim || prefix < 0 ||
+      prefix + T > S || (mask_bits && W * 32 < T) || !q || !k || !v || !out)
+    value_error("row_attention_ptr: need 1 <= Tq <= T, prefix + T <= S, Hq a multiple of Hkv, 1 <= D <= " +
+                std::to_string(kMaxHeadDim) + ", W >= ceil(T / 32), non-null addresses");
+  TreeAttentionArgs a{};
+  a.dtype = DType::kF32;
+  a.B = int(B); a.Tq = int(Tq); a.T = int(T); a.S = int(S); a.Hq = int(Hq); a.Hkv = int(Hkv); a.D = int(D);
+  const int64_t ksl = Hkv * D, ksb = S * ksl;
+  a.q = Tensor4{reinterpret_cast<const void*>(q), Tq * Hq * D, Hq * D, D};
+  a.k_cache = Tensor4{reinterpret_cast<const void*>(k), ksb, ksl, D};
+  a.v_cache = Tensor4{reinterpret_cast<const void*>(v), ksb, ksl, D};
+  a.k_tree = Tensor4{reinterpret_cast<const float*>(k) + prefix * ksl, ksb, ksl, D};
+  a.v_tree = Tensor4{reinterpret_cast<const float*>(v) + prefix * ksl, ksb, ksl, D};
+  std::vector<int32_t> lens(B, int32_t(prefix));
+  a.cache_seqlens = lens.data();
+  a.mask_bits = reinterpret_cast<const uint32_t*>(mask_bits);
+  a.mask_sb = Tq * W; a.mask_si = W;
+  a.out = reinterpret_cast<void*>(out);
+  a.out_sb = Tq * Hq * D; a.out_sl = Hq * D; a.out_sh = D;
+  a.sm_scale = float(sm_scale);
+  a.num_threads = num_threads;
+  py::gil_scoped_release release;
+  row_attention(a);
+}
+
+
 // --- quantized weights (GGUF block formats) ---------------------------------------------------
 
 QType quant_type(int type) {
@@ -484,8 +522,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("openmp_max_threads", &mirror_rt::openmp_max_threads, "OpenMP threads the core may use");
   m.def("tree_attention", &tree_attention_py, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("cache_seqlens"), py::arg("k_tree"), py::arg("v_tree"), py::arg("tree_mask"),
-        py::arg("out"), py::arg("sm_scale"), py::arg("num_threads") = 0,
-        "Writes out [B,Tq,Hq,D]. tree_mask: int32 packed bits [B,Tq,W>=ceil(T/32)]; cache_seqlens int32 [B].");
+        py::arg("out"), py::arg("sm_scale"), py::arg("num_threads") = 0, py::arg("row_exact") = false,
+        "Writes out [B,Tq,Hq,D]. tree_mask: int32 packed bits [B,Tq,W>=ceil(T/32)]; cache_seqlens int32 [B]. "
+        "row_exact: float32 only, each row's result independent of the call (csrc/core/row_attention.h).");
+  m.def("row_attention_ptr", &row_attention_ptr_py, py::arg("q"), py::arg("B"), py::arg("Tq"), py::arg("Hq"),
+        py::arg("D"), py::arg("k"), py::arg("v"), py::arg("S"), py::arg("Hkv"), py::arg("prefix"), py::arg("T"),
+        py::arg("mask_bits"), py::arg("W"), py::arg("out"), py::arg("sm_scale"), py::arg("num_threads") = 0,
+        "Row-exact attention over KV-cache buffers given by address (see row_attention_ptr_py).");
   m.def("small_linear", &small_linear_py, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         py::arg("num_threads") = 0,
         "out [rows, out] = x [rows<=8, in] @ weight [out, in]^T (+ bias [out] or None); float32.");

@@ -91,6 +91,9 @@ class _AttentionPlan:
                  window: int | None = None, positions=None):
         self.length, self.start, self.end = cache.length, cache.length + tree_offset, cache.length + tree_offset + T
         self.tree_mask = tree_mask
+        self.row_exact = _row_exact(cache, T, window)
+        if self.row_exact and tree_mask is not None:
+            self.mask_bits = tree_mask if tree_mask.dtype == torch.int32 else ops.cpu_ops().pack_tree_mask(tree_mask)
         self.causal_mask = self.seqlens = self.dense_mask = None
         self.lo = 0  # the first slot a chain's queries read
         if tree_mask is not None:
@@ -108,6 +111,11 @@ class _AttentionPlan:
         v_buf[:, self.start:self.end] = v
 
     def attend(self, q, k_buf, v_buf):
+        if self.row_exact:
+            if self.tree_mask is None:  # a chain after every slot before it
+                return ops.cpu_ops().row_attention_unchecked(q, k_buf, v_buf, self.start, self.end - self.start)
+            return ops.cpu_ops().row_attention_unchecked(q, k_buf, v_buf, self.length, self.end - self.length,
+                                                         self.mask_bits)
         if self.tree_mask is None:
             return _causal_attention(q, k_buf[:, self.lo:self.end], v_buf[:, self.lo:self.end], self.causal_mask)
         if self.dense_mask is not None:  # a sliding window cuts the tree's view of the prefix
@@ -147,6 +155,20 @@ class StaticAttentionPlan:
             return _dense_attention(q, k_buf, v_buf, self.dense_mask)
         k_tree, v_tree = k_buf.index_select(1, self.tree_slots), v_buf.index_select(1, self.tree_slots)
         return torch.ops.mirror_rt.tree_attention(q, k_buf, v_buf, self.seqlens, k_tree, v_tree, self.tree_mask)
+
+
+ROW_EXACT_MAX_T = 64  # new tokens per forward up to which CPU attention is row-exact (steps, not prefill)
+
+
+def _row_exact(cache: StaticKVCache, T: int, window) -> bool:
+    """Whether an eager forward's attention runs row-exact (csrc/core/row_attention.h): float32 CPU
+    caches, no sliding window, decoding-sized T, and the C++ build present. Then a token's hidden
+    state is the same bits whether it was decoded alone or verified inside a window or tree, and
+    speculative decoding equals autoregressive decoding exactly. Prefill keeps SDPA: every decoder
+    prefills the same prompt the same way."""
+    k = cache.k[0] if cache.k else None
+    return (k is not None and k.device.type == "cpu" and k.dtype == torch.float32 and window is None
+            and T <= ROW_EXACT_MAX_T and k.is_contiguous() and ops.cpu_ops() is not None)
 
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)

@@ -27,6 +27,16 @@ def _cpp():
     return _C
 
 
+def cpu_ops():
+    """``mirror_rt.ops.cpu`` (the C++ operators' thin wrappers) where the build has them and
+    MIRROR_RT_BACKEND does not force another backend; else None."""
+    if forced_backend() not in (None, "", "cpp") or not hasattr(_cpp() or object(), "row_attention_ptr"):
+        return None
+    from mirror_rt.ops import cpu
+
+    return cpu
+
+
 def _triton_ok():
     try:
         import triton  # noqa: F401

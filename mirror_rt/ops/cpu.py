@@ -30,7 +30,7 @@ def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
 
 
 def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_mask, sm_scale=None,
-                       *, num_threads=None):
+                       *, num_threads=None, row_exact=False):
     """C++ tree attention; same contract as ``reference.tree_attention_ref``.
 
     q [B, Tq, Hq, D], k_cache/v_cache [B, S, Hkv, D], cache_seqlens [B] int32/int64,
@@ -39,6 +39,9 @@ def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_
     float32 and bfloat16 run natively (fp32 accumulation); float16 runs in fp32 and is cast back.
     Only the head dim must be contiguous: k_tree may be a slice of a larger cache along dim 1.
     num_threads: OpenMP threads (None: torch.get_num_threads()). Returns [B, Tq, Hq, D] in q's dtype.
+    row_exact: float32 only; each row's result then depends on its q and the keys it sees alone,
+    not on the other rows or where the prefix ends (csrc/core/row_attention.h): a token decoded
+    alone and the same token inside a verified window get bitwise-equal outputs.
     """
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
@@ -54,8 +57,28 @@ def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, k_tree, v_tree, tree_
     args = [t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in args]
     q_, kc, vc, kt, vt = (t.detach() for t in args)
     out = torch.empty(q_.shape, dtype=q_.dtype)
-    _C.tree_attention(q_, kc, vc, cache_seqlens, kt, vt, tree_mask, out, float(sm_scale), _threads(num_threads))
+    _C.tree_attention(q_, kc, vc, cache_seqlens, kt, vt, tree_mask, out, float(sm_scale), _threads(num_threads),
+                     bool(row_exact))
     return out.half() if half else out
+
+
+def row_attention_unchecked(q, k_buf, v_buf, prefix: int, T: int, mask_bits=None, sm_scale=None):
+    """Row-exact attention (csrc/core/row_attention.h) for callers that have checked everything
+    (the model's CPU attention): q [B, Tq, Hq, D] float32, k_buf/v_buf contiguous float32 KV-cache
+    buffers [B, S, Hkv, D] whose slots [0, prefix) every row sees and whose slots [prefix,
+    prefix + T) are the new nodes (Tq <= T: the queries are the last Tq). mask_bits None: the
+    nodes form a causal chain; else packed int32 [B, Tq, W] (``pack_tree_mask``). Returns
+    [B, Tq, Hq, D]. Addresses instead of DLPack: a layer's call costs a few microseconds."""
+    q = q.contiguous()
+    B, Tq, Hq, D = q.shape
+    out = torch.empty_like(q)
+    if mask_bits is not None:
+        mask_bits = mask_bits.contiguous()  # held here until the call returns
+    bits, W = (0, 0) if mask_bits is None else (mask_bits.data_ptr(), mask_bits.shape[-1])
+    _C.row_attention_ptr(q.data_ptr(), B, Tq, Hq, D, k_buf.data_ptr(), v_buf.data_ptr(), k_buf.shape[1],
+                         k_buf.shape[2], prefix, T, bits, W, out.data_ptr(),
+                         D ** -0.5 if sm_scale is None else float(sm_scale), _threads(None))
+    return out
 
 
 SMALL_LINEAR_MAX_ROWS = _C.small_linear_max_rows
