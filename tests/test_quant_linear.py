@@ -6,7 +6,8 @@ import torch
 
 from mirror_rt import _C, ops
 from mirror_rt.models.quant import QuantEmbedding, QuantLinear, quantize
-from mirror_rt.ops.quant import QuantWeight, check_blocks, dequantize_ref, quant_linear, quant_linear_ref
+from mirror_rt.ops.quant import (QuantWeight, check_blocks, dequantize_ref, quant_linear, quant_linear_ref,
+                                  quantize_x_ref)
 
 QTYPES = ("q8_0", "q4_0", "q4_1")
 
@@ -33,10 +34,16 @@ def test_kernel_matches_references(qtype, rows, isa):
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(67)
     got = quant_linear(x, QuantWeight(blocks, qtype, w.shape), bias)
-    # float64 against the dequantized weight, and dequantize-then-matmul in float32: rounding apart
+    # float64 against the dequantized weight, and dequantize-then-matmul in float32 (x quantized as
+    # the kernel quantizes it in both): rounding apart
     torch.testing.assert_close(got, quant_linear_ref(x, blocks, qtype, w.shape, bias), atol=1e-4, rtol=1e-5)
-    want = x @ dequantize_ref(blocks, qtype, w.shape).T + bias
+    q, d = quantize_x_ref(x)
+    xq = (q.float().reshape(rows, -1, 32) * d.unsqueeze(-1)).reshape(x.shape)
+    want = xq @ dequantize_ref(blocks, qtype, w.shape).T + bias
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5)
+    # and x's quantization costs what int8 costs: within 2% of the unquantized product's scale
+    exact = x @ dequantize_ref(blocks, qtype, w.shape).T + bias
+    assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -129,3 +136,35 @@ def test_custom_op_opcheck():
     ids = torch.tensor([4, 0, 23, 4])
     torch.library.opcheck(torch.ops.mirror_rt.dequantize_rows, (blocks, 3, ids, 64))
     assert torch.equal(torch.ops.mirror_rt.dequantize_rows(blocks, 3, ids, 64), dequantize_ref(blocks, 3, w.shape)[ids])
+
+
+def test_activation_quantization_follows_ggml():
+    """quantize_x_ref is ggml's quantize_row_q8_0 rule (gguf's Python quantizer), d kept in fp32."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    x = torch.randn(3, 96) * torch.tensor([0.01, 1.0, 300.0]).repeat_interleave(32)
+    x[0, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    x[1, 40] = 0.5 * x[1, 32:64].abs().max() / 127 * 3  # a value exactly halfway: rounds away from zero
+    q, d = quantize_x_ref(x)
+    ggml = torch.from_numpy(gguf_quantize(x.numpy(), GGMLQuantizationType.Q8_0)).reshape(3, 3, 34)
+    assert torch.equal(q.reshape(3, 3, 32), ggml[..., 2:].view(torch.int8))
+    assert torch.equal(d.half(), ggml[..., :2].contiguous().view(torch.float16).squeeze(-1))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx2_and_portable_paths_agree_bitwise(qtype):
+    if _C.quant_linear_isa() != "avx2":
+        pytest.skip("no AVX2 on this CPU")
+    w, blocks = _weight(45, 224, qtype, seed=5)
+    W = QuantWeight(blocks, qtype, w.shape)
+    x = torch.randn(11, 224) * 3
+    x[0, :32] = torch.arange(32) - 15.5  # with x[0, 0] = 127 below: d = 1, every value an exact half
+    x[0, 0] = 127.0
+    fast = quant_linear(x, W)
+    _C.quant_linear_force_portable(True)
+    try:
+        slow = quant_linear(x, W)
+    finally:
+        _C.quant_linear_force_portable(False)
+    assert torch.equal(fast, slow)

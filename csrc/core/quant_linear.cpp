@@ -1,10 +1,10 @@
 // See quant_linear.h. Compiled without -ffast-math and with -ffp-contract=off (CMakeLists.txt): the
-// compiler must not reorder or fuse a row's sum differently for different row counts. Per block of
-// a weight row: its 32 values unpacked to fp32 once (without the scale), a 32-term fp32 dot product
-// with each row of x, then the block's scale: y += d * dot (Q4_1: + m * sum(x's block)). x stays fp32
-// (llama.cpp quantizes it to int8 first): then a row of x that differs in its last bit (attention
-// computed for one token or for a window) moves the result by rounding only, as in the fp32 model,
-// instead of flipping an int8 level, and greedy speculative decoding stays equal to AR's.
+// compiler must not reorder or fuse a row's sum differently for different row counts. x is quantized
+// per 32-block to int8 as llama.cpp does (quantize_x); per weight block and row of x, maddubs + madd
+// give eight exact int32 partial dot products, and acc += (d_w * d_x) * lanes in fp32. A row of x
+// decides its own result: with row-exact attention (csrc/core/row_attention.h) a token decoded
+// alone and the same token inside a window get the same activations, so the int8 rounding cannot
+// tell them apart and greedy speculative decoding equals AR's bit for bit.
 #include "core/quant_linear.h"
 
 #include <omp.h>
@@ -51,40 +51,57 @@ inline uint16_t load_u16(const uint8_t* p) {
   return v;
 }
 
-// One chunk of at most 8 rows of x, with each 32-block's sum (Q4_1's offsets multiply it).
+// One chunk of at most 8 rows of x, quantized per 32-block to int8 (see quantize_x).
 struct Chunk {
-  const float* x;   // [rows, in], row stride x_stride
-  const float* xs;  // [rows, in / 32] block sums
+  const int8_t* qx;  // [rows, in] int8, row stride in
+  const float* dx;   // [rows, in / 32] block scales
+  const float* sx;   // [rows, in / 32] dx * (sum of the block's int8 values): Q4_1's offsets multiply it
   int64_t rows;
-  float* y;         // its first output row
+  float* y;          // its first output row
 };
 
+// The integer dot product of one weight block with one x block, as eight partial sums: lane k
+// covers values 4k .. 4k+3 (the lanes of AVX2's maddubs + madd). Exact; only the lane split is fixed.
+template <QType T>
+inline void block_lanes_portable(const uint8_t* blk, const int8_t* y, int32_t lanes[8]) {
+  int32_t w[32];
+  if constexpr (T == QType::kQ8_0) {
+    for (int i = 0; i < 32; ++i) w[i] = reinterpret_cast<const int8_t*>(blk + 2)[i];
+  } else {
+    const uint8_t* qs = blk + (T == QType::kQ4_1 ? 4 : 2);
+    const int off = T == QType::kQ4_0 ? 8 : 0;
+    for (int i = 0; i < 16; ++i) w[i] = (qs[i] & 0x0f) - off, w[i + 16] = (qs[i] >> 4) - off;
+  }
+  for (int k = 0; k < 8; ++k) {
+    lanes[k] = 0;
+    for (int i = 4 * k; i < 4 * k + 4; ++i) lanes[k] += w[i] * int32_t(y[i]);
+  }
+}
+
+// The eight fp32 lanes summed as hsum_avx2 sums them.
+inline float hsum_lanes(const float l[8]) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// Per output feature and row: acc[k] = fma(d_w * d_x, float(lane k), acc[k]) over the blocks in
+// order, then the lanes folded, then (Q4_1) the offsets' sum. Bitwise the AVX2 path's arithmetic.
 template <QType T>
 void rows_portable(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t n1) {
   const int64_t nb = a.in / kQuantBlock;
   const int bytes = quant_block_bytes(int(T));
-  float w[kQuantBlock];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.w + n * a.w_stride;
     for (int64_t m = 0; m < c.rows; ++m) {
-      const float* x = c.x + m * a.x_stride;
-      float acc = 0.0f, mins = 0.0f;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mins = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * bytes;
-        if constexpr (T == QType::kQ8_0) {
-          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-          for (int i = 0; i < 32; ++i) w[i] = float(q[i]);
-        } else {
-          const uint8_t* qs = blk + (T == QType::kQ4_1 ? 4 : 2);
-          const int off = T == QType::kQ4_0 ? 8 : 0;
-          for (int i = 0; i < 16; ++i) w[i] = float((qs[i] & 0x0f) - off), w[i + 16] = float((qs[i] >> 4) - off);
-        }
-        float dot = 0.0f;
-        for (int i = 0; i < 32; ++i) dot += w[i] * x[b * kQuantBlock + i];
-        acc += half_to_float(load_u16(blk)) * dot;
-        if constexpr (T == QType::kQ4_1) mins += half_to_float(load_u16(blk + 2)) * c.xs[m * nb + b];
+        int32_t lanes[8];
+        block_lanes_portable<T>(blk, c.qx + m * a.in + b * kQuantBlock, lanes);
+        const float s = half_to_float(load_u16(blk)) * c.dx[m * nb + b];
+        for (int k = 0; k < 8; ++k) acc[k] = std::fma(s, float(lanes[k]), acc[k]);
+        if constexpr (T == QType::kQ4_1) mins += half_to_float(load_u16(blk + 2)) * c.sx[m * nb + b];
       }
-      float y = acc + mins;
+      float y = hsum_lanes(acc) + mins;
       if (a.bias) y += a.bias[n];
       c.y[m * a.y_stride + n] = y;
     }
@@ -100,33 +117,38 @@ MIRROR_RT_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
-// A block's 32 values (without its scale) as four vectors of 8 floats, in order.
+// A block's 32 values as bytes in order: Q8_0 signed, Q4_0 / Q4_1 the unsigned nibbles 0..15.
 template <QType T>
-MIRROR_RT_AVX2 inline void unpack_block(const uint8_t* blk, __m256 w[4]) {
+MIRROR_RT_AVX2 inline __m256i block_bytes(const uint8_t* blk) {
   if constexpr (T == QType::kQ8_0) {
-    for (int j = 0; j < 4; ++j)
-      w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * j))));
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
   } else {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QType::kQ4_1 ? 4 : 2)));
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    __m128i lo = _mm_and_si128(packed, mask), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-    if constexpr (T == QType::kQ4_0) {
-      lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
-      hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
-    }
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QType::kQ4_1 ? 4 : 2)));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
   }
 }
 
-// NB weight rows at a time give NB * M independent FMA chains (hiding the FMA latency when M is
-// small) without changing the order of any (n, m) sum.
+// Eight int32 partial dot products (lane k: values 4k .. 4k+3) of a block with an x block y.
+// c8: Q4_0's correction, the lanes of 8 * y (its nibbles are stored plus 8).
+template <QType T>
+MIRROR_RT_AVX2 inline __m256i block_lanes(__m256i w, __m256i y, __m256i c8) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (T == QType::kQ8_0) {  // maddubs wants one unsigned side: |w| and y with w's sign
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)), ones);
+  } else if constexpr (T == QType::kQ4_0) {
+    return _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, y), ones), c8);
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), ones);
+  }
+}
+
+// NB weight rows at a time give NB * M independent accumulators (hiding latency when M is small)
+// without changing the order of any (n, m) sum.
 template <QType T, int M, int NB>
 MIRROR_RT_AVX2 void rows_avx2(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t n1) {
   const int64_t nb = a.in / kQuantBlock;
   constexpr int bytes = T == QType::kQ8_0 ? 34 : (T == QType::kQ4_0 ? 18 : 20);
+  const __m256i ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     const uint8_t* rows[NB];
@@ -136,20 +158,21 @@ MIRROR_RT_AVX2 void rows_avx2(const QuantLinearArgs& a, const Chunk& c, int64_t 
     for (int j = 0; j < NB; ++j)
       for (int m = 0; m < M; ++m) acc[j][m] = _mm256_setzero_ps(), mins[j][m] = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
+      __m256i y[M], c8[M];
+      for (int m = 0; m < M; ++m) {
+        y[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.qx + m * a.in + b * kQuantBlock));
+        if constexpr (T == QType::kQ4_0) c8[m] = _mm256_madd_epi16(_mm256_maddubs_epi16(eights, y[m]), ones);
+        else c8[m] = _mm256_setzero_si256();
+      }
       for (int j = 0; j < NB; ++j) {
         const uint8_t* blk = rows[j] + b * bytes;
-        __m256 w[4];
-        unpack_block<T>(blk, w);
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
+        const __m256i w = block_bytes<T>(blk);
+        const float dw = _cvtsh_ss(load_u16(blk));
         const float mw = T == QType::kQ4_1 ? _cvtsh_ss(load_u16(blk + 2)) : 0.0f;
         for (int m = 0; m < M; ++m) {
-          const float* x = c.x + m * a.x_stride + b * kQuantBlock;
-          __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-          dot = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), dot);
-          dot = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), dot);
-          dot = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), dot);
-          acc[j][m] = _mm256_fmadd_ps(d, dot, acc[j][m]);
-          if constexpr (T == QType::kQ4_1) mins[j][m] += mw * c.xs[m * nb + b];
+          const __m256 p = _mm256_cvtepi32_ps(block_lanes<T>(w, y[m], c8[m]));
+          acc[j][m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * c.dx[m * nb + b]), p, acc[j][m]);
+          if constexpr (T == QType::kQ4_1) mins[j][m] += mw * c.sx[m * nb + b];
         }
       }
     }
@@ -209,19 +232,88 @@ void rows_typed(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t n1
   }
 }
 
+// x's rows quantized the way llama.cpp quantizes activations (quantize_row_q8_0): per 32-block,
+// d = max|x| / 127 and q = round(x / d). Each row's blocks alone decide its values.
+struct QuantizedX {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+// One 32-block of x: q = round(x * (1 / d)) with halves away from zero (std::round), d = max|x| / 127.
+// Returns the sum of q.
+int quantize_block_portable(const float* x, int8_t* q, float* d_out) {
+  float amax = 0.0f;
+  for (int i = 0; i < kQuantBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  int sum = 0;
+  for (int i = 0; i < kQuantBlock; ++i) sum += q[i] = int8_t(std::round(x[i] * id));
+  *d_out = d;
+  return sum;
+}
+
+#if defined(__x86_64__)
+// The same in AVX2, bitwise: round half away from zero as trunc(v) + sign(v) * (|v - trunc(v)| >= 0.5).
+MIRROR_RT_AVX2 int quantize_block_avx2(const float* x, int8_t* q, float* d_out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], m = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j), m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  __m256i n[4], total = _mm256_setzero_si256();
+  for (int j = 0; j < 4; ++j) {
+    const __m256 t = _mm256_mul_ps(v[j], _mm256_set1_ps(id));
+    const __m256 tr = _mm256_round_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 half = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t, tr)), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m256 step = _mm256_and_ps(half, _mm256_or_ps(_mm256_and_ps(t, sign), _mm256_set1_ps(1.0f)));
+    n[j] = _mm256_cvtps_epi32(_mm256_add_ps(tr, step));
+    total = _mm256_add_epi32(total, n[j]);
+  }
+  // int32 -> int8 in order (packs interleave 128-bit lanes; the permutation undoes it)
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+  *d_out = d;
+  return _mm_cvtsi128_si32(s4);
+}
+#endif
+
+void quantize_x(const QuantLinearArgs& a, QuantizedX& qx, bool avx2) {
+  const int64_t nb = a.in / kQuantBlock;
+  qx.q.resize(size_t(a.rows * a.in));
+  qx.d.resize(size_t(a.rows * nb));
+  qx.s.resize(size_t(a.rows * nb));
+  for (int64_t m = 0; m < a.rows; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = a.x + m * a.x_stride + b * kQuantBlock;
+      int8_t* q = qx.q.data() + m * a.in + b * kQuantBlock;
+      float* d = qx.d.data() + m * nb + b;
+#if defined(__x86_64__)
+      const int sum = avx2 ? quantize_block_avx2(x, q, d) : quantize_block_portable(x, q, d);
+#else
+      const int sum = quantize_block_portable(x, q, d);
+#endif
+      qx.s[size_t(m * nb + b)] = *d * float(sum);
+    }
+}
+
 // Weight bytes each chunk of rows reads before the next chunk reads them again (past 8 rows of x).
 constexpr int64_t kTileBytes = 128 * 1024;
 
 // Output features [n0, n1) for every row of x: chunks of up to 8 rows, each the same code whatever
 // the row count, over tiles of the weight small enough to stay in cache while every chunk reads it.
-void features(const QuantLinearArgs& a, const float* xs, int64_t n0, int64_t n1, bool avx2) {
+void features(const QuantLinearArgs& a, const QuantizedX& qx, int64_t n0, int64_t n1, bool avx2) {
   const int64_t nb = a.in / kQuantBlock;
   const int64_t tile = a.rows <= kQuantLinearMaxRows ? n1 - n0 : std::max<int64_t>(1, kTileBytes / a.w_stride);
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = std::min(n1, t0 + tile);
     for (int64_t r = 0; r < a.rows; r += kQuantLinearMaxRows) {
-      const Chunk c{a.x + r * a.x_stride, xs + r * nb, std::min<int64_t>(kQuantLinearMaxRows, a.rows - r),
-                    a.y + r * a.y_stride};
+      const Chunk c{qx.q.data() + r * a.in, qx.d.data() + r * nb, qx.s.data() + r * nb,
+                    std::min<int64_t>(kQuantLinearMaxRows, a.rows - r), a.y + r * a.y_stride};
       rows_typed(a, c, t0, t1, avx2);
     }
   }
@@ -253,28 +345,17 @@ void quant_linear_force_portable(bool on) { g_force_portable.store(on); }
 
 void quant_linear(const QuantLinearArgs& a) {
   const bool avx2 = use_avx2();
-  const int64_t nb = a.in / kQuantBlock;
-  // Q4_1's offsets multiply each block's sum of x: summed once per call, in a fixed order.
-  static thread_local std::vector<float> sums;  // per calling thread: the draft may run beside the target
-  if (a.type == QType::kQ4_1) {
-    sums.resize(size_t(a.rows * nb));
-    for (int64_t m = 0; m < a.rows; ++m)
-      for (int64_t b = 0; b < nb; ++b) {
-        const float* x = a.x + m * a.x_stride + b * kQuantBlock;
-        float s = 0.0f;
-        for (int i = 0; i < kQuantBlock; ++i) s += x[i];
-        sums[size_t(m * nb + b)] = s;
-      }
-  }
-  const float* xs = sums.data();
+  static thread_local QuantizedX mine;  // per calling thread: the draft may run beside the target
+  const QuantizedX& qx = mine;          // the team's threads must read the caller's, not their own
+  quantize_x(a, mine, avx2);
   const int64_t chunks = (a.rows + kQuantLinearMaxRows - 1) / kQuantLinearMaxRows;
   const int threads = team_size(a.out * a.w_stride * chunks, a.out, a.num_threads);
-  if (threads <= 1) return features(a, xs, 0, a.out, avx2);
+  if (threads <= 1) return features(a, qx, 0, a.out, avx2);
 #pragma omp parallel num_threads(threads)
   {
     // The team may be smaller than asked (nested regions, OMP_THREAD_LIMIT): share among those here.
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
-    features(a, xs, a.out * t / team, a.out * (t + 1) / team, avx2);
+    features(a, qx, a.out * t / team, a.out * (t + 1) / team, avx2);
   }
 }
 

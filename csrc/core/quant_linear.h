@@ -1,8 +1,8 @@
 // y = x @ W^T for a few rows of fp32 x against W kept in GGUF's block formats (Q8_0, Q4_0, Q4_1):
-// a decoding step streams 4-7x fewer weight bytes than with fp32 W. Each weight block is unpacked
-// to fp32 once for all rows of x; x stays fp32. The sums run in the same order for every row count
-// and thread count, so row m's result does not depend on which rows come with it (a token decoded
-// alone equals the same token inside a window).
+// a decoding step streams 4-7x fewer weight bytes than with fp32 W. x is quantized per 32-block to
+// int8 (d = max|x| / 127, llama.cpp's rule) and each block's dot product runs in integers. The sums
+// run in the same order for every row count and thread count, so row m's result does not depend
+// on which rows come with it (a token decoded alone equals the same token inside a window).
 #pragma once
 #include <cstdint>
 

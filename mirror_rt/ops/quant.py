@@ -8,12 +8,14 @@ A quantized weight [out, in] is a uint8 tensor [out, in / 32 * block_bytes]: eac
     Q4_1: fp16 d, fp16 m, 16 bytes      value = q * d + m             20 bytes
 
 (nibbles: byte j's low half is value j, its high half value j + 16). ``QuantWeight`` wraps such a
-tensor with its type and shape; ``ops.linear(x, quant_weight)`` takes the C++ kernel
-(``mirror_rt._C.quant_linear``: each block unpacked to fp32 once for all rows of x, fp32 products;
-x is not quantized, so the result is the dequantized model's up to rounding). The kernel computes
-each row of x the same way whatever rows come with it, so a token decoded alone and inside a
-verification window give bitwise-equal logits. ``quant_linear_ref`` is its slow reference (float64
-against the dequantized weight), ``dequantize_ref`` the format's reference.
+tensor with its type and shape; ``ops.linear(x, quant_weight)`` takes the C++ kernel on CPU
+(``mirror_rt._C.quant_linear``): x is quantized per 32-block to int8 as llama.cpp quantizes
+activations (``quantize_x_ref``: d = max|x| / 127, q = round(x / d), d kept in fp32) and each block's
+dot product runs in integers. The kernel computes each row of x the same way whatever rows come
+with it, so a token decoded alone and inside a verification window give bitwise-equal logits
+(given the same activations: the model's row-exact attention sees to that). Off the CPU the weight
+is dequantized and x is not quantized. ``quant_linear_ref`` is the kernel's slow reference
+(float64, x quantized), ``dequantize_ref`` the format's reference.
 """
 from __future__ import annotations
 
@@ -92,11 +94,25 @@ def dequantize_ref(blocks: torch.Tensor, qtype, shape) -> torch.Tensor:
     return vals.reshape(out, in_)
 
 
+def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., in] (in a multiple of 32) -> (q int8 [..., in], d float32 [..., in / 32]): the
+    kernel's activation quantization, per 32-block d = max|x| / 127 and q = round(x / d) with
+    halves away from zero (ggml's quantize_row_q8_0 rule; d is not rounded to fp16)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, BLOCK)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    v = xb * inv.unsqueeze(-1)
+    q = v.trunc() + torch.where((v - v.trunc()).abs() >= 0.5, v.sign(), torch.zeros_like(v))
+    return q.to(torch.int8).reshape(x.shape), d
+
+
 def quant_linear_ref(x: torch.Tensor, blocks: torch.Tensor, qtype, shape, bias=None) -> torch.Tensor:
-    """The C++ kernel's result in float64: x [..., in] @ dequantize_ref(blocks)^T (+ bias) ->
-    [..., out] float32."""
+    """The C++ kernel's result in float64: x quantized (``quantize_x_ref``) and dequantized, then
+    @ dequantize_ref(blocks)^T (+ bias) -> [..., out] float32. x [..., in]."""
     w = dequantize_ref(blocks, qtype, shape).double()
-    y = x.double() @ w.T
+    q, d = quantize_x_ref(x)
+    xq = (q.double().reshape(*x.shape[:-1], -1, BLOCK) * d.double().unsqueeze(-1)).reshape(x.shape)
+    y = xq @ w.T
     if bias is not None:
         y = y + bias.double()
     return y.float()
