@@ -14,6 +14,7 @@
 #include "core/info.h"
 #include "core/quant_linear.h"
 #include "core/small_linear.h"
+#include "core/decoder_layer.h"
 #include "core/row_attention.h"
 #include "core/tree_attention.h"
 #include "third_party/dlpack/dlpack.h"
@@ -399,6 +400,51 @@ void row_attention_ptr_py(uintptr_t q, int64_t B, int64_t Tq, int64_t Hq, int64_
 }
 
 
+// A decoder layer's weights by address (see csrc/core/decoder_layer.h); the Python side keeps the
+// tensors alive. Each matrix is (address, out, in, qtype, bias address or 0).
+QuantMatrix quant_matrix(const py::tuple& t, int64_t out, int64_t in, const char* name) {
+  if (t.size() != 5) value_error(std::string(name) + ": expected (address, out, in, qtype, bias address)");
+  const int64_t o = t[1].cast<int64_t>(), i = t[2].cast<int64_t>();
+  const int type = t[3].cast<int>();
+  if (o != out || i != in || i % kQuantBlock || !quant_block_bytes(type) || !t[0].cast<uintptr_t>())
+    value_error(std::string(name) + ": expected a [" + std::to_string(out) + ", " + std::to_string(in) +
+                "] Q8_0/Q4_0/Q4_1 matrix, got [" + std::to_string(o) + ", " + std::to_string(i) + "] type " +
+                std::to_string(type));
+  return QuantMatrix{reinterpret_cast<const uint8_t*>(t[0].cast<uintptr_t>()), o, i, QType(type),
+                     reinterpret_cast<const float*>(t[4].cast<uintptr_t>())};
+}
+
+DecoderLayerWeights make_decoder_layer(int hidden, int heads, int kv_heads, int head_dim, int intermediate, double eps,
+                                       uintptr_t input_norm, uintptr_t post_norm, py::tuple qkv, py::tuple o,
+                                       py::tuple gate_up, py::tuple down) {
+  if (hidden < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || head_dim < 2 || head_dim % 2 ||
+      head_dim > kMaxHeadDim || intermediate < 1 || !input_norm || !post_norm)
+    value_error("DecoderLayerWeights: sizes must be positive, heads a multiple of kv_heads, head_dim even and <= " +
+                std::to_string(kMaxHeadDim) + ", norms non-null");
+  DecoderLayerWeights w{hidden, heads, kv_heads, head_dim, intermediate, float(eps),
+                        reinterpret_cast<const float*>(input_norm), reinterpret_cast<const float*>(post_norm),
+                        quant_matrix(qkv, int64_t(heads + 2 * kv_heads) * head_dim, hidden, "qkv"),
+                        quant_matrix(o, hidden, int64_t(heads) * head_dim, "o"),
+                        quant_matrix(gate_up, 2 * int64_t(intermediate), hidden, "gate_up"),
+                        quant_matrix(down, hidden, intermediate, "down")};
+  return w;
+}
+
+void decoder_layer_step_py(const DecoderLayerWeights& w, uintptr_t x, int T, uintptr_t cos, uintptr_t sin, uintptr_t k,
+                           uintptr_t v, int64_t S, int64_t write_slot, int64_t prefix, int64_t nodes, uintptr_t mask,
+                           int64_t mask_words, int num_threads) {
+  if (T < 1 || nodes < T || nodes > kMaxTreeNodes || prefix < 0 || write_slot < 0 || write_slot + T > S ||
+      prefix + nodes > S || (mask && mask_words * 32 < nodes) || !x || !cos || !sin || !k || !v)
+    value_error("decoder_layer_step: need 1 <= T <= nodes <= " + std::to_string(kMaxTreeNodes) +
+                ", the written and attended slots within S, mask words >= ceil(nodes / 32), non-null addresses");
+  DecoderLayerStep s{reinterpret_cast<float*>(x), T, reinterpret_cast<const float*>(cos),
+                     reinterpret_cast<const float*>(sin), reinterpret_cast<float*>(k), reinterpret_cast<float*>(v), S,
+                     write_slot, prefix, nodes, reinterpret_cast<const uint32_t*>(mask), mask_words, num_threads};
+  py::gil_scoped_release release;
+  decoder_layer_step(w, s);
+}
+
+
 // --- quantized weights (GGUF block formats) ---------------------------------------------------
 
 QType quant_type(int type) {
@@ -529,6 +575,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("D"), py::arg("k"), py::arg("v"), py::arg("S"), py::arg("Hkv"), py::arg("prefix"), py::arg("T"),
         py::arg("mask_bits"), py::arg("W"), py::arg("out"), py::arg("sm_scale"), py::arg("num_threads") = 0,
         "Row-exact attention over KV-cache buffers given by address (see row_attention_ptr_py).");
+  py::class_<DecoderLayerWeights>(m, "DecoderLayerWeights",
+                                  "A quantized decoder layer's weights by address (csrc/core/decoder_layer.h).")
+      .def(py::init(&make_decoder_layer), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("intermediate"), py::arg("eps"), py::arg("input_norm"), py::arg("post_norm"), py::arg("qkv"),
+           py::arg("o"), py::arg("gate_up"), py::arg("down"));
+  m.def("decoder_layer_step", &decoder_layer_step_py, py::arg("weights"), py::arg("x"), py::arg("T"), py::arg("cos"),
+        py::arg("sin"), py::arg("k"), py::arg("v"), py::arg("S"), py::arg("write_slot"), py::arg("prefix"),
+        py::arg("nodes"), py::arg("mask"), py::arg("mask_words"), py::arg("num_threads") = 0,
+        "One decoding step of a quantized decoder layer on buffers given by address (x updated in place).");
   m.def("small_linear", &small_linear_py, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         py::arg("num_threads") = 0,
         "out [rows, out] = x [rows<=8, in] @ weight [out, in]^T (+ bias [out] or None); float32.");

@@ -281,8 +281,19 @@ class LlamaModel(nn.Module):
         if sliding:
             window_plan = _AttentionPlan(cache, B, T, tree_offset, tree_mask, hidden.device,
                                          self.config.sliding_window, positions)
+        one_call = plan.row_exact and B == 1 and hidden.dtype == torch.float32  # csrc/core/decoder_layer.h
+        if one_call:
+            from mirror_rt.models.cpu_layer import layer_step  # here: it imports the fused layers, which import this
+
+            hidden = hidden.contiguous().clone()  # updated in place; the caller's tensor stays as it was
+            cos_rows, sin_rows = cos[0, :, 0].contiguous(), sin[0, :, 0].contiguous()
         for i in range(start, end):
-            hidden = self.layers[i](hidden, cos, sin, cache.k[i], cache.v[i], window_plan if i in sliding else plan)
+            step = layer_step(self.layers[i], self.config) if one_call and i not in sliding else None
+            if step is not None:
+                step.run(hidden, cos_rows, sin_rows, cache.k[i], cache.v[i], plan)
+            else:
+                hidden = self.layers[i](hidden, cos, sin, cache.k[i], cache.v[i],
+                                        window_plan if i in sliding else plan)
         return hidden
 
     def _sliding_layers(self, start: int, end: int) -> frozenset:
