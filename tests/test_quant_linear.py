@@ -168,15 +168,3 @@ def test_avx2_and_portable_paths_agree_bitwise(qtype):
     finally:
         _C.quant_linear_force_portable(False)
     assert torch.equal(fast, slow)
-
-
-@pytest.mark.parametrize("qtype", QTYPES)
-def test_prefill_sized_inputs_take_the_dequantized_gemm(qtype):
-    from mirror_rt.ops import quant as q
-
-    w, blocks = _weight(q.GEMM_TILE + 37, 64, qtype, seed=7)  # more than one tile, the last one partial
-    x = torch.randn(q.GEMM_ROWS + 5, 64)
-    bias = torch.randn(w.shape[0])
-    got = quant_linear(x, QuantWeight(blocks, qtype, w.shape), bias)
-    want = x.double() @ dequantize_ref(blocks, qtype, w.shape).double().T + bias.double()  # x not quantized
-    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-5)

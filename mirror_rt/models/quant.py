@@ -6,9 +6,9 @@ layers' linears take the chosen type, the embedding and LM head Q8_0 (as llama.c
 a 4-bit head costs more accuracy than its bytes save), norms and rotary tables stay float32.
 
 ``QuantLinear`` picks its kernel when it is built, not per call: the C++ quantized product for
-float32 CPU input (up to ``GEMM_ROWS`` rows, in chunks of 8, each computed as if alone, so a
-verification window gives the same rows a single-token step gives; past that, a prefill, tiles of
-the dequantized weight through torch's GEMM), the dequantized weight elsewhere. Inference only: a gradient through a quantized weight is refused.
+float32 CPU input (any row count: rows past 8 go in chunks of 8, each computed as if alone, so
+prefill and a verification window give the same rows a single-token step gives), the dequantized
+weight elsewhere. Inference only: a gradient through a quantized weight is refused.
 """
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ A quantized weight [out, in] is a uint8 tensor [out, in / 32 * block_bytes]: eac
 tensor with its type and shape; ``ops.linear(x, quant_weight)`` takes the C++ kernel on CPU
 (``mirror_rt._C.quant_linear``): x is quantized per 32-block to int8 as llama.cpp quantizes
 activations (``quantize_x_ref``: d = max|x| / 127, q = round(x / d), d kept in fp32) and each block's
-dot product runs in integers (past ``GEMM_ROWS`` rows, as in a prefill, tiles of the dequantized
-weight go to torch's GEMM instead). The kernel computes each row of x the same way whatever rows come
+dot product runs in integers. The kernel computes each row of x the same way whatever rows come
 with it, so a token decoded alone and inside a verification window give bitwise-equal logits
 (given the same activations: the model's row-exact attention sees to that). Off the CPU the weight
 is dequantized and x is not quantized. ``quant_linear_ref`` is the kernel's slow reference
@@ -181,8 +180,8 @@ def _threads() -> int:
 def quant_linear(x: torch.Tensor, weight: QuantWeight, bias=None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a QuantWeight W [out, in]: x [..., in] (any float dtype; computed in
     float32), bias [out] or None; returns [..., out] in x's dtype. CPU tensors take the C++ kernel
-    (up to GEMM_ROWS rows: chunks of 8, each row computed as if alone; more: tiles of the
-    dequantized weight through torch's GEMM); others multiply by the dequantized weight."""
+    (any number of rows: more than 8 go in chunks of 8, each row computed as if alone); others
+    multiply by the dequantized weight."""
     if not isinstance(weight, QuantWeight):
         raise TypeError(f"weight must be a QuantWeight, got {type(weight).__name__}")
     out_f, in_f = weight.shape
@@ -204,40 +203,16 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias=None) -> torch.Tenso
     return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
 
 
-GEMM_ROWS = 96  # more rows of x than this (prefill): weight tiles dequantized into torch's fp32 GEMM
-GEMM_TILE = 2048  # output features per dequantized tile (a 2048 x 576 tile is 4.7 MB)
-
-
 def quant_linear_unchecked(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int, bias=None):
     """The kernel by address, for callers that checked everything (QuantLinear at build time): x
     contiguous float32 CPU [..., in], blocks contiguous checked uint8, bias contiguous float32 or None.
-    Returns float32 [..., out_features]. Past GEMM_ROWS rows (a prompt's prefill) the weight is
-    dequantized tile by tile into torch's GEMM, with x unquantized: about 1.2-1.4x faster there on
-    a 2-core Zen 1 (bench/RESULTS.md), and every decoder prefills a prompt the same way."""
+    Returns float32 [..., out_features]."""
     from mirror_rt import _C
 
     k = x.shape[-1]
-    rows = x.numel() // k
-    if rows > GEMM_ROWS:
-        return _dequantized_gemm(x.reshape(rows, k), blocks, qtype, out_features, bias).reshape(*x.shape[:-1], -1)
     out = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    _C.quant_linear_ptr(x.data_ptr(), rows, k, blocks.data_ptr(), out_features, qtype,
+    _C.quant_linear_ptr(x.data_ptr(), x.numel() // k, k, blocks.data_ptr(), out_features, qtype,
                         0 if bias is None else bias.data_ptr(), out.data_ptr(), _threads())
-    return out
-
-
-def _dequantized_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int, bias=None):
-    """x [rows, in] @ W^T through float32 tiles of W, so that at most GEMM_TILE rows of it exist in
-    float32 at once (the LM head whole would be 113 MB)."""
-    from mirror_rt import _C
-
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    tile = torch.empty(min(GEMM_TILE, out_features), x.shape[1], dtype=torch.float32)
-    for n0 in range(0, out_features, GEMM_TILE):
-        n1 = min(out_features, n0 + GEMM_TILE)
-        w = tile[:n1 - n0]
-        _C.dequantize_rows(blocks[n0:n1], qtype, None, w, _threads())
-        out[:, n0:n1] = torch.nn.functional.linear(x, w, None if bias is None else bias[n0:n1])
     return out
 
 
