@@ -433,10 +433,10 @@ DecoderLayerWeights make_decoder_layer(int hidden, int heads, int kv_heads, int 
 void decoder_layer_step_py(const DecoderLayerWeights& w, uintptr_t x, int T, uintptr_t cos, uintptr_t sin, uintptr_t k,
                            uintptr_t v, int64_t S, int64_t write_slot, int64_t prefix, int64_t nodes, uintptr_t mask,
                            int64_t mask_words, int num_threads) {
-  if (T < 1 || nodes < T || nodes > kMaxTreeNodes || prefix < 0 || write_slot < 0 || write_slot + T > S ||
+  if (T < 1 || nodes < T || (mask && nodes > kMaxTreeNodes) || prefix < 0 || write_slot < 0 || write_slot + T > S ||
       prefix + nodes > S || (mask && mask_words * 32 < nodes) || !x || !cos || !sin || !k || !v)
-    value_error("decoder_layer_step: need 1 <= T <= nodes <= " + std::to_string(kMaxTreeNodes) +
-                ", the written and attended slots within S, mask words >= ceil(nodes / 32), non-null addresses");
+    value_error("decoder_layer_step: need 1 <= T <= nodes (a tree: at most " + std::to_string(kMaxTreeNodes) +
+                " nodes), the written and attended slots within S, mask words >= ceil(nodes / 32), non-null addresses");
   DecoderLayerStep s{reinterpret_cast<float*>(x), T, reinterpret_cast<const float*>(cos),
                      reinterpret_cast<const float*>(sin), reinterpret_cast<float*>(k), reinterpret_cast<float*>(v), S,
                      write_slot, prefix, nodes, reinterpret_cast<const uint32_t*>(mask), mask_words, num_threads};

@@ -99,3 +99,15 @@ def test_a_model_pickled_or_moved_after_a_step_still_decodes_right():
     model.share_memory()  # moves every tensor, as a process lane does: the steps follow
     assert model.layers[0].mlp.down_proj.blocks.data_ptr() != before
     assert torch.equal(_decode(model, prompt, new, 2), first)
+
+
+@torch.inference_mode()
+def test_a_long_prefill_equals_the_same_tokens_fed_one_by_one():
+    """Prompt and output fed again in one forward (as the auto decoder's pieces do) give the bits
+    the step-by-step decode gave."""
+    model = _model()
+    g = torch.Generator().manual_seed(4)
+    prompt, new = torch.randint(0, 96, (1, 100), generator=g), torch.randint(0, 96, (1, 6), generator=g)
+    stepped = _decode(model, prompt, new, 1)
+    whole = model(torch.cat([prompt, new], 1), model.new_cache(128))[:, -new.shape[1]:]
+    assert torch.equal(stepped, whole)

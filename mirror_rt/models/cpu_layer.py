@@ -4,7 +4,7 @@
 row-exact attention, output projection, MLP, residuals) where torch would make some forty small
 calls, each a few microseconds of overhead next to a 135M model's tens of microseconds of work.
 It applies where the model's eager attention is row-exact (``llama._row_exact``: float32 CPU
-cache, decoding-sized T, no sliding window) and the layer is a fused quantized one without q/k
+cache, no sliding window) and the layer is a fused quantized one without q/k
 norms; every other layer runs in torch. Like the row-exact attention, each row's result depends
 on that row alone, so speculative decoding stays equal to autoregressive decoding bit for bit.
 """

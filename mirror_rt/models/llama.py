@@ -91,7 +91,7 @@ class _AttentionPlan:
                  window: int | None = None, positions=None):
         self.length, self.start, self.end = cache.length, cache.length + tree_offset, cache.length + tree_offset + T
         self.tree_mask = tree_mask
-        self.row_exact = _row_exact(cache, T, window)
+        self.row_exact = _row_exact(cache, window)
         if self.row_exact and tree_mask is not None:
             self.mask_bits = tree_mask if tree_mask.dtype == torch.int32 else ops.cpu_ops().pack_tree_mask(tree_mask)
         self.causal_mask = self.seqlens = self.dense_mask = None
@@ -157,18 +157,15 @@ class StaticAttentionPlan:
         return torch.ops.mirror_rt.tree_attention(q, k_buf, v_buf, self.seqlens, k_tree, v_tree, self.tree_mask)
 
 
-ROW_EXACT_MAX_T = 64  # new tokens per forward up to which CPU attention is row-exact (steps, not prefill)
-
-
-def _row_exact(cache: StaticKVCache, T: int, window) -> bool:
+def _row_exact(cache: StaticKVCache, window) -> bool:
     """Whether an eager forward's attention runs row-exact (csrc/core/row_attention.h): float32 CPU
-    caches, no sliding window, decoding-sized T, and the C++ build present. Then a token's hidden
-    state is the same bits whether it was decoded alone or verified inside a window or tree, and
-    speculative decoding equals autoregressive decoding exactly. Prefill keeps SDPA: every decoder
-    prefills the same prompt the same way."""
+    caches, no sliding window, and the C++ build present. Then a token's hidden state is the same
+    bits whether it was decoded alone, verified inside a window or tree, or fed in a prefill (a
+    prompt, or a prompt and earlier output fed again, as the ``auto`` decoder's pieces do), and
+    speculative decoding equals autoregressive decoding exactly whatever rounding the linears do."""
     k = cache.k[0] if cache.k else None
     return (k is not None and k.device.type == "cpu" and k.dtype == torch.float32 and window is None
-            and T <= ROW_EXACT_MAX_T and k.is_contiguous() and ops.cpu_ops() is not None)
+            and k.is_contiguous() and ops.cpu_ops() is not None)
 
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
