@@ -6,8 +6,8 @@ import torch
 
 from mirror_rt import _C, ops
 from mirror_rt.models.quant import QuantEmbedding, QuantLinear, quantize
-from mirror_rt.ops.quant import (QuantWeight, check_blocks, dequantize_ref, quant_linear, quant_linear_ref,
-                                  quantize_x_ref)
+from mirror_rt.ops.quant import (QuantWeight, check_blocks, dequantize_ref, int8_grid_ref, quant_linear,
+                                  quant_linear_ref, quantize_x_ref)
 
 QTYPES = ("q8_0", "q4_0", "q4_1")
 
@@ -37,9 +37,7 @@ def test_kernel_matches_references(qtype, rows, isa):
     # float64 against the dequantized weight, and dequantize-then-matmul in float32 (x quantized as
     # the kernel quantizes it in both): rounding apart
     torch.testing.assert_close(got, quant_linear_ref(x, blocks, qtype, w.shape, bias), atol=1e-4, rtol=1e-5)
-    q, d = quantize_x_ref(x)
-    xq = (q.float().reshape(rows, -1, 32) * d.unsqueeze(-1)).reshape(x.shape)
-    want = xq @ dequantize_ref(blocks, qtype, w.shape).T + bias
+    want = int8_grid_ref(x) @ dequantize_ref(blocks, qtype, w.shape).T + bias
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5)
     # and x's quantization costs what int8 costs: within 2% of the unquantized product's scale
     exact = x @ dequantize_ref(blocks, qtype, w.shape).T + bias

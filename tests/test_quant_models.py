@@ -12,7 +12,7 @@ from mirror_rt.models.derive import random_model, truncated_copy
 from mirror_rt.models.quant import QuantEmbedding, QuantLinear, quantize, quantize_model, weight_bytes
 from mirror_rt.models.streaming import StreamingDraft, load_streaming_draft, save_streaming_draft
 from mirror_rt.models import cpu_layer
-from mirror_rt.ops.quant import quantize_x_ref
+from mirror_rt.ops.quant import int8_grid_ref
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
             head_dim=16, tie_embeddings=True, max_position=256)
@@ -95,17 +95,12 @@ def test_gguf_blocks_are_kept_as_written(tmp_path, source, layer_type):
                 assert torch.equal(q.weight.dequantize(), dense.get_submodule(f"{parent}.{part}").weight)
     for module in dense.modules():  # the float model with its linears' inputs quantized as the kernel does
         if isinstance(module, torch.nn.Linear):
-            module.forward = lambda x, m=module: torch.nn.functional.linear(_int8_activations(x), m.weight, m.bias)
+            module.forward = lambda x, m=module: torch.nn.functional.linear(int8_grid_ref(x), m.weight, m.bias)
     ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
     with torch.inference_mode():
         got, want = model(ids, model.new_cache(16)), dense(ids, dense.new_cache(16))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32 arithmetic both: rounding apart
 
-
-def _int8_activations(x):
-    """x rounded to the int8 grid the quantized kernel puts it on (quantize_x_ref), back in float32."""
-    q, d = quantize_x_ref(x)
-    return (q.float().reshape(*x.shape[:-1], -1, 32) * d.unsqueeze(-1)).reshape(x.shape)
 
 
 def test_bad_quant_arguments(tmp_path, source):

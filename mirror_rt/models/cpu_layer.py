@@ -46,11 +46,8 @@ class LayerStep:
         """x contiguous float32 [1, T, H], updated in place; cos/sin contiguous [T, D]; the cache
         buffers [1, S, Hkv, D] of this layer; plan the forward's row-exact ``_AttentionPlan``."""
         T = x.shape[1]
-        if plan.tree_mask is None:
-            prefix, nodes, mask, words = plan.start, T, 0, 0
-        else:
-            prefix, nodes = plan.length, plan.end - plan.length
-            mask, words = plan.mask_bits.data_ptr(), plan.mask_bits.shape[-1]
+        prefix, nodes, bits = plan.row_keys
+        mask, words = (0, 0) if bits is None else (bits.data_ptr(), bits.shape[-1])
         self.step(self.weights, x.data_ptr(), T, cos.data_ptr(), sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
                   k_buf.shape[1], plan.start, prefix, nodes, mask, words, torch.get_num_threads())
 

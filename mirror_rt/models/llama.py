@@ -91,11 +91,17 @@ class _AttentionPlan:
                  window: int | None = None, positions=None):
         self.length, self.start, self.end = cache.length, cache.length + tree_offset, cache.length + tree_offset + T
         self.tree_mask = tree_mask
-        self.row_exact = _row_exact(cache, window)
-        if self.row_exact and tree_mask is not None:
-            self.mask_bits = tree_mask if tree_mask.dtype == torch.int32 else ops.cpu_ops().pack_tree_mask(tree_mask)
         self.causal_mask = self.seqlens = self.dense_mask = None
         self.lo = 0  # the first slot a chain's queries read
+        self.row_exact = _row_exact(cache, window)
+        if self.row_exact:
+            # what each row sees: slots [0, prefix), then `nodes` new slots, as a chain or as the tree's
+            # packed mask bits say (no bool mask to build)
+            if tree_mask is None:
+                self.row_keys = (self.start, T, None)
+            else:  # check_forward took a bool [B, T, tree_offset + T] mask
+                self.row_keys = (self.length, self.end - self.length, ops.cpu_ops().pack_tree_mask(tree_mask))
+            return
         if tree_mask is not None:
             self.seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=device)
             if window is not None and sliding_window.tree_may_cross(cache.length, tree_offset, T, window):
@@ -112,10 +118,7 @@ class _AttentionPlan:
 
     def attend(self, q, k_buf, v_buf):
         if self.row_exact:
-            if self.tree_mask is None:  # a chain after every slot before it
-                return ops.cpu_ops().row_attention_unchecked(q, k_buf, v_buf, self.start, self.end - self.start)
-            return ops.cpu_ops().row_attention_unchecked(q, k_buf, v_buf, self.length, self.end - self.length,
-                                                         self.mask_bits)
+            return ops.cpu_ops().row_attention_unchecked(q, k_buf, v_buf, *self.row_keys)
         if self.tree_mask is None:
             return _causal_attention(q, k_buf[:, self.lo:self.end], v_buf[:, self.lo:self.end], self.causal_mask)
         if self.dense_mask is not None:  # a sliding window cuts the tree's view of the prefix

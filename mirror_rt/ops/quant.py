@@ -106,13 +106,17 @@ def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).reshape(x.shape), d
 
 
-def quant_linear_ref(x: torch.Tensor, blocks: torch.Tensor, qtype, shape, bias=None) -> torch.Tensor:
-    """The C++ kernel's result in float64: x quantized (``quantize_x_ref``) and dequantized, then
-    @ dequantize_ref(blocks)^T (+ bias) -> [..., out] float32. x [..., in]."""
-    w = dequantize_ref(blocks, qtype, shape).double()
+def int8_grid_ref(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """x [..., in] as the kernel sees it: quantized (``quantize_x_ref``) and back, q * d in dtype."""
     q, d = quantize_x_ref(x)
-    xq = (q.double().reshape(*x.shape[:-1], -1, BLOCK) * d.double().unsqueeze(-1)).reshape(x.shape)
-    y = xq @ w.T
+    return (q.to(dtype).reshape(*x.shape[:-1], -1, BLOCK) * d.to(dtype).unsqueeze(-1)).reshape(x.shape)
+
+
+def quant_linear_ref(x: torch.Tensor, blocks: torch.Tensor, qtype, shape, bias=None) -> torch.Tensor:
+    """The C++ kernel's result in float64: ``int8_grid_ref(x)`` @ dequantize_ref(blocks)^T (+ bias)
+    -> [..., out] float32. x [..., in]."""
+    w = dequantize_ref(blocks, qtype, shape).double()
+    y = int8_grid_ref(x, torch.float64) @ w.T
     if bias is not None:
         y = y + bias.double()
     return y.float()
