@@ -1,6 +1,6 @@
-// See row_attention.h. One task per (batch, query row, query head); its keys are gathered as
-// pointers in slot order and every loop below runs over that list from its first entry, so the
-// arithmetic of a row is a function of its visible keys alone. The flash-style kernel in
+// See row_attention.h. One task per (batch, query row, query head); its keys are numbered in slot
+// order (the prefix, then the tree nodes it sees) and every loop below runs over them from the
+// first, so the arithmetic of a row is a function of its visible keys alone. The flash-style kernel in
 // tree_attention.cpp blocks keys from the prefix's end and shares blocks among rows: faster for
 // many rows, but a row's rounding there depends on the call.
 #include "core/row_attention.h"
@@ -32,14 +32,16 @@ inline float dot(const float* q, const float* k, int d_rt) {
   return r;
 }
 
-// Where one row's keys are: the first `prefix` in the cache, then the listed tree nodes.
+// Where one row's keys are: the first `prefix` in the cache, then the listed tree nodes (nodes
+// nullptr: a chain, tree nodes 0, 1, 2, ... with no list to build).
 struct Keys {
   const float *kc, *vc, *kt, *vt;
   int64_t csl, tsl;
   int prefix;
   const int* nodes;
-  const float* k(int j) const { return j < prefix ? kc + j * csl : kt + nodes[j - prefix] * tsl; }
-  const float* v(int j) const { return j < prefix ? vc + j * csl : vt + nodes[j - prefix] * tsl; }
+  int64_t node(int j) const { return nodes ? nodes[j - prefix] : j - prefix; }
+  const float* k(int j) const { return j < prefix ? kc + j * csl : kt + node(j) * tsl; }
+  const float* v(int j) const { return j < prefix ? vc + j * csl : vt + node(j) * tsl; }
 };
 
 struct Scratch {
@@ -55,15 +57,16 @@ MIRROR_RT_CLONES void one_row(const TreeAttentionArgs& a, int b, int i, int h, S
   float* out = static_cast<float*>(a.out) + b * a.out_sb + i * a.out_sl + h * a.out_sh;
   sc.nodes.clear();
   const uint32_t* bits = a.mask_bits ? a.mask_bits + b * a.mask_sb + i * a.mask_si : nullptr;
-  const int last = a.T - a.Tq + i;  // without a mask: a causal chain, row i sees nodes [0, last]
-  for (int j = 0; j < a.T; ++j)
-    if (bits ? (bits[j / 32] >> (j % 32) & 1u) : j <= last) sc.nodes.push_back(j);
+  if (bits)
+    for (int j = 0; j < a.T; ++j)
+      if (bits[j / 32] >> (j % 32) & 1u) sc.nodes.push_back(j);
+  const int seen = bits ? int(sc.nodes.size()) : a.T - a.Tq + i + 1;  // a chain: row i sees nodes 0 .. T - Tq + i
   const Keys keys{static_cast<const float*>(a.k_cache.data) + b * a.k_cache.sb + hk * a.k_cache.sh,
                   static_cast<const float*>(a.v_cache.data) + b * a.v_cache.sb + hk * a.v_cache.sh,
                   static_cast<const float*>(a.k_tree.data) + b * a.k_tree.sb + hk * a.k_tree.sh,
                   static_cast<const float*>(a.v_tree.data) + b * a.v_tree.sb + hk * a.v_tree.sh,
-                  a.k_cache.sl, a.k_tree.sl, a.cache_seqlens[b], sc.nodes.data()};
-  const int n = keys.prefix + int(sc.nodes.size());
+                  a.k_cache.sl, a.k_tree.sl, a.cache_seqlens[b], bits ? sc.nodes.data() : nullptr};
+  const int n = keys.prefix + seen;
   if (n == 0) {
     std::fill(out, out + Dn, 0.0f);
     return;
