@@ -56,7 +56,7 @@ def measure(qtype: str, rows: int, threads: int, layers: int, reps: int, head: b
     def bare():
         for m, y in zip(mods, outs):
             _C.quant_linear_ptr(xs[m.in_features].data_ptr(), rows, m.in_features, m.blocks.data_ptr(),
-                                m.out_features, m.qtype, 0, y.data_ptr(), threads)
+                                m.out_features, m.qtype, 0, y.data_ptr(), threads, m.packed)
 
     def module():
         for m in mods:

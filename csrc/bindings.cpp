@@ -401,17 +401,19 @@ void row_attention_ptr_py(uintptr_t q, int64_t B, int64_t Tq, int64_t Hq, int64_
 
 
 // A decoder layer's weights by address (see csrc/core/decoder_layer.h); the Python side keeps the
-// tensors alive. Each matrix is (address, out, in, qtype, bias address or 0).
+// tensors alive. Each matrix is (address, out, in, qtype, bias address or 0, packed).
 QuantMatrix quant_matrix(const py::tuple& t, int64_t out, int64_t in, const char* name) {
-  if (t.size() != 5) value_error(std::string(name) + ": expected (address, out, in, qtype, bias address)");
+  if (t.size() != 6) value_error(std::string(name) + ": expected (address, out, in, qtype, bias address, packed)");
   const int64_t o = t[1].cast<int64_t>(), i = t[2].cast<int64_t>();
   const int type = t[3].cast<int>();
   if (o != out || i != in || i % kQuantBlock || !quant_block_bytes(type) || !t[0].cast<uintptr_t>())
     value_error(std::string(name) + ": expected a [" + std::to_string(out) + ", " + std::to_string(in) +
                 "] Q8_0/Q4_0/Q4_1 matrix, got [" + std::to_string(o) + ", " + std::to_string(i) + "] type " +
                 std::to_string(type));
+  const bool packed = t[5].cast<bool>();
+  if (packed && o % kPackRows) value_error(std::string(name) + ": a packed matrix needs out a multiple of 8");
   return QuantMatrix{reinterpret_cast<const uint8_t*>(t[0].cast<uintptr_t>()), o, i, QType(type),
-                     reinterpret_cast<const float*>(t[4].cast<uintptr_t>())};
+                     reinterpret_cast<const float*>(t[4].cast<uintptr_t>()), packed};
 }
 
 DecoderLayerWeights make_decoder_layer(int hidden, int heads, int kv_heads, int head_dim, int intermediate, double eps,
@@ -467,7 +469,13 @@ int64_t check_blocks(const View& w, QType type, int64_t in) {
   return w.stride(0);
 }
 
-void quant_linear_py(py::handle x_, py::handle w_, int qtype, py::object bias_, py::handle out_, int num_threads) {
+void check_packed(bool packed, int64_t rows) {
+  if (packed && rows % kPackRows)
+    value_error("a packed weight (8-row interleaved layout) needs a multiple of 8 rows, got " + std::to_string(rows));
+}
+
+void quant_linear_py(py::handle x_, py::handle w_, int qtype, py::object bias_, py::handle out_, int num_threads,
+                     bool packed) {
   View x(x_, "x"), w(w_, "weight"), out(out_, "out");
   const QType type = quant_type(qtype);
   x.rank(2);
@@ -476,6 +484,7 @@ void quant_linear_py(py::handle x_, py::handle w_, int qtype, py::object bias_, 
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t w_stride = check_blocks(w, type, K);
   const int64_t N = w.size(0);
+  check_packed(packed, N);
   if (M < 1) value_error("x must have at least one row, got shape " + shape_str(*x.t));
   const std::string out_shape = dims("[rows, out]", {{"rows", M}, {"out", N}});
   out.shape({M, N}, out_shape.c_str());
@@ -492,7 +501,7 @@ void quant_linear_py(py::handle x_, py::handle w_, int qtype, py::object bias_, 
     bias = static_cast<const float*>(b->data());
   }
   QuantLinearArgs a{static_cast<const float*>(x.data()), M, K, x.stride(0), static_cast<const uint8_t*>(w.data()), N,
-                    w_stride, type, bias, static_cast<float*>(out.data()), out.stride(0), num_threads};
+                    w_stride, type, bias, static_cast<float*>(out.data()), out.stride(0), num_threads, packed};
   if (N == 0) return;
   py::gil_scoped_release release;
   quant_linear(a);
@@ -501,19 +510,20 @@ void quant_linear_py(py::handle x_, py::handle w_, int qtype, py::object bias_, 
 // quant_linear on raw addresses, for QuantLinear's hot path (see small_linear_ptr_py): the module
 // checked the blocks once when it was built, and x and out per call.
 void quant_linear_ptr_py(uintptr_t x, int64_t rows, int64_t in, uintptr_t w, int64_t out_features, int qtype,
-                         uintptr_t bias, uintptr_t y, int num_threads) {
+                         uintptr_t bias, uintptr_t y, int num_threads, bool packed) {
   const QType type = quant_type(qtype);
+  check_packed(packed, out_features);
   if (rows < 1 || in < kQuantBlock || in % kQuantBlock || out_features < 1 || !x || !w || !y)
     value_error("quant_linear_ptr: rows and out_features must be positive, in_features a positive multiple of 32, "
                 "addresses non-null");
   QuantLinearArgs a{reinterpret_cast<const float*>(x), rows, in, in, reinterpret_cast<const uint8_t*>(w), out_features,
                     in / kQuantBlock * quant_block_bytes(qtype), type, reinterpret_cast<const float*>(bias),
-                    reinterpret_cast<float*>(y), out_features, num_threads};
+                    reinterpret_cast<float*>(y), out_features, num_threads, packed};
   py::gil_scoped_release release;
   quant_linear(a);
 }
 
-void dequantize_rows_py(py::handle w_, int qtype, py::object ids_, py::handle out_, int num_threads) {
+void dequantize_rows_py(py::handle w_, int qtype, py::object ids_, py::handle out_, int num_threads, bool packed) {
   View w(w_, "weight"), out(out_, "out");
   const QType type = quant_type(qtype);
   out.rank(2);
@@ -521,6 +531,7 @@ void dequantize_rows_py(py::handle w_, int qtype, py::object ids_, py::handle ou
   const int64_t K = out.size(1);
   const int64_t w_stride = check_blocks(w, type, K);
   const int64_t rows = w.size(0);
+  check_packed(packed, rows);
   const int64_t* ids = nullptr;
   int64_t n = rows;
   std::unique_ptr<View> iv;
@@ -540,7 +551,24 @@ void dequantize_rows_py(py::handle w_, int qtype, py::object ids_, py::handle ou
   out.inner_contiguous();
   py::gil_scoped_release release;
   dequantize_rows(static_cast<const uint8_t*>(w.data()), w_stride, type, K, ids, n, static_cast<float*>(out.data()),
-                  out.stride(0), num_threads);
+                  out.stride(0), num_threads, packed);
+}
+
+void pack_rows8_py(py::handle src_, int qtype, py::handle dst_) {
+  View src(src_, "blocks"), dst(dst_, "out");
+  const QType type = quant_type(qtype);
+  for (View* v : {&src, &dst}) {
+    v->dtype(v->is(kDLUInt, 8), "uint8");
+    v->rank(2);
+    v->contiguous();
+  }
+  const int64_t out = src.size(0), row_bytes = src.size(1);
+  if (row_bytes % quant_block_bytes(qtype)) value_error("blocks: rows must be whole blocks, got shape " + shape_str(*src.t));
+  check_packed(true, out);
+  if (dst.size(0) != out || dst.size(1) != row_bytes) value_error("out must have the blocks' shape " + shape_str(*src.t));
+  if (src.data() == dst.data()) value_error("out must not be the blocks themselves");
+  py::gil_scoped_release release;
+  pack_rows8(static_cast<const uint8_t*>(src.data()), static_cast<uint8_t*>(dst.data()), out, row_bytes, type);
 }
 
 }  // namespace
@@ -553,14 +581,19 @@ PYBIND11_MODULE(_C, m) {
   m.attr("small_linear_prefetch_hint") = mirror_rt::small_linear_prefetch_hint();
   m.attr("quant_linear_max_rows") = kQuantLinearMaxRows;
   m.def("quant_linear", &quant_linear_py, py::arg("x"), py::arg("weight"), py::arg("qtype"), py::arg("bias"),
-        py::arg("out"), py::arg("num_threads") = 0,
+        py::arg("out"), py::arg("num_threads") = 0, py::arg("packed") = false,
         "out [rows, out] = x [rows, in] float32 @ W^T, W as GGUF blocks uint8 [out, in/32*block_bytes] "
-        "of GGML type qtype (Q4_0=2, Q4_1=3, Q8_0=8); fp32 arithmetic, blocks unpacked on the fly.");
+        "of GGML type qtype (Q4_0=2, Q4_1=3, Q8_0=8), row-major or (packed) 8-row interleaved; x rounded "
+        "to int8 per 32-block.");
   m.def("quant_linear_ptr", &quant_linear_ptr_py, py::arg("x"), py::arg("rows"), py::arg("in_features"),
         py::arg("weight"), py::arg("out_features"), py::arg("qtype"), py::arg("bias"), py::arg("out"),
-        py::arg("num_threads") = 0, "quant_linear on contiguous buffers given by address (bias 0: none).");
+        py::arg("num_threads") = 0, py::arg("packed") = false,
+        "quant_linear on contiguous buffers given by address (bias 0: none).");
   m.def("dequantize_rows", &dequantize_rows_py, py::arg("weight"), py::arg("qtype"), py::arg("ids"), py::arg("out"),
-        py::arg("num_threads") = 0, "out [n, in] float32 = rows ids (int64 [n], or None: all) of the blocks.");
+        py::arg("num_threads") = 0, py::arg("packed") = false,
+        "out [n, in] float32 = rows ids (int64 [n], or None: all) of the blocks (packed: 8-row interleaved).");
+  m.def("pack_rows8", &pack_rows8_py, py::arg("blocks"), py::arg("qtype"), py::arg("out"),
+        "out = blocks uint8 [out, in/32*block_bytes] (row-major, a multiple of 8 rows) in the 8-row packed layout.");
   m.def("quant_block_bytes", &mirror_rt::quant_block_bytes, py::arg("qtype"), "Bytes of one 32-value block (0: unknown type).");
   m.def("quant_linear_isa", &mirror_rt::quant_linear_isa, "\"avx2\" or \"portable\": the path quant_linear takes.");
   m.def("quant_linear_force_portable", &mirror_rt::quant_linear_force_portable, py::arg("on"),

@@ -6,16 +6,30 @@ import torch
 
 from mirror_rt import _C, ops
 from mirror_rt.models.quant import QuantEmbedding, QuantLinear, quantize
-from mirror_rt.ops.quant import (QuantWeight, check_blocks, dequantize_ref, int8_grid_ref, quant_linear,
-                                  quant_linear_ref, quantize_x_ref)
+from mirror_rt.ops.quant import (QuantWeight, check_blocks, dequantize_ref, int8_grid_ref, pack_rows8, quant_linear,
+                                  pack_rows8_ref, quant_linear_ref, quantize_x_ref,
+                                  unpack_rows8)
 
 QTYPES = ("q8_0", "q4_0", "q4_1")
+LAYOUTS = ("rows", "packed")
 
 
 def _weight(out, in_, qtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, in_, generator=g)
     return w, quantize(w, qtype)
+
+
+def _in_layout(blocks, qtype, shape, layout) -> QuantWeight:
+    """The row-major blocks as the kernel's input in ``layout`` (the packed one: pack_rows8)."""
+    if layout == "packed":
+        return QuantWeight(pack_rows8(blocks, qtype), qtype, shape, packed=True)
+    return QuantWeight(blocks, qtype, shape)
+
+
+def _odd(out, layout):
+    """An odd feature count for the row-major layout, an odd number of 8-row groups for the packed."""
+    return out if layout == "rows" else (out // 16) * 16 + 8
 
 
 @pytest.fixture(params=["avx2", "portable"])
@@ -27,13 +41,15 @@ def isa(request):
     _C.quant_linear_force_portable(False)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 37])
-def test_kernel_matches_references(qtype, rows, isa):
-    w, blocks = _weight(67, 160, qtype, seed=rows)  # odd feature count, an odd number of blocks
+def test_kernel_matches_references(qtype, rows, isa, layout):
+    out = _odd(67, layout)
+    w, blocks = _weight(out, 160, qtype, seed=rows)  # odd feature count, an odd number of blocks
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
-    bias = torch.randn(67)
-    got = quant_linear(x, QuantWeight(blocks, qtype, w.shape), bias)
+    bias = torch.randn(out)
+    got = quant_linear(x, _in_layout(blocks, qtype, w.shape, layout), bias)
     # float64 against the dequantized weight, and dequantize-then-matmul in float32 (x quantized as
     # the kernel quantizes it in both): rounding apart
     torch.testing.assert_close(got, quant_linear_ref(x, blocks, qtype, w.shape, bias), atol=1e-4, rtol=1e-5)
@@ -44,11 +60,12 @@ def test_kernel_matches_references(qtype, rows, isa):
     assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_each_row_is_bitwise_the_same_whatever_rows_come_with_it(qtype, threads, isa):
-    w, blocks = _weight(333, 96, qtype)
-    W = QuantWeight(blocks, qtype, w.shape)
+def test_each_row_is_bitwise_the_same_whatever_rows_come_with_it(qtype, threads, isa, layout):
+    w, blocks = _weight(_odd(333, layout), 96, qtype)
+    W = _in_layout(blocks, qtype, w.shape, layout)
     x = torch.randn(19, 96)
     torch.set_num_threads(threads)
     try:
@@ -61,16 +78,19 @@ def test_each_row_is_bitwise_the_same_whatever_rows_come_with_it(qtype, threads,
         torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_dequantize_rows_and_embedding(qtype):
-    w, blocks = _weight(41, 64, qtype)
+def test_dequantize_rows_and_embedding(qtype, layout):
+    w, blocks = _weight(_odd(41, layout), 64, qtype)
     ref = dequantize_ref(blocks, qtype, w.shape)
-    assert torch.equal(QuantWeight(blocks, qtype, w.shape).dequantize(), ref)
-    ids = torch.tensor([[3, 40, 0], [3, 7, 7]])
-    emb = QuantEmbedding(blocks, qtype, w.shape)
+    assert torch.equal(_in_layout(blocks, qtype, w.shape, layout).dequantize(), ref)
+    ids = torch.tensor([[3, 39, 0], [3, 7, 7]])
+    emb = QuantEmbedding(blocks, qtype, w.shape)  # packs a multiple of 8 rows by itself
+    assert emb.packed == (layout == "packed")
     assert torch.equal(emb(ids), ref[ids])
+    assert torch.equal(emb.weight[torch.tensor([39, 2])].blocks, blocks[[39, 2]])  # rows selected row-major
     with pytest.raises(ValueError, match="outside"):
-        emb(torch.tensor([41]))
+        emb(torch.tensor([w.shape[0]]))
     # quantizing a float weight and back stays within the format's step
     step = {"q8_0": 1 / 127, "q4_0": 1 / 7, "q4_1": 1 / 15}[qtype]
     assert ((ref - w).abs().amax(1) <= step * w.abs().amax(1) * 1.01 + 1e-6).all()
@@ -150,12 +170,13 @@ def test_activation_quantization_follows_ggml():
     assert torch.equal(d.half(), ggml[..., :2].contiguous().view(torch.float16).squeeze(-1))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_avx2_and_portable_paths_agree_bitwise(qtype):
+def test_avx2_and_portable_paths_agree_bitwise(qtype, layout):
     if _C.quant_linear_isa() != "avx2":
         pytest.skip("no AVX2 on this CPU")
-    w, blocks = _weight(45, 224, qtype, seed=5)
-    W = QuantWeight(blocks, qtype, w.shape)
+    w, blocks = _weight(_odd(45, layout), 224, qtype, seed=5)
+    W = _in_layout(blocks, qtype, w.shape, layout)
     x = torch.randn(11, 224) * 3
     x[0, :32] = torch.arange(32) - 15.5  # with x[0, 0] = 127 below: d = 1, every value an exact half
     x[0, 0] = 127.0
@@ -166,3 +187,42 @@ def test_avx2_and_portable_paths_agree_bitwise(qtype):
     finally:
         _C.quant_linear_force_portable(False)
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_packed_layout_holds_the_same_bytes_and_unpacks_exactly(qtype):
+    w, blocks = _weight(24, 96, qtype)
+    packed = pack_rows8(blocks, qtype)
+    assert torch.equal(packed, pack_rows8_ref(blocks, qtype))  # the C++ packer and the torch reference
+    assert packed.shape == blocks.shape and torch.equal(unpack_rows8(packed, qtype), blocks)
+    assert torch.equal(packed.flatten().sort()[0], blocks.flatten().sort()[0])  # the same bytes, reordered
+    # group 1, block 2: the 8 rows' fp16 d first, then (Q4_1) their m, then 4-byte pieces of rows 0..7
+    nbytes = blocks.shape[1] // 3
+    rec = packed[8:16].reshape(-1)[2 * 8 * nbytes:3 * 8 * nbytes]
+    rows = blocks[8:16, 2 * nbytes:3 * nbytes]
+    assert torch.equal(rec[:16], rows[:, :2].reshape(-1))
+    header = 4 if qtype == "q4_1" else 2
+    assert torch.equal(rec[8 * header:8 * header + 32], rows[:, header:header + 4].reshape(-1))
+    for pack in (pack_rows8, pack_rows8_ref):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            pack(blocks[:12], qtype)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _C.quant_linear(torch.randn(1, 96), blocks[:12], 8 if qtype == "q8_0" else 2 if qtype == "q4_0" else 3,
+                        None, torch.empty(1, 12), 0, packed=True)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        QuantLinear(blocks[:12], qtype, (12, 96), layout="packed")
+    with pytest.raises(ValueError, match="layout"):
+        QuantLinear(blocks, qtype, (24, 96), layout="interleaved")
+    assert QuantLinear(blocks, qtype, (24, 96)).packed and not QuantLinear(blocks, qtype, (24, 96), layout="rows").packed
+    assert not QuantLinear(blocks[:12], qtype, (12, 96)).packed  # not whole groups: kept row-major
+
+
+def test_packed_custom_op_opcheck():
+    w, blocks = _weight(24, 64, "q4_0")
+    packed = pack_rows8(blocks, "q4_0")
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.mirror_rt.quant_linear, (x, packed, 2, 24, None, True))
+    assert torch.equal(torch.ops.mirror_rt.quant_linear(x, packed, 2, 24, None, True),
+                       quant_linear(x, QuantWeight(packed, "q4_0", w.shape, packed=True)))
+    ids = torch.tensor([4, 0, 23, 4])
+    assert torch.equal(torch.ops.mirror_rt.dequantize_rows(packed, 2, ids, 64, True), dequantize_ref(blocks, 2, w.shape)[ids])

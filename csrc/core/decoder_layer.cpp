@@ -38,7 +38,7 @@ void rope(float* x, const float* cos, const float* sin, int d) {
 
 void product(const QuantMatrix& m, const float* x, int rows, float* y, int threads) {
   QuantLinearArgs a{x, rows, m.in, m.in, m.w, m.out, m.in / kQuantBlock * quant_block_bytes(int(m.type)), m.type,
-                    m.bias, y, m.out, threads};
+                    m.bias, y, m.out, threads, m.packed};
   quant_linear(a);
 }
 

@@ -15,6 +15,7 @@ struct QuantMatrix {
   int64_t out, in;
   QType type;
   const float* bias;    // [out] or nullptr
+  bool packed;          // the 8-row interleaved layout (quant_linear.h)
 };
 
 struct DecoderLayerWeights {

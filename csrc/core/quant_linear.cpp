@@ -56,6 +56,7 @@ struct Chunk {
   const int8_t* qx;  // [rows, in] int8, row stride in
   const float* dx;   // [rows, in / 32] block scales
   const float* sx;   // [rows, in / 32] dx * (sum of the block's int8 values): Q4_1's offsets multiply it
+  const int32_t* nx; // [rows, in / 32] the sum of the block's int8 values (Q4_0's offset of 8, packed)
   int64_t rows;
   float* y;          // its first output row
 };
@@ -105,6 +106,49 @@ void rows_portable(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t
       if (a.bias) y += a.bias[n];
       c.y[m * a.y_stride + n] = y;
     }
+  }
+}
+
+
+// --- the packed layout (quant_linear.h): lanes are 8 output rows --------------------------------
+
+template <QType T>
+constexpr int packed_header() { return T == QType::kQ4_1 ? 32 : 16; }  // 8 fp16 d (and 8 fp16 m)
+
+// The whole int32 dot of row r's block in a packed record with an x block y (Q4_0: nibbles - 8).
+template <QType T>
+int32_t packed_dot_portable(const uint8_t* rec, int r, const int8_t* y, int32_t ysum) {
+  const uint8_t* p = rec + packed_header<T>();
+  int32_t dot = 0;
+  for (int c = 0; c < (T == QType::kQ8_0 ? 8 : 4); ++c)
+    for (int i = 0; i < 4; ++i) {
+      const uint8_t v = p[32 * c + 4 * r + i];
+      if constexpr (T == QType::kQ8_0) dot += int32_t(int8_t(v)) * y[4 * c + i];
+      else dot += int32_t(v & 0x0f) * y[4 * c + i] + int32_t(v >> 4) * y[16 + 4 * c + i];
+    }
+  return T == QType::kQ4_0 ? dot - 8 * ysum : dot;
+}
+
+template <QType T>
+void packed_portable(const QuantLinearArgs& a, const Chunk& c, int64_t g0, int64_t g1) {
+  const int64_t nb = a.in / kQuantBlock;
+  const int64_t rec_bytes = kPackRows * quant_block_bytes(int(T));
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* group = a.w + g * kPackRows * a.w_stride;
+    for (int64_t m = 0; m < c.rows; ++m)
+      for (int r = 0; r < kPackRows; ++r) {
+        float acc = 0.0f, mins = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* rec = group + b * rec_bytes;
+          const int64_t mb = m * nb + b;
+          const int32_t p = packed_dot_portable<T>(rec, r, c.qx + m * a.in + b * kQuantBlock, c.nx[mb]);
+          acc = std::fma(half_to_float(load_u16(rec + 2 * r)) * c.dx[mb], float(p), acc);
+          if constexpr (T == QType::kQ4_1) mins = mins + half_to_float(load_u16(rec + 16 + 2 * r)) * c.sx[mb];
+        }
+        float y = acc + mins;
+        if (a.bias) y = y + a.bias[g * kPackRows + r];
+        c.y[m * a.y_stride + g * kPackRows + r] = y;
+      }
   }
 }
 
@@ -202,6 +246,83 @@ void rows_avx2_any(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t
   }
 }
 
+// The packed layout, M rows of x: per block, the 8 rows' dots in the lanes of one vector. Q4: the
+// low and high nibbles of piece c pair with x values 4c.. and 16 + 4c..; eight maddubs (each lane
+// at most 2 * 15 * 127) summed in int16 stay below 32767, then one madd. Q8_0: maddubs per piece.
+template <QType T, int M>
+MIRROR_RT_AVX2 void packed_avx2(const QuantLinearArgs& a, const Chunk& c, int64_t g0, int64_t g1) {
+  const int64_t nb = a.in / kQuantBlock;
+  constexpr int64_t rec_bytes = kPackRows * (T == QType::kQ8_0 ? 34 : (T == QType::kQ4_0 ? 18 : 20));
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* rec = a.w + g * kPackRows * a.w_stride;
+    __m256 acc[M], mins[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), mins[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b, rec += rec_bytes) {
+      const uint8_t* p = rec + packed_header<T>();
+      const int8_t* y0 = c.qx + b * kQuantBlock;
+      __m256i dot[M];
+      if constexpr (T == QType::kQ8_0) {
+        for (int m = 0; m < M; ++m) dot[m] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * k));
+          const __m256i aw = _mm256_sign_epi8(w, w);
+          for (int m = 0; m < M; ++m) {
+            int32_t piece;
+            std::memcpy(&piece, y0 + m * a.in + 4 * k, 4);
+            const __m256i yk = _mm256_sign_epi8(_mm256_set1_epi32(piece), w);
+            dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, yk), ones));
+          }
+        }
+      } else {
+        __m256i s16[M];
+        for (int m = 0; m < M; ++m) s16[m] = _mm256_setzero_si256();
+        for (int k = 0; k < 4; ++k) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * k));
+          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int m = 0; m < M; ++m) {
+            int32_t plo, phi;
+            std::memcpy(&plo, y0 + m * a.in + 4 * k, 4);
+            std::memcpy(&phi, y0 + m * a.in + 16 + 4 * k, 4);
+            s16[m] = _mm256_add_epi16(s16[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(plo)),
+                                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(phi))));
+          }
+        }
+        for (int m = 0; m < M; ++m) {
+          dot[m] = _mm256_madd_epi16(s16[m], ones);
+          if constexpr (T == QType::kQ4_0) dot[m] = _mm256_sub_epi32(dot[m], _mm256_set1_epi32(8 * c.nx[m * nb + b]));
+        }
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec)));
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(c.dx[m * nb + b])), _mm256_cvtepi32_ps(dot[m]), acc[m]);
+      if constexpr (T == QType::kQ4_1) {
+        const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16)));
+        for (int m = 0; m < M; ++m) mins[m] = _mm256_add_ps(mins[m], _mm256_mul_ps(mw, _mm256_set1_ps(c.sx[m * nb + b])));
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 y = _mm256_add_ps(acc[m], mins[m]);
+      if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + g * kPackRows));
+      _mm256_storeu_ps(c.y + m * a.y_stride + g * kPackRows, y);
+    }
+  }
+}
+
+template <QType T>
+void packed_avx2_any(const QuantLinearArgs& a, const Chunk& c, int64_t g0, int64_t g1) {
+  switch (c.rows) {
+    case 1: return packed_avx2<T, 1>(a, c, g0, g1);
+    case 2: return packed_avx2<T, 2>(a, c, g0, g1);
+    case 3: return packed_avx2<T, 3>(a, c, g0, g1);
+    case 4: return packed_avx2<T, 4>(a, c, g0, g1);
+    case 5: return packed_avx2<T, 5>(a, c, g0, g1);
+    case 6: return packed_avx2<T, 6>(a, c, g0, g1);
+    case 7: return packed_avx2<T, 7>(a, c, g0, g1);
+    default: return packed_avx2<T, 8>(a, c, g0, g1);
+  }
+}
+
 bool cpu_has_avx2() {
   static const bool ok = [] {
     __builtin_cpu_init();
@@ -215,12 +336,15 @@ bool cpu_has_avx2() { return false; }
 
 bool use_avx2() { return cpu_has_avx2() && !g_force_portable.load(std::memory_order_relaxed); }
 
+// Output features [n0, n1) (packed: multiples of 8) for the chunk's rows.
 template <QType T>
 void rows_any(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t n1, bool avx2) {
 #if defined(__x86_64__)
+  if (avx2 && a.packed) return packed_avx2_any<T>(a, c, n0 / kPackRows, n1 / kPackRows);
   if (avx2) return rows_avx2_any<T>(a, c, n0, n1);
 #endif
   (void)avx2;
+  if (a.packed) return packed_portable<T>(a, c, n0 / kPackRows, n1 / kPackRows);
   rows_portable<T>(a, c, n0, n1);
 }
 
@@ -237,6 +361,7 @@ void rows_typed(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t n1
 struct QuantizedX {
   std::vector<int8_t> q;
   std::vector<float> d, s;
+  std::vector<int32_t> n;
 };
 
 // One 32-block of x: q = round(x * (1 / d)) with halves away from zero (std::round), d = max|x| / 127.
@@ -287,6 +412,7 @@ void quantize_x(const QuantLinearArgs& a, QuantizedX& qx, bool avx2) {
   qx.q.resize(size_t(a.rows * a.in));
   qx.d.resize(size_t(a.rows * nb));
   qx.s.resize(size_t(a.rows * nb));
+  qx.n.resize(size_t(a.rows * nb));
   for (int64_t m = 0; m < a.rows; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const float* x = a.x + m * a.x_stride + b * kQuantBlock;
@@ -298,6 +424,7 @@ void quantize_x(const QuantLinearArgs& a, QuantizedX& qx, bool avx2) {
       const int sum = quantize_block_portable(x, q, d);
 #endif
       qx.s[size_t(m * nb + b)] = *d * float(sum);
+      qx.n[size_t(m * nb + b)] = sum;
     }
 }
 
@@ -308,11 +435,12 @@ constexpr int64_t kTileBytes = 128 * 1024;
 // the row count, over tiles of the weight small enough to stay in cache while every chunk reads it.
 void features(const QuantLinearArgs& a, const QuantizedX& qx, int64_t n0, int64_t n1, bool avx2) {
   const int64_t nb = a.in / kQuantBlock;
-  const int64_t tile = a.rows <= kQuantLinearMaxRows ? n1 - n0 : std::max<int64_t>(1, kTileBytes / a.w_stride);
+  const int64_t unit = a.packed ? kPackRows : 1;  // a tile holds whole groups of the packed layout
+  const int64_t tile = a.rows <= kQuantLinearMaxRows ? n1 - n0 : std::max<int64_t>(1, kTileBytes / a.w_stride / unit) * unit;
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = std::min(n1, t0 + tile);
     for (int64_t r = 0; r < a.rows; r += kQuantLinearMaxRows) {
-      const Chunk c{qx.q.data() + r * a.in, qx.d.data() + r * nb, qx.s.data() + r * nb,
+      const Chunk c{qx.q.data() + r * a.in, qx.d.data() + r * nb, qx.s.data() + r * nb, qx.n.data() + r * nb,
                     std::min<int64_t>(kQuantLinearMaxRows, a.rows - r), a.y + r * a.y_stride};
       rows_typed(a, c, t0, t1, avx2);
     }
@@ -349,27 +477,58 @@ void quant_linear(const QuantLinearArgs& a) {
   const QuantizedX& qx = mine;          // the team's threads must read the caller's, not their own
   quantize_x(a, mine, avx2);
   const int64_t chunks = (a.rows + kQuantLinearMaxRows - 1) / kQuantLinearMaxRows;
-  const int threads = team_size(a.out * a.w_stride * chunks, a.out, a.num_threads);
+  const int threads = team_size(a.out * a.w_stride * chunks, a.packed ? a.out / kPackRows : a.out, a.num_threads);
   if (threads <= 1) return features(a, qx, 0, a.out, avx2);
 #pragma omp parallel num_threads(threads)
   {
     // The team may be smaller than asked (nested regions, OMP_THREAD_LIMIT): share among those here.
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
-    features(a, qx, a.out * t / team, a.out * (t + 1) / team, avx2);
+    const int64_t unit = a.packed ? kPackRows : 1, units = a.out / unit;  // packed: whole groups each
+    features(a, qx, units * t / team * unit, units * (t + 1) / team * unit, avx2);
   }
 }
 
+namespace {
+// Row n's block b of a packed weight, copied back to the row-major block format.
+void unpack_block(const uint8_t* w, int64_t w_stride, int bytes, int64_t n, int64_t b, uint8_t* blk) {
+  const int r = int(n % kPackRows), header = bytes == 20 ? 4 : 2, payload = bytes - header;
+  const uint8_t* rec = w + (n / kPackRows) * kPackRows * w_stride + b * kPackRows * bytes;
+  std::memcpy(blk, rec + 2 * r, 2);
+  if (header == 4) std::memcpy(blk + 2, rec + 16 + 2 * r, 2);
+  const uint8_t* p = rec + 8 * header;
+  for (int c = 0; c < payload / 4; ++c) std::memcpy(blk + header + 4 * c, p + 32 * c + 4 * r, 4);
+}
+}  // namespace
+
+void pack_rows8(const uint8_t* src, uint8_t* dst, int64_t out, int64_t row_bytes, QType type) {
+  const int bytes = quant_block_bytes(int(type)), header = type == QType::kQ4_1 ? 4 : 2, payload = bytes - header;
+  const int64_t nb = row_bytes / bytes;
+  for (int64_t g = 0; g < out / kPackRows; ++g)
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* rec = dst + g * kPackRows * row_bytes + b * kPackRows * bytes;
+      for (int r = 0; r < kPackRows; ++r) {
+        const uint8_t* blk = src + (g * kPackRows + r) * row_bytes + b * bytes;
+        std::memcpy(rec + 2 * r, blk, 2);
+        if (header == 4) std::memcpy(rec + 16 + 2 * r, blk + 2, 2);
+        for (int c = 0; c < payload / 4; ++c) std::memcpy(rec + 8 * header + 32 * c + 4 * r, blk + header + 4 * c, 4);
+      }
+    }
+}
+
 void dequantize_rows(const uint8_t* w, int64_t w_stride, QType type, int64_t in, const int64_t* ids, int64_t n,
-                     float* out, int64_t out_stride, int num_threads) {
+                     float* out, int64_t out_stride, int num_threads, bool packed) {
   const int64_t nb = in / kQuantBlock;
   const int bytes = quant_block_bytes(int(type));
   const int threads = team_size(n * w_stride, n, num_threads);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* row = w + (ids ? ids[i] : i) * w_stride;
+    const int64_t id = ids ? ids[i] : i;
+    const uint8_t* row = w + id * w_stride;
     float* y = out + i * out_stride;
+    uint8_t copy[34];
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * bytes;
+      if (packed) unpack_block(w, w_stride, bytes, id, b, copy), blk = copy;
       float* yb = y + b * kQuantBlock;
       const float d = half_to_float(load_u16(blk));
       if (type == QType::kQ8_0) {

@@ -32,7 +32,7 @@ class LayerStep:
         for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
             bias = None if m.bias is None else m.bias.detach().float().contiguous()
             mats.append((m.blocks, bias, (m.blocks.data_ptr(), m.out_features, m.in_features, m.qtype,
-                                          0 if bias is None else bias.data_ptr())))
+                                          0 if bias is None else bias.data_ptr(), m.packed)))
         # kept alive with the addresses given to C++; a tensor moved since (share_memory_() before a
         # process lane pickles the model) invalidates them, and the step is built again
         self.held = [t for t in (*self.norms, *(b for b, _, _ in mats), *(c for _, c, _ in mats)) if t is not None]

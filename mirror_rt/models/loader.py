@@ -77,7 +77,7 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     with meta_device():  # shapes only: the weights are assigned below
         model = LlamaModel(cfg)
     kept = {k: tensors.pop(k) for k in [k for k, v in tensors.items() if isinstance(v, KeptBlocks)]}
-    install_blocks(model, kept, tensors, path)
+    install_blocks(model, kept, tensors, path, copied=FilePages(path).release if kept else None)
     _assign(model, tensors, path)
     model.source = path
     model.tokenizer_tokens = tokens

@@ -15,26 +15,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mirror_rt.ops.quant import (BLOCK, QTYPE_NAMES, QTYPES, QuantWeight, check_blocks, dequantize_ref,
-                                 qtype_id, quant_linear, quant_linear_unchecked)
+from mirror_rt.ops.quant import (BLOCK, PACK_ROWS, QTYPE_NAMES, QTYPES, QuantWeight, check_blocks, dequantize_ref,
+                                 pack_rows8, qtype_id, quant_linear, quant_linear_unchecked)
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize", "quantize_q8_0", "quantize_q4_0", "quantize_q4_1",
            "dequantize", "quantize_model", "weight_bytes", "is_quantized"]
 
 
-class QuantLinear(nn.Module):
-    """y = x @ W^T (+ bias) with W [out, in] kept as blocks (uint8 [out, in/32*block_bytes])."""
+LAYOUTS = ("auto", "rows", "packed")
 
-    def __init__(self, blocks: torch.Tensor, qtype, shape, bias: torch.Tensor | None = None, check_scales=True):
+
+def _laid_out(blocks, qtype: int, shape, layout: str, name: str, check_scales: bool):
+    """(blocks as kept, packed?) for a module's weight given in ``layout``: "auto" (row-major blocks,
+    packed when the rows are a multiple of 8), "rows" (row-major, kept so) or "packed" (already
+    packed by ``pack_rows8``; its scales are not checked)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    blocks = check_blocks(blocks, qtype, shape, name, scales=check_scales and layout != "packed")
+    if layout == "packed" and blocks.shape[0] % PACK_ROWS:
+        raise ValueError(f"{name}: a packed weight needs a multiple of {PACK_ROWS} rows, got {blocks.shape[0]}")
+    if layout == "auto" and blocks.shape[0] % PACK_ROWS == 0 and blocks.shape[0] and blocks.is_cpu:
+        return pack_rows8(blocks, qtype), True
+    return blocks, layout == "packed"
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ bias) with W [out, in] kept as blocks (uint8 [out, in/32*block_bytes]); a
+    multiple of 8 rows on the CPU in the packed layout (``layout``: see ``_laid_out``)."""
+
+    def __init__(self, blocks: torch.Tensor, qtype, shape, bias: torch.Tensor | None = None, check_scales=True,
+                 layout: str = "auto"):
         super().__init__()
         self.qtype = qtype_id(qtype)
         self.out_features, self.in_features = (int(s) for s in shape)
-        self.register_buffer("blocks", check_blocks(blocks, self.qtype, shape, scales=check_scales))
+        blocks, self.packed = _laid_out(blocks, self.qtype, shape, layout, "weight", check_scales)
+        self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     @property
     def weight(self) -> QuantWeight:
-        return QuantWeight(self.blocks, self.qtype, (self.out_features, self.in_features))
+        return QuantWeight(self.blocks, self.qtype, (self.out_features, self.in_features), self.packed)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qtype) -> "QuantLinear":
@@ -47,36 +67,40 @@ class QuantLinear(nn.Module):
         if x.dtype is torch.float32 and x.is_cpu and self.blocks.is_cpu:
             if torch.compiler.is_compiling():  # traced: the custom op (its fake gives the shape)
                 y = torch.ops.mirror_rt.quant_linear(x.reshape(-1, self.in_features), self.blocks, self.qtype,
-                                                     self.out_features, self.bias)
+                                                     self.out_features, self.bias, self.packed)
                 return y.reshape(*x.shape[:-1], self.out_features)
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"x must be [..., {self.in_features}], got shape {tuple(x.shape)}")
             if x.numel():
-                return quant_linear_unchecked(x.contiguous(), self.blocks, self.qtype, self.out_features, self.bias)
+                return quant_linear_unchecked(x.contiguous(), self.blocks, self.qtype, self.out_features, self.bias,
+                                              self.packed)
         return quant_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"qtype={QTYPE_NAMES[self.qtype]}, bias={self.bias is not None}")
+                f"qtype={QTYPE_NAMES[self.qtype]}, bias={self.bias is not None}, packed={self.packed}")
 
 
 class QuantEmbedding(nn.Module):
-    """Embedding lookup in a table kept as blocks: each id's row dequantized to float32."""
+    """Embedding lookup in a table kept as blocks: each id's row dequantized to float32 (the table
+    packed like QuantLinear's, so a tied LM head shares it)."""
 
-    def __init__(self, blocks: torch.Tensor, qtype, shape, check_scales=True):
+    def __init__(self, blocks: torch.Tensor, qtype, shape, check_scales=True, layout: str = "auto"):
         super().__init__()
         self.qtype = qtype_id(qtype)
         self.num_embeddings, self.embedding_dim = (int(s) for s in shape)
-        self.register_buffer("blocks", check_blocks(blocks, self.qtype, shape, "embedding", scales=check_scales))
+        blocks, self.packed = _laid_out(blocks, self.qtype, shape, layout, "embedding", check_scales)
+        self.register_buffer("blocks", blocks)
 
     @property
     def weight(self) -> QuantWeight:
-        return QuantWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim))
+        return QuantWeight(self.blocks, self.qtype, (self.num_embeddings, self.embedding_dim), self.packed)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] int64 -> [..., H] float32 (an id outside the table raises ValueError)."""
         if torch.compiler.is_compiling() and self.blocks.is_cpu:
-            rows = torch.ops.mirror_rt.dequantize_rows(self.blocks, self.qtype, ids.reshape(-1), self.embedding_dim)
+            rows = torch.ops.mirror_rt.dequantize_rows(self.blocks, self.qtype, ids.reshape(-1), self.embedding_dim,
+                                                       self.packed)
             return rows.reshape(*ids.shape, self.embedding_dim)
         rows = self.weight.dequantize(ids.reshape(-1).to("cpu"))
         return rows.reshape(*ids.shape, self.embedding_dim).to(ids.device)
@@ -220,24 +244,30 @@ class KeptBlocks:
         self.blocks, self.qtype, self.shape = blocks, qtype_id(qtype), tuple(int(s) for s in shape)
 
 
-def install_blocks(model, kept: dict, tensors: dict, path: str = "model"):
+def install_blocks(model, kept: dict, tensors: dict, path: str = "model", copied=None):
     """Put the kept weights of a (meta-device) LlamaModel in place: ``kept`` maps parameter names
     ("layers.0.self_attn.q_proj.weight", "embed_tokens.weight", "lm_head.weight") to KeptBlocks;
     a linear's bias stays a float tensor in ``tensors``. A tied LM head shares the embedding's
     blocks. Each module is swapped once, here: QuantLinear / QuantEmbedding run their kernels
-    without a per-call choice. Raises ValueError naming ``path`` and the tensor on bad blocks."""
+    without a per-call choice. ``copied``, if given, is called with [blocks] each time a module made
+    its own copy of them (packing: the loader gives their file pages back at once). Raises ValueError
+    naming ``path`` and the tensor on bad blocks."""
     def make(cls, name, k, *extra):
         try:
-            return cls(torch.as_tensor(k.blocks), k.qtype, k.shape, *extra)
+            module = cls(torch.as_tensor(k.blocks), k.qtype, k.shape, *extra)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: tensor {name}: {e}") from None
+        if copied is not None and module.packed:
+            copied([torch.as_tensor(k.blocks)])
+        return module
 
     for name, k in kept.items():
         module_name = name.removesuffix(".weight")
         if module_name == "embed_tokens":
             model.embed_tokens = make(QuantEmbedding, name, k)
             if model.config.tie_embeddings:
-                model.lm_head = QuantLinear(model.embed_tokens.blocks, k.qtype, k.shape, check_scales=False)
+                model.lm_head = QuantLinear(model.embed_tokens.blocks, k.qtype, k.shape, check_scales=False,
+                                            layout="packed" if model.embed_tokens.packed else "rows")
             continue
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

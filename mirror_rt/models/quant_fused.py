@@ -22,19 +22,25 @@ class Fused(QuantLinear):
     @classmethod
     def stack(cls, named: list) -> "Fused":
         first = named[0][1]
-        blocks = torch.cat([m.blocks for _, m in named])
+        packed = all(m.packed for _, m in named)  # packed parts stack as they are (whole groups of 8 rows)
+        blocks = torch.cat([m.blocks if packed else m.weight.row_blocks() for _, m in named])
         bias = None if first.bias is None else torch.cat([m.bias for _, m in named])
-        fused = cls(blocks, first.qtype, (blocks.shape[0], first.in_features), bias, check_scales=False)
+        fused = cls(blocks, first.qtype, (blocks.shape[0], first.in_features), bias, check_scales=False,
+                    layout="packed" if packed else "auto")
         fused.parts = tuple((name, m.out_features) for name, m in named)
         return fused
 
     def unfused(self):
-        """[(part name, QuantLinear)] with this module's rows (views of its blocks)."""
+        """[(part name, QuantLinear)] with this module's rows (views of its blocks where the layout
+        allows: row-major, or packed parts of whole 8-row groups)."""
         out, start = [], 0
+        whole_groups = all(rows % 8 == 0 for _, rows in self.parts)
+        blocks = self.blocks if whole_groups or not self.packed else self.weight.row_blocks()
+        layout = "packed" if self.packed and whole_groups else "rows"
         for name, rows in self.parts:
             bias = None if self.bias is None else self.bias[start:start + rows]
-            out.append((name, QuantLinear(self.blocks[start:start + rows], self.qtype, (rows, self.in_features), bias,
-                                          check_scales=False)))
+            out.append((name, QuantLinear(blocks[start:start + rows], self.qtype, (rows, self.in_features), bias,
+                                          check_scales=False, layout=layout)))
             start += rows
         return out
 

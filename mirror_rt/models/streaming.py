@@ -408,7 +408,7 @@ def save_streaming_draft(draft: StreamingDraft, path: str, dtype=torch.float16, 
             parts = layer.unfused() if isinstance(layer, Fused) else [(module.rpartition(".")[2], layer)]
             for name, part in parts:
                 key = f"{module.rpartition('.')[0]}.{name}.weight"
-                state[key] = part.blocks.detach().to("cpu").contiguous()
+                state[key] = part.weight.row_blocks().detach().to("cpu").contiguous()  # the file's layout
                 qtypes[key] = QTYPE_NAMES[part.qtype]
         elif quant and k.startswith("layers.") and k.endswith("proj.weight") and v.shape[-1] % 32 == 0:
             state[k] = quantize(v, quant)

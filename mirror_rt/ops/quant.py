@@ -16,6 +16,11 @@ with it, so a token decoded alone and inside a verification window give bitwise-
 (given the same activations: the model's row-exact attention sees to that). Off the CPU the weight
 is dequantized and x is not quantized. ``quant_linear_ref`` is the kernel's slow reference
 (float64, x quantized), ``dequantize_ref`` the format's reference.
+
+Modules keep weights with a multiple of 8 rows in a packed layout (``pack_rows8``): the same
+bytes, the blocks of 8 rows interleaved so the kernel reads them with a few vector loads and its
+lanes are output rows (twice as fast at one row on AVX2). ``QuantWeight.row_blocks()`` gives the
+GGUF layout back.
 """
 from __future__ import annotations
 
@@ -94,6 +99,55 @@ def dequantize_ref(blocks: torch.Tensor, qtype, shape) -> torch.Tensor:
     return vals.reshape(out, in_)
 
 
+PACK_ROWS = 8  # rows interleaved by the packed layout
+
+
+def _header_bytes(q: int) -> int:
+    return 4 if q == 3 else 2  # fp16 d (and Q4_1's fp16 m)
+
+
+def pack_rows8(blocks: torch.Tensor, qtype) -> torch.Tensor:
+    """Row-major blocks [out, row_bytes] uint8 (out a multiple of 8) -> the same bytes in the packed
+    layout the CPU kernel reads fastest (csrc/core/quant_linear.h): per group of 8 rows and block,
+    the 8 rows' d (and m), then their payloads in 4-byte pieces, piece c of rows 0..7 in turn.
+    CPU tensors are packed by the C++ core (``pack_rows8_ref`` is the same in torch)."""
+    q = qtype_id(qtype)
+    if blocks.is_cpu and blocks.dim() == 2 and blocks.shape[0] % PACK_ROWS == 0:
+        from mirror_rt import _C
+
+        out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+        _C.pack_rows8(blocks.contiguous(), q, out)
+        return out
+    return pack_rows8_ref(blocks, q)
+
+
+def pack_rows8_ref(blocks: torch.Tensor, qtype) -> torch.Tensor:
+    """``pack_rows8`` in plain torch (reshapes and transposes): the reference."""
+    q = qtype_id(qtype)
+    out, rb = blocks.shape
+    if out % PACK_ROWS:
+        raise ValueError(f"the packed layout needs a multiple of {PACK_ROWS} rows, got {out}")
+    nbytes, h = BLOCK_BYTES[q], _header_bytes(q)
+    b = blocks.reshape(out // PACK_ROWS, PACK_ROWS, rb // nbytes, nbytes).transpose(1, 2)  # [G, nb, 8, bytes]
+    heads = [b[..., i:i + 2].reshape(*b.shape[:2], 2 * PACK_ROWS) for i in range(0, h, 2)]
+    pay = b[..., h:].reshape(*b.shape[:3], -1, 4).transpose(2, 3).reshape(*b.shape[:2], -1)
+    return torch.cat([*heads, pay], dim=-1).reshape(out, rb).contiguous()
+
+
+def unpack_rows8(packed: torch.Tensor, qtype) -> torch.Tensor:
+    """The inverse of ``pack_rows8``: packed [out, row_bytes] uint8 -> row-major blocks."""
+    q = qtype_id(qtype)
+    out, rb = packed.shape
+    nbytes, h = BLOCK_BYTES[q], _header_bytes(q)
+    rec = packed.reshape(out // PACK_ROWS, rb // nbytes, PACK_ROWS * nbytes)  # [G, nb, 8 * bytes]
+    heads = [rec[..., 2 * PACK_ROWS * i:2 * PACK_ROWS * (i + 1)].reshape(*rec.shape[:2], PACK_ROWS, 2)
+             for i in range(h // 2)]
+    pay = rec[..., PACK_ROWS * h:].reshape(*rec.shape[:2], -1, PACK_ROWS, 4).transpose(2, 3)
+    pay = pay.reshape(*rec.shape[:2], PACK_ROWS, -1)
+    b = torch.cat([*heads, pay], dim=-1)  # [G, nb, 8, bytes]
+    return b.transpose(1, 2).reshape(out, rb).contiguous()
+
+
 def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., in] (in a multiple of 32) -> (q int8 [..., in], d float32 [..., in / 32]): the
     kernel's activation quantization, per 32-block d = max|x| / 127 and q = round(x / d) with
@@ -125,14 +179,20 @@ def quant_linear_ref(x: torch.Tensor, blocks: torch.Tensor, qtype, shape, bias=N
 class QuantWeight:
     """A [out, in] weight kept as GGUF blocks: what ``QuantLinear.weight`` returns. Enough of a
     tensor's face for the code that reads a head's weight (``shape``, ``dtype`` (the compute dtype,
-    float32), ``device``, ``detach()``, row selection ``w[ids]``); ``ops.linear(x, w)`` multiplies."""
+    float32), ``device``, ``detach()``, row selection ``w[ids]``); ``ops.linear(x, w)`` multiplies.
+    ``packed``: the blocks are in the 8-row interleaved layout (``pack_rows8``)."""
 
-    __slots__ = ("blocks", "qtype", "shape")
+    __slots__ = ("blocks", "qtype", "shape", "packed")
 
-    def __init__(self, blocks: torch.Tensor, qtype, shape):
+    def __init__(self, blocks: torch.Tensor, qtype, shape, packed: bool = False):
         self.qtype = qtype_id(qtype)
         self.shape = torch.Size((int(shape[0]), int(shape[1])))
         self.blocks = blocks
+        self.packed = bool(packed)
+
+    def row_blocks(self) -> torch.Tensor:
+        """The blocks in the row-major (GGUF) layout: uint8 [out, in/32*block_bytes]."""
+        return unpack_rows8(self.blocks, self.qtype) if self.packed else self.blocks
 
     dtype = torch.float32
 
@@ -155,7 +215,7 @@ class QuantWeight:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.blocks.device)
         if ids.dim() != 1:
             raise ValueError(f"QuantWeight selects rows with a 1-D id tensor, got shape {tuple(ids.shape)}")
-        return QuantWeight(self.blocks[ids], self.qtype, (ids.numel(), self.shape[1]))
+        return QuantWeight(self.row_blocks()[ids], self.qtype, (ids.numel(), self.shape[1]))
 
     def dequantize(self, ids=None) -> torch.Tensor:
         """float32 [out, in] (or the rows ``ids`` [n] int64 only)."""
@@ -163,18 +223,19 @@ class QuantWeight:
 
         ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long).reshape(-1).contiguous()
         if self.blocks.device.type != "cpu":
-            full = dequantize_ref(self.blocks, self.qtype, self.shape)
+            full = dequantize_ref(self.row_blocks(), self.qtype, self.shape)
             return full if ids is None else full[ids.to(full.device)]
         n = self.shape[0] if ids is None else ids.numel()
         out = torch.empty(n, self.shape[1], dtype=torch.float32)
-        _C.dequantize_rows(self.blocks, self.qtype, ids, out, _threads())
+        _C.dequantize_rows(self.blocks, self.qtype, ids, out, _threads(), self.packed)
         return out
 
     def float(self) -> torch.Tensor:
         return self.dequantize()
 
     def __repr__(self) -> str:
-        return f"QuantWeight({QTYPE_NAMES[self.qtype]}, shape={tuple(self.shape)}, {self.nbytes} bytes)"
+        layout = ", packed" if self.packed else ""
+        return f"QuantWeight({QTYPE_NAMES[self.qtype]}, shape={tuple(self.shape)}, {self.nbytes} bytes{layout})"
 
 
 def _threads() -> int:
@@ -201,22 +262,24 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias=None) -> torch.Tenso
     xf = x.detach().float().contiguous()
     b = None if bias is None else bias.detach().float().contiguous()
     if torch.compiler.is_compiling():
-        y = torch.ops.mirror_rt.quant_linear(xf.reshape(-1, in_f), weight.blocks, weight.qtype, out_f, b)
+        y = torch.ops.mirror_rt.quant_linear(xf.reshape(-1, in_f), weight.blocks, weight.qtype, out_f, b,
+                                             weight.packed)
     else:
-        y = quant_linear_unchecked(xf, weight.blocks, weight.qtype, out_f, b)
+        y = quant_linear_unchecked(xf, weight.blocks, weight.qtype, out_f, b, weight.packed)
     return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
 
 
-def quant_linear_unchecked(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int, bias=None):
+def quant_linear_unchecked(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int, bias=None,
+                           packed: bool = False):
     """The kernel by address, for callers that checked everything (QuantLinear at build time): x
-    contiguous float32 CPU [..., in], blocks contiguous checked uint8, bias contiguous float32 or None.
-    Returns float32 [..., out_features]."""
+    contiguous float32 CPU [..., in], blocks contiguous checked uint8 (``packed``: 8-row interleaved),
+    bias contiguous float32 or None. Returns float32 [..., out_features]."""
     from mirror_rt import _C
 
     k = x.shape[-1]
     out = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
     _C.quant_linear_ptr(x.data_ptr(), x.numel() // k, k, blocks.data_ptr(), out_features, qtype,
-                        0 if bias is None else bias.data_ptr(), out.data_ptr(), _threads())
+                        0 if bias is None else bias.data_ptr(), out.data_ptr(), _threads(), packed)
     return out
 
 

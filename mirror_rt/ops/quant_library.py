@@ -12,35 +12,37 @@ from mirror_rt.ops.quant import quant_linear_unchecked
 
 @torch.library.custom_op("mirror_rt::quant_linear", mutates_args=())
 def quant_linear_op(x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, in] float32 CPU, blocks uint8 [out_features, in/32*block_bytes] of GGML type qtype,
-    bias [out_features] float32 or None -> [M, out_features] float32."""
+                    bias: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
+    """x [M, in] float32 CPU, blocks uint8 [out_features, in/32*block_bytes] of GGML type qtype
+    (``packed``: the 8-row interleaved layout), bias [out_features] float32 or None -> [M, out_features]
+    float32."""
     from mirror_rt import _C
 
     out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     _C.quant_linear(x.contiguous(), blocks, qtype, None if bias is None else bias.contiguous(), out,
-                    torch.get_num_threads())
+                    torch.get_num_threads(), packed)
     return out
 
 
 @quant_linear_op.register_fake
-def _(x, blocks, qtype, out_features, bias=None):
+def _(x, blocks, qtype, out_features, bias=None, packed=False):
     return x.new_empty(x.shape[0], out_features)
 
 
 @torch.library.custom_op("mirror_rt::dequantize_rows", mutates_args=())
-def dequantize_rows_op(blocks: torch.Tensor, qtype: int, ids: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Rows ids (int64 [n]) of blocks uint8 [rows, in_features/32*block_bytes] -> float32 [n, in_features]
-    (a quantized embedding's lookup)."""
+def dequantize_rows_op(blocks: torch.Tensor, qtype: int, ids: torch.Tensor, in_features: int,
+                       packed: bool = False) -> torch.Tensor:
+    """Rows ids (int64 [n]) of blocks uint8 [rows, in_features/32*block_bytes] (``packed``: 8-row
+    interleaved) -> float32 [n, in_features] (a quantized embedding's lookup)."""
     from mirror_rt import _C
 
     out = torch.empty(ids.numel(), in_features, dtype=torch.float32)
-    _C.dequantize_rows(blocks, qtype, ids.reshape(-1).contiguous(), out, torch.get_num_threads())
+    _C.dequantize_rows(blocks, qtype, ids.reshape(-1).contiguous(), out, torch.get_num_threads(), packed)
     return out
 
 
 @dequantize_rows_op.register_fake
-def _(blocks, qtype, ids, in_features):
+def _(blocks, qtype, ids, in_features, packed=False):
     return blocks.new_empty(ids.numel(), in_features, dtype=torch.float32)
 
 
