@@ -249,6 +249,11 @@ void rows_avx2_any(const QuantLinearArgs& a, const Chunk& c, int64_t n0, int64_t
 // The packed layout, M rows of x: per block, the 8 rows' dots in the lanes of one vector. Q4: the
 // low and high nibbles of piece c pair with x values 4c.. and 16 + 4c..; eight maddubs (each lane
 // at most 2 * 15 * 127) summed in int16 stay below 32767, then one madd. Q8_0: maddubs per piece.
+// How far ahead of the record being read the packed kernel asks for weight bytes: at one row the
+// hardware prefetcher alone left Q4_1 at 60% of fp32 streaming on Zen 1, 73% with this (2048 was
+// the best of 512, 1024, 2048).
+constexpr int64_t kPrefetchBytes = 2048;
+
 template <QType T, int M>
 MIRROR_RT_AVX2 void packed_avx2(const QuantLinearArgs& a, const Chunk& c, int64_t g0, int64_t g1) {
   const int64_t nb = a.in / kQuantBlock;
@@ -259,6 +264,8 @@ MIRROR_RT_AVX2 void packed_avx2(const QuantLinearArgs& a, const Chunk& c, int64_
     __m256 acc[M], mins[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), mins[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b, rec += rec_bytes) {
+      for (int64_t o = 0; o < rec_bytes; o += 64)  // a hint only: never faults past the weight's end
+        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchBytes + o, _MM_HINT_T0);
       const uint8_t* p = rec + packed_header<T>();
       const int8_t* y0 = c.qx + b * kQuantBlock;
       __m256i dot[M];
