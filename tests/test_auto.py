@@ -149,3 +149,28 @@ def test_plan_report_lines():
     assert lines[0] == "  auto decoder: sd: predicted 30.0 tok/s"
     assert lines[1] == "  plan w3 k2 exit overlapped: 8 steps, step predicted 15.0 ms, measured 12.0 ms"
     assert lines[2] == "  plan off: 2 steps, step predicted - ms, measured 5.0 ms"
+
+
+def test_a_draft_lane_still_starting_is_measured_on_a_later_request(pair, monkeypatch):
+    """A process lane takes seconds to start: auto chooses between AR and SD without waiting for
+    it, then measures Mirror-SD on the first request after it is up and chooses again."""
+    import mirror_rt.decoders.auto as auto
+
+    target, draft = pair
+    up = {"lane": False}
+    monkeypatch.setattr(auto, "is_started", lambda lane: up["lane"])
+    with AutoDecoder(target, draft, config(), probe=(3, 4, 5)) as dec:
+        assert dec.mirror.placement.lane_start == "background"
+        ids = prompt(11)
+        first = dec.generate(ids, 20, eos_token_id=[])
+        assert first.tokens.tolist() == ar(target, ids, 20)
+        assert [n for n, _ in first.stats["auto_pieces"]][:2] == ["ar", "sd"]
+        assert "mirror" not in {n for n, _ in first.stats["auto_pieces"]} and "mirror" not in dec.estimates
+        assert dec.choice in ("ar", "sd") and "not measured yet" in first.stats["auto_reason"]
+        again = dec.generate(ids, 12, eos_token_id=[])  # still starting: no probe, no wait
+        assert {n for n, _ in again.stats["auto_pieces"]} == {dec.choice}
+        up["lane"] = True
+        later = dec.generate(ids, 20, eos_token_id=[])
+        assert later.tokens.tolist() == ar(target, ids, 20)
+        assert later.stats["auto_pieces"][0] == ["mirror", 5] and set(dec.estimates) == set(NAMES)
+        assert "not measured yet" not in later.stats["auto_reason"]

@@ -5,7 +5,10 @@ tokens, SD continues from them, Mirror-SD continues from SD's, each a short prob
 latency law (mirror_rt.sim) turns each probe's phase times into a predicted tokens/s: AR's
 measured rate, SD's at its best window from its measured acceptance by position, Mirror-SD's
 from its planner. The fastest (a simpler decoder wins ties within ``margin``) writes the rest, and
-every later call. When the chosen decoder's measured rate drifts more than ``drift`` from its
+every later call. Mirror-SD's draft lane starts in the background: while a draft process is still
+starting (a new interpreter: seconds), its probe waits for a later request and the choice is made
+between AR and SD meanwhile, then made again once Mirror-SD is measured. When the chosen decoder's
+measured rate drifts more than ``drift`` from its
 prediction, the measurement replaces its estimate and the choice is made again from the estimates
 (measuring all three again would read the prompt three more times).
 
@@ -16,6 +19,7 @@ target's distribution given what came before, with its own seed derived from ``s
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -23,6 +27,8 @@ from mirror_rt.decoders.autoregressive import AutoregressiveDecoder
 from mirror_rt.decoders.base import GenerationOutput, as_prompt
 from mirror_rt.decoders.mirror import MirrorConfig, MirrorDecoder
 from mirror_rt.decoders.speculative import SpeculativeDecoder
+from mirror_rt.lanes import is_started
+from mirror_rt.placement import Placement
 from mirror_rt.sim import SETUP_PHASES, accepted_by_position, predict_from_stats, tokens_per_s
 
 NAMES = ("ar", "sd", "mirror")
@@ -42,8 +48,10 @@ class AutoDecoder:
         if not 0 <= margin < 1 or not 0 < drift < 1:
             raise ValueError(f"AutoDecoder needs 0 <= margin < 1 and 0 < drift < 1, got {margin}, {drift}")
         self.target, self.draft = target, draft
-        self.mirror = MirrorDecoder(target, draft, config) if placement is None else \
-            MirrorDecoder(target, draft, config, placement)
+        config = config or MirrorConfig()
+        where = placement or Placement(**config.legacy_placement)
+        # never wait for a draft process: AR and SD are measured while it starts
+        self.mirror = MirrorDecoder(target, draft, config, replace(where, lane_start="background"))
         self.max_window = self.mirror.config.window
         self.decoders = {"ar": AutoregressiveDecoder(target), "sd": SpeculativeDecoder(target, draft, self.max_window),
                          "mirror": self.mirror}
@@ -77,8 +85,13 @@ class AutoDecoder:
         stopper = _stop_checker(kwargs.get("stop"), kwargs.get("tokenizer"))
         eos = _eos_ids(self.target, eos_token_id)
         new, pieces, last_stats, done, used = [], [], None, False, None
-        order = [n for n in NAMES if self.choice is None and n not in self.estimates]
+        order = [n for n in NAMES if n not in self.estimates and (self.choice is None or n == "mirror")]
+        if "mirror" in order:
+            self.mirror._lane()  # a process lane starts here, in the background
         while not done and len(new) < max_new_tokens:
+            if order and order[0] == "mirror" and not is_started(self.mirror.lane):
+                order.pop(0)  # its draft process is still starting: measured on a later request
+                continue
             if order:  # still measuring
                 name = order.pop(0)
             else:
@@ -100,9 +113,10 @@ class AutoDecoder:
             done = done or len(got) < n or (bool(got) and got[-1] in eos)
             if name not in self.estimates and len(got) == n:
                 self.estimates[name] = self._estimate(name, out.stats)
+                self.choice = None  # a late measurement (Mirror-SD's) makes the choice again
             elif name == self.choice:
                 self._track(out.stats)
-        if self.choice is None and len(self.estimates) == len(NAMES):
+        if self.choice is None and {"ar", "sd"} <= set(self.estimates):
             used = self._choose()
         stats = dict(last_stats or {})
         wall = time.perf_counter() - t0
@@ -123,6 +137,8 @@ class AutoDecoder:
             rest = ", ".join(f"{n} {est[n]:.1f}" for n in NAMES if n in est and n != best)
             self.reason = (f"{best}: predicted {est[best]:.1f} tok/s against {rest} (latency law on a measured probe"
                            f"{self._detail(best)}; margin {self.margin:.0%})")
+            if "mirror" not in est:
+                self.reason += "; Mirror-SD not measured yet: its draft process is starting"
         return self.choice
 
     def _detail(self, name: str) -> str:
