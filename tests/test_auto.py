@@ -174,3 +174,21 @@ def test_a_draft_lane_still_starting_is_measured_on_a_later_request(pair, monkey
         assert later.tokens.tolist() == ar(target, ids, 20)
         assert later.stats["auto_pieces"][0] == ["mirror", 5] and set(dec.estimates) == set(NAMES)
         assert "not measured yet" not in later.stats["auto_reason"]
+
+
+def test_a_late_probe_waits_when_reading_the_prompt_again_costs_too_much(pair, monkeypatch):
+    import mirror_rt.decoders.auto as auto
+
+    target, draft = pair
+    up = {"lane": False}
+    monkeypatch.setattr(auto, "is_started", lambda lane: up["lane"])
+    with AutoDecoder(target, draft, config(), probe=(3, 4, 5), probe_budget=1e-9) as dec:
+        ids = prompt(12)
+        dec.generate(ids, 16, eos_token_id=[])  # the first request measures AR and SD whatever it costs
+        assert set(dec.estimates) == {"ar", "sd"} and dec.prefill_rate > 0
+        up["lane"] = True
+        out = dec.generate(ids, 16, eos_token_id=[])
+        assert out.tokens.tolist() == ar(target, ids, 16)
+        assert out.stats["auto_pieces"] == [[dec.choice, 16]] and "mirror" not in dec.estimates
+    with pytest.raises(ValueError, match="probe_budget"):
+        AutoDecoder(target, draft, config(), probe_budget=0)

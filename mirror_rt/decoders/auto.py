@@ -7,10 +7,11 @@ measured rate, SD's at its best window from its measured acceptance by position,
 from its planner. The fastest (a simpler decoder wins ties within ``margin``) writes the rest, and
 every later call. Mirror-SD's draft lane starts in the background: while a draft process is still
 starting (a new interpreter: seconds), its probe waits for a later request and the choice is made
-between AR and SD meanwhile, then made again once Mirror-SD is measured. When the chosen decoder's
-measured rate drifts more than ``drift`` from its
-prediction, the measurement replaces its estimate and the choice is made again from the estimates
-(measuring all three again would read the prompt three more times).
+between AR and SD meanwhile, then made again once Mirror-SD is measured (on a request whose prompt
+is short enough that reading it twice more costs little: ``probe_budget``). When the chosen
+decoder's measured rate drifts more than ``drift`` from its prediction, the measurement replaces
+its estimate and the choice is made again from the estimates (measuring all three again would
+read the prompt three more times).
 
 Lossless whatever it picks: every decoder emits the target's tokens (greedy: exactly AR's), and a
 continuation from any prefix is the target's continuation. Sampling: each piece draws from the
@@ -39,14 +40,18 @@ class AutoDecoder:
     also bounds SD's); placement: Mirror-SD's Placement (None: its default).
     probe: new tokens each decoder writes while measured (ar, sd, mirror); margin: how much faster a
     more complex decoder must be predicted to be chosen; drift: the relative gap between the chosen
-    decoder's measured and predicted tokens/s that makes it choose again."""
+    decoder's measured and predicted tokens/s that makes it choose again; probe_budget: a probe
+    after the first request reads the prompt twice more (its own piece, and the piece after it), so
+    it waits for a later request when those reads would take more than this share of the request's
+    decoding time (estimated from the prefill rate and the chosen decoder's rate measured so far)."""
 
     def __init__(self, target, draft, config: MirrorConfig | None = None, placement=None, *,
-                 probe=(8, 16, 24), margin: float = 0.02, drift: float = 0.10):
+                 probe=(8, 16, 24), margin: float = 0.02, drift: float = 0.10, probe_budget: float = 0.25):
         if len(probe) != 3 or any(not isinstance(n, int) or n < 1 for n in probe):
             raise ValueError(f"probe must be three positive token counts (ar, sd, mirror), got {probe!r}")
-        if not 0 <= margin < 1 or not 0 < drift < 1:
-            raise ValueError(f"AutoDecoder needs 0 <= margin < 1 and 0 < drift < 1, got {margin}, {drift}")
+        if not 0 <= margin < 1 or not 0 < drift < 1 or not probe_budget > 0:
+            raise ValueError(f"AutoDecoder needs 0 <= margin < 1, 0 < drift < 1 and probe_budget > 0, got {margin}, "
+                             f"{drift}, {probe_budget}")
         self.target, self.draft = target, draft
         config = config or MirrorConfig()
         where = placement or Placement(**config.legacy_placement)
@@ -55,7 +60,8 @@ class AutoDecoder:
         self.max_window = self.mirror.config.window
         self.decoders = {"ar": AutoregressiveDecoder(target), "sd": SpeculativeDecoder(target, draft, self.max_window),
                          "mirror": self.mirror}
-        self.probe, self.margin, self.drift = dict(zip(NAMES, probe)), margin, drift
+        self.probe, self.margin, self.drift, self.probe_budget = dict(zip(NAMES, probe)), margin, drift, probe_budget
+        self.prefill_rate: float | None = None  # prompt tokens/s of the target's prefill, measured
         self.estimates: dict[str, float] = {}   # predicted tokens/s per decoder from the last probes
         self.choice: str | None = None
         self.reason = ""
@@ -92,6 +98,9 @@ class AutoDecoder:
             if order and order[0] == "mirror" and not is_started(self.mirror.lane):
                 order.pop(0)  # its draft process is still starting: measured on a later request
                 continue
+            if order and self._too_costly(ids.shape[1] + len(new), max_new_tokens - len(new)):
+                order.clear()  # a long prompt: its probes wait for a shorter request
+                continue
             if order:  # still measuring
                 name = order.pop(0)
             else:
@@ -103,6 +112,7 @@ class AutoDecoder:
             out = self.decoders[name].generate(prefix, n, eos_token_id=eos_token_id, temperature=temperature,
                                                seed=piece_seed, **kwargs)
             got = out.tokens[0].tolist()
+            self._note_prefill(prefix.shape[1], out.stats)
             if stopper is not None:
                 keep = stopper(got)
                 if keep is not None:
@@ -125,6 +135,21 @@ class AutoDecoder:
                      auto_pieces=pieces, auto_last=last_stats)
         return GenerationOutput(torch.tensor([new], dtype=torch.int64, device=self.target.device), stats)
 
+    # --- what a probe costs ----------------------------------------------------------------------
+    def _note_prefill(self, prompt_tokens: int, stats: dict):
+        seconds = stats.get("phase_s", {}).get("prefill", 0.0)
+        if seconds > 0 and prompt_tokens > 0:
+            self.prefill_rate = prompt_tokens / seconds
+
+    def _too_costly(self, prompt_tokens: int, remaining: int) -> bool:
+        """Whether a probe now (two more reads of the prompt) would cost more than ``probe_budget``
+        of decoding the rest of this request; never before a choice exists (the first request
+        measures AR and SD whatever its length)."""
+        rate = self.estimates.get(self.choice) if self.choice else None
+        if not rate or not self.prefill_rate:
+            return False
+        return 2 * prompt_tokens / self.prefill_rate > self.probe_budget * remaining / rate
+
     # --- the choice -----------------------------------------------------------------------------
     def _choose(self) -> str:
         if self.choice is None:
@@ -138,7 +163,8 @@ class AutoDecoder:
             self.reason = (f"{best}: predicted {est[best]:.1f} tok/s against {rest} (latency law on a measured probe"
                            f"{self._detail(best)}; margin {self.margin:.0%})")
             if "mirror" not in est:
-                self.reason += "; Mirror-SD not measured yet: its draft process is starting"
+                self.reason += ("; Mirror-SD not measured yet (its draft process was starting, or later prompts "
+                                "were too long to measure it cheaply)")
         return self.choice
 
     def _detail(self, name: str) -> str:
