@@ -554,6 +554,30 @@ void dequantize_rows_py(py::handle w_, int qtype, py::object ids_, py::handle ou
                   out.stride(0), num_threads, packed);
 }
 
+void take_rows_py(py::handle w_, int qtype, py::handle ids_, py::handle out_, bool packed) {
+  View w(w_, "blocks"), ids(ids_, "ids"), out(out_, "out");
+  const QType type = quant_type(qtype);
+  for (View* v : {&w, &out}) {
+    v->dtype(v->is(kDLUInt, 8), "uint8");
+    v->rank(2);
+    v->contiguous();
+  }
+  ids.dtype(ids.is(kDLInt, 64), "int64");
+  ids.rank(1);
+  ids.contiguous();
+  const int64_t rows = w.size(0), row_bytes = w.size(1), n = ids.size(0);
+  if (row_bytes % quant_block_bytes(qtype)) value_error("blocks: rows must be whole blocks, got shape " + shape_str(*w.t));
+  check_packed(packed, rows);
+  if (out.size(0) != n || out.size(1) != row_bytes)
+    value_error("out must be [" + std::to_string(n) + ", " + std::to_string(row_bytes) + "], got " + shape_str(*out.t));
+  const int64_t* id = static_cast<const int64_t*>(ids.data());
+  for (int64_t i = 0; i < n; ++i)
+    if (id[i] < 0 || id[i] >= rows)
+      value_error("ids[" + std::to_string(i) + "]=" + std::to_string(id[i]) + " outside [0, " + std::to_string(rows) + ")");
+  py::gil_scoped_release release;
+  take_rows(static_cast<const uint8_t*>(w.data()), row_bytes, type, id, n, static_cast<uint8_t*>(out.data()), packed);
+}
+
 void pack_rows8_py(py::handle src_, int qtype, py::handle dst_) {
   View src(src_, "blocks"), dst(dst_, "out");
   const QType type = quant_type(qtype);
@@ -592,6 +616,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_rows", &dequantize_rows_py, py::arg("weight"), py::arg("qtype"), py::arg("ids"), py::arg("out"),
         py::arg("num_threads") = 0, py::arg("packed") = false,
         "out [n, in] float32 = rows ids (int64 [n], or None: all) of the blocks (packed: 8-row interleaved).");
+  m.def("take_rows", &take_rows_py, py::arg("blocks"), py::arg("qtype"), py::arg("ids"), py::arg("out"),
+        py::arg("packed") = false, "out [n, row_bytes] uint8 = rows ids (int64 [n]) of the blocks, row-major.");
   m.def("pack_rows8", &pack_rows8_py, py::arg("blocks"), py::arg("qtype"), py::arg("out"),
         "out = blocks uint8 [out, in/32*block_bytes] (row-major, a multiple of 8 rows) in the 8-row packed layout.");
   m.def("quant_block_bytes", &mirror_rt::quant_block_bytes, py::arg("qtype"), "Bytes of one 32-value block (0: unknown type).");

@@ -30,9 +30,10 @@ class Placement:
     lane_timeout     seconds before a silent draft lane counts as failed
     compile          ``mirror_rt.compiled.prepare``'s choice for the target and draft: False, True, "auto"
     lane_start       "wait": the lane is up before the first generate goes on (the draft takes part from
-                     the first step); "background": a process lane starts while the target decodes
-                     alone, and the draft joins at the first step after it is up (a one-off command
-                     does not wait seconds for a new interpreter); other lanes start at once either way
+                     the first step); "background": a process lane starts after the first token while
+                     the target decodes alone, and the draft joins at the first step after it is up
+                     (a one-off command does not wait seconds for a new interpreter, and a one-token
+                     request starts none); other lanes start at once either way
     """
 
     lane: str = defaults.LANE
@@ -60,6 +61,10 @@ class Placement:
         if self.lane in ("auto", "thread", "process") and torch.device(draft_device).type == "cpu":
             return max(1, torch.get_num_threads() // 2)
         return None
+
+    def starts_late(self) -> bool:
+        """A process lane started in the background: the decoder opens it after the first token."""
+        return self.lane == "process" and self.lane_start == "background"
 
     def open_lane(self, make_worker, draft_device, threads: int | None):
         return make_lane(self.lane, make_worker, draft_device, threads, background=self.lane_start == "background")

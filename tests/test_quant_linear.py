@@ -215,6 +215,15 @@ def test_packed_layout_holds_the_same_bytes_and_unpacks_exactly(qtype):
         QuantLinear(blocks, qtype, (24, 96), layout="interleaved")
     assert QuantLinear(blocks, qtype, (24, 96)).packed and not QuantLinear(blocks, qtype, (24, 96), layout="rows").packed
     assert not QuantLinear(blocks[:12], qtype, (12, 96)).packed  # not whole groups: kept row-major
+    # rows selected from a packed weight: the same blocks, packed again when they make whole groups
+    W = QuantWeight(packed, qtype, (24, 96), packed=True)
+    ids = torch.tensor([23, 0, 9, 9, 17, 4, 5, 1])
+    eight = W[ids]
+    assert eight.packed and torch.equal(eight.row_blocks(), blocks[ids])
+    three = W[ids[:3]]
+    assert not three.packed and torch.equal(three.blocks, blocks[ids[:3]])
+    with pytest.raises(ValueError, match="outside"):
+        W[torch.tensor([24])]
 
 
 def test_packed_custom_op_opcheck():

@@ -522,6 +522,19 @@ void pack_rows8(const uint8_t* src, uint8_t* dst, int64_t out, int64_t row_bytes
     }
 }
 
+void take_rows(const uint8_t* w, int64_t w_stride, QType type, const int64_t* ids, int64_t n, uint8_t* out,
+               bool packed) {
+  const int bytes = quant_block_bytes(int(type));
+  for (int64_t i = 0; i < n; ++i) {
+    uint8_t* row = out + i * w_stride;
+    if (!packed) {
+      std::memcpy(row, w + ids[i] * w_stride, size_t(w_stride));
+      continue;
+    }
+    for (int64_t b = 0; b < w_stride / bytes; ++b) unpack_block(w, w_stride, bytes, ids[i], b, row + b * bytes);
+  }
+}
+
 void dequantize_rows(const uint8_t* w, int64_t w_stride, QType type, int64_t in, const int64_t* ids, int64_t n,
                      float* out, int64_t out_stride, int num_threads, bool packed) {
   const int64_t nb = in / kQuantBlock;

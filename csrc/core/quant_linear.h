@@ -57,6 +57,11 @@ void dequantize_rows(const uint8_t* w, int64_t w_stride, QType type, int64_t in,
 // multiple of 8. dst and src must not overlap.
 void pack_rows8(const uint8_t* src, uint8_t* dst, int64_t out, int64_t row_bytes, QType type);
 
+// out[i, :] = the blocks of row ids[i] of w (row-major or packed) in the row-major layout;
+// out [n, w_stride] bytes, contiguous. Row selection without unpacking the whole weight.
+void take_rows(const uint8_t* w, int64_t w_stride, QType type, const int64_t* ids, int64_t n, uint8_t* out,
+               bool packed);
+
 // "avx2" or "portable": the path quant_linear takes on this CPU. force_portable(true) makes it take
 // the portable one (tests compare both).
 const char* quant_linear_isa();

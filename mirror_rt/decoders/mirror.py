@@ -142,15 +142,19 @@ class _Run:
             try:
                 # The draft's prefill and first window go to the lane first, so that on a thread, process
                 # or stream lane they overlap the target's prefill (an inline lane runs them right here).
-                # A process lane still starting (a new interpreter: seconds) joins later instead.
-                lane = self.dec._lane()
-                first = self.draft_start(lane) if is_started(lane) else None
+                # A process lane still starting (a new interpreter: seconds) joins later instead; one
+                # started in the background is first asked for after the first token, so a request
+                # that ends sooner never starts a draft process.
+                lane = None if self.dec.lane is None and self.dec.placement.starts_late() else self.dec._lane()
+                first = self.draft_start(lane) if lane is not None and is_started(lane) else None
             finally:  # even when the lane failed: the target alone then finishes from this cache
                 with stats.phase("prefill"):  # with all the caller's threads (the draft's prefill is short)
                     prefill(self.target, gen.cache, gen.prompt)
             while first is None and not gen.out.done:  # the target decodes alone until the lane is up
                 gen.tokens.append(target_step(self.target, gen))
-                first = self.draft_start(lane) if is_started(lane) else None
+                if lane is None and not gen.out.done:
+                    lane = self.dec._lane()
+                first = self.draft_start(lane) if lane is not None and is_started(lane) else None
             if not gen.out.done:
                 self.cores = CoreShare(lane, self.dec.draft_threads)
                 self.cores.beside_draft()

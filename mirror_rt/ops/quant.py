@@ -211,11 +211,23 @@ class QuantWeight:
         return self
 
     def __getitem__(self, ids) -> "QuantWeight":
-        """Rows ``ids`` (an int64 tensor or list), still quantized (a copy of their blocks)."""
+        """Rows ``ids`` (an int64 tensor or list), still quantized (a copy of their blocks; packed
+        when this weight is and the rows are a multiple of 8)."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.blocks.device)
         if ids.dim() != 1:
             raise ValueError(f"QuantWeight selects rows with a 1-D id tensor, got shape {tuple(ids.shape)}")
-        return QuantWeight(self.row_blocks()[ids], self.qtype, (ids.numel(), self.shape[1]))
+        shape = (ids.numel(), self.shape[1])
+        if not self.packed:
+            return QuantWeight(self.blocks[ids], self.qtype, shape)
+        if not self.blocks.is_cpu:
+            return QuantWeight(self.row_blocks()[ids], self.qtype, shape)
+        from mirror_rt import _C
+
+        rows = torch.empty(ids.numel(), self.blocks.shape[1], dtype=torch.uint8)
+        _C.take_rows(self.blocks, self.qtype, ids.contiguous(), rows, True)  # without unpacking the whole table
+        if ids.numel() % PACK_ROWS == 0 and ids.numel():
+            return QuantWeight(pack_rows8(rows, self.qtype), self.qtype, shape, packed=True)
+        return QuantWeight(rows, self.qtype, shape)
 
     def dequantize(self, ids=None) -> torch.Tensor:
         """float32 [out, in] (or the rows ``ids`` [n] int64 only)."""
