@@ -8,6 +8,7 @@ import torch
 
 from mirror_rt.models.llama import MLP, Attention
 from mirror_rt.models.quant import QuantLinear
+from mirror_rt.ops.quant import PACK_ROWS
 from mirror_rt.models.rope import apply_rope
 
 __all__ = ["Fused", "QuantAttention", "QuantMLP", "fuse_layers"]
@@ -34,7 +35,7 @@ class Fused(QuantLinear):
         """[(part name, QuantLinear)] with this module's rows (views of its blocks where the layout
         allows: row-major, or packed parts of whole 8-row groups)."""
         out, start = [], 0
-        whole_groups = all(rows % 8 == 0 for _, rows in self.parts)
+        whole_groups = all(rows % PACK_ROWS == 0 for _, rows in self.parts)
         blocks = self.blocks if whole_groups or not self.packed else self.weight.row_blocks()
         layout = "packed" if self.packed and whole_groups else "rows"
         for name, rows in self.parts:
