@@ -192,3 +192,13 @@ def test_a_late_probe_waits_when_reading_the_prompt_again_costs_too_much(pair, m
         assert out.stats["auto_pieces"] == [[dec.choice, 16]] and "mirror" not in dec.estimates
     with pytest.raises(ValueError, match="probe_budget"):
         AutoDecoder(target, draft, config(), probe_budget=0)
+
+
+def test_mirror_with_its_draft_off_is_never_predicted_faster_than_ar(pair):
+    target, draft = pair
+    with AutoDecoder(target, draft, config()) as dec:
+        dec.estimates["ar"] = 40.0
+        assert dec._estimate("mirror", {"plan_pred_tok_s": 70.0, "plan_now": "off"}) == 40.0
+        assert dec._estimate("mirror", {"plan_pred_tok_s": 70.0, "plan_now": "w1 k1 exit overlapped"}) == 70.0
+        dec.estimates.update(sd=30.0, mirror=40.0)
+        assert dec._choose() == "ar"  # a tie goes to the simpler decoder

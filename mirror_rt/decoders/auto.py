@@ -179,10 +179,13 @@ class AutoDecoder:
         if name == "sd":
             return self._best_sd(stats)
         if name == "mirror":
-            planned = stats.get("plan_pred_tok_s")
+            planned = stats.get("plan_pred_tok_s") or _decode_rate(stats)
             self.mirror_plan = stats.get("plan_now")
-            if planned:
-                return planned
+            if self.mirror_plan == "off" and "ar" in self.estimates:
+                # its planner runs the target alone: AR with Mirror-SD's bookkeeping, never faster than
+                # AR (AR's probe, the first piece, may also have paid the process's warm-up)
+                return min(planned, self.estimates["ar"])
+            return planned
         return _decode_rate(stats)
 
     def _best_sd(self, stats: dict) -> float:
