@@ -92,10 +92,10 @@ class AutoDecoder:
         eos = _eos_ids(self.target, eos_token_id)
         new, pieces, last_stats, done, used = [], [], None, False, None
         order = [n for n in NAMES if n not in self.estimates and (self.choice is None or n == "mirror")]
-        if "mirror" in order:
-            self.mirror._lane()  # a process lane starts here, in the background
         while not done and len(new) < max_new_tokens:
-            if order and order[0] == "mirror" and not is_started(self.mirror.lane):
+            # Mirror-SD's lane is opened at its turn, after AR's and SD's probes: a process lane starting
+            # beside them (an interpreter importing torch) would slow them and bias their estimates
+            if order and order[0] == "mirror" and not is_started(self.mirror._lane()):
                 order.pop(0)  # its draft process is still starting: measured on a later request
                 continue
             if order and self._too_costly(ids.shape[1] + len(new), max_new_tokens - len(new)):
@@ -109,6 +109,8 @@ class AutoDecoder:
             n = min(budget, self.probe[name]) if name not in self.estimates else budget
             piece_seed = None if seed is None else seed + 1_000_003 * len(pieces)
             prefix = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], 1) if new else ids
+            lane = self.mirror.lane
+            starting = lane is not None and not is_started(lane)  # a piece beside it runs slower than it will
             out = self.decoders[name].generate(prefix, n, eos_token_id=eos_token_id, temperature=temperature,
                                                seed=piece_seed, **kwargs)
             got = out.tokens[0].tolist()
@@ -124,7 +126,7 @@ class AutoDecoder:
             if name not in self.estimates and len(got) == n:
                 self.estimates[name] = self._estimate(name, out.stats)
                 self.choice = None  # a late measurement (Mirror-SD's) makes the choice again
-            elif name == self.choice:
+            elif name == self.choice and not starting:
                 self._track(out.stats)
         if self.choice is None and {"ar", "sd"} <= set(self.estimates):
             used = self._choose()
