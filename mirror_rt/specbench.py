@@ -72,7 +72,8 @@ def run_specbench(questions, encode, decoders: dict, *, context: int, max_new_to
     decoders: {name: decoder with .generate(...)}; each prompt runs on all of them, in this order,
     before the next prompt (warm-ups first, untimed). context: the
     models' context length; prompts with L + max_new_tokens + window slack beyond it are skipped
-    with a warning. warmup: untimed generations per decoder (first prompt, up to 8 tokens).
+    with a warning. warmup: untimed generations per decoder (first prompt, up to 8 tokens; a decoder
+    with ``warm_up``, the auto decoder, measures its decoders there instead).
     Returns {"prompts": [(question, ids)], "skipped": [question_id], "runs": {name: [record]}}
     where record = {"tokens": list[int], "stats": dict, "wall_time": float seconds}."""
     from tqdm.auto import tqdm
@@ -92,7 +93,10 @@ def run_specbench(questions, encode, decoders: dict, *, context: int, max_new_to
     gen = dict(eos_token_id=eos_token_id, temperature=temperature, seed=seed)
     for dec in decoders.values():
         for _ in range(warmup):  # first calls pay for allocation, lane start-up, kernel caches
-            dec.generate(prompts[0][1], min(8, max_new_tokens), **gen)
+            if hasattr(dec, "warm_up"):  # the auto decoder measures its three decoders
+                dec.warm_up(prompts[0][1], temperature=temperature, seed=seed)
+            else:
+                dec.generate(prompts[0][1], min(8, max_new_tokens), **gen)
     # Interleaved: each prompt runs on every decoder before the next prompt, so a load change on a
     # shared machine hits all decoders alike instead of skewing whichever decoder ran during it.
     runs = {name: [] for name in decoders}

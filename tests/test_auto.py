@@ -203,3 +203,29 @@ def test_mirror_with_its_draft_off_is_never_predicted_faster_than_ar(pair):
         assert dec._estimate("mirror", {"plan_pred_tok_s": 70.0, "plan_now": "w1 k1 exit overlapped"}) == 70.0
         dec.estimates.update(sd=30.0, mirror=40.0)
         assert dec._choose() == "ar"  # a tie goes to the simpler decoder
+
+
+def test_warm_up_waits_for_the_draft_lane_and_measures_all_three(pair, monkeypatch):
+    """warm_up: the three probes on one prompt, EOS ignored, the draft lane waited for; the
+    requests after it write every token with the chosen decoder, no probe."""
+    import mirror_rt.decoders.auto as auto
+
+    target, draft = pair
+    up = {"lane": False}
+    monkeypatch.setattr(auto, "is_started", lambda lane: up["lane"])
+    monkeypatch.setattr(auto, "wait_started", lambda lane: up.update(lane=True))
+    ids = prompt(13)
+    eos = ar(target, ids, 12)[0][1]  # ends a generate after two tokens, not the warm-up
+    with AutoDecoder(target, draft, config(), probe=(3, 4, 5), drift=0.99) as dec:
+        stats = dec.warm_up(ids)
+        assert up["lane"] and [p for p in stats["auto_pieces"]] == [["ar", 3], ["sd", 4], ["mirror", 5]]
+        assert set(dec.estimates) == set(NAMES) and stats["auto_choice"] == dec.choice
+        assert "not measured yet" not in stats["auto_reason"]
+        # Mirror-SD's piece started from SD's target rows (prompt and 7 tokens; the 8th is pending)
+        assert stats["auto_last"]["prefill_reused"] == ids.shape[1] + 7 - 1 and dec.reuse.cache is None
+        out = dec.generate(ids, 12, eos_token_id=[])
+        assert out.tokens.tolist() == ar(target, ids, 12) and out.stats["auto_pieces"] == [[dec.choice, 12]]
+        assert dec.generate(ids, 12, eos_token_id=eos).tokens.tolist()[0] == ar(target, ids, 12)[0][:2]
+        dec.estimates["ar"] = -1.0
+        dec.warm_up(ids)  # measures afresh
+        assert dec.estimates["ar"] > 0

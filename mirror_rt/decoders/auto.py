@@ -1,17 +1,19 @@
 """AutoDecoder: autoregressive, vanilla SD or Mirror-SD, whichever this machine and pair run fastest.
 
 The first ``generate`` call measures all three on the request itself: AR writes the first few
-tokens, SD continues from them, Mirror-SD continues from SD's, each a short probe; then the
+tokens, SD continues from them, Mirror-SD continues from SD's, each a short probe (each piece
+starts from the previous piece's target cache: the prompt is read once, ``decoders.reuse``); then the
 latency law (mirror_rt.sim) turns each probe's phase times into a predicted tokens/s: AR's
 measured rate, SD's at its best window from its measured acceptance by position, Mirror-SD's
 from its planner. The fastest (a simpler decoder wins ties within ``margin``) writes the rest, and
 every later call. Mirror-SD's draft lane starts in the background: while a draft process is still
 starting (a new interpreter: seconds), its probe waits for a later request and the choice is made
 between AR and SD meanwhile, then made again once Mirror-SD is measured (on a request whose prompt
-is short enough that reading it twice more costs little: ``probe_budget``). When the chosen
+is short enough that its draft reading it again costs little: ``probe_budget``). When the chosen
 decoder's measured rate drifts more than ``drift`` from its prediction, the measurement replaces
-its estimate and the choice is made again from the estimates (measuring all three again would
-read the prompt three more times).
+its estimate and the choice is made again from the estimates (no new probes). ``warm_up(prompt)`` measures all three at once, waiting for the
+draft process, before any request is served (benchmarks call it untimed, as they warm the other
+decoders up).
 
 Lossless whatever it picks: every decoder emits the target's tokens (greedy: exactly AR's), and a
 continuation from any prefix is the target's continuation. Sampling: each piece draws from the
@@ -20,6 +22,7 @@ target's distribution given what came before, with its own seed derived from ``s
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 from dataclasses import replace
 
 import torch
@@ -27,8 +30,9 @@ import torch
 from mirror_rt.decoders.autoregressive import AutoregressiveDecoder
 from mirror_rt.decoders.base import GenerationOutput, as_prompt
 from mirror_rt.decoders.mirror import MirrorConfig, MirrorDecoder
+from mirror_rt.decoders.reuse import PrefixReuse
 from mirror_rt.decoders.speculative import SpeculativeDecoder
-from mirror_rt.lanes import is_started
+from mirror_rt.lanes import LaneError, is_started, wait_started
 from mirror_rt.placement import Placement
 from mirror_rt.sim import SETUP_PHASES, accepted_by_position, predict_from_stats, tokens_per_s
 
@@ -41,9 +45,9 @@ class AutoDecoder:
     probe: new tokens each decoder writes while measured (ar, sd, mirror); margin: how much faster a
     more complex decoder must be predicted to be chosen; drift: the relative gap between the chosen
     decoder's measured and predicted tokens/s that makes it choose again; probe_budget: a probe
-    after the first request reads the prompt twice more (its own piece, and the piece after it), so
-    it waits for a later request when those reads would take more than this share of the request's
-    decoding time (estimated from the prefill rate and the chosen decoder's rate measured so far)."""
+    after the first request has its draft read the prompt once more (the target's rows are reused),
+    so it waits for a later request when that read, counted at the target's prefill rate, would take
+    more than this share of the request's decoding time (at the chosen decoder's measured rate)."""
 
     def __init__(self, target, draft, config: MirrorConfig | None = None, placement=None, *,
                  probe=(8, 16, 24), margin: float = 0.02, drift: float = 0.10, probe_budget: float = 0.25):
@@ -60,6 +64,9 @@ class AutoDecoder:
         self.max_window = self.mirror.config.window
         self.decoders = {"ar": AutoregressiveDecoder(target), "sd": SpeculativeDecoder(target, draft, self.max_window),
                          "mirror": self.mirror}
+        self.reuse = PrefixReuse()  # each piece starts from the previous piece's target cache
+        for dec in self.decoders.values():
+            dec.reuse = self.reuse
         self.probe, self.margin, self.drift, self.probe_budget = dict(zip(NAMES, probe)), margin, drift, probe_budget
         self.prefill_rate: float | None = None  # prompt tokens/s of the target's prefill, measured
         self.estimates: dict[str, float] = {}   # predicted tokens/s per decoder from the last probes
@@ -78,12 +85,32 @@ class AutoDecoder:
         self.close()
 
     # --- generation -----------------------------------------------------------------------------
+    def warm_up(self, input_ids, temperature=0.0, seed=None, **kwargs) -> dict:
+        """Measure AR, SD and Mirror-SD now, on this prompt, in one generation whose tokens are thrown
+        away: what a server does before its first request. Unlike a first ``generate``, it waits for
+        Mirror-SD's draft process to start (seconds) and probes it too, and ignores EOS so that every
+        probe runs its full length; estimates from earlier calls are replaced. input_ids as for
+        ``generate``; returns the generation's stats (auto_choice, auto_reason, auto_estimates)."""
+        self.estimates, self.choice, self.ratio = {}, None, 1.0
+        n = sum(self.probe.values())
+        return self._generate(input_ids, n, [], temperature, seed, kwargs, wait_for_lane=True).stats
+
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None, **kwargs):
         """input_ids [1, L] (or [L]) int64 -> GenerationOutput(tokens [1, n] int64, stats); keywords as
         the other decoders' generate (top_k, top_p, stream, stop, tokenizer, ...). stats: the chosen
         decoder's, with decoder "auto", auto_choice, auto_reason, auto_estimates (predicted tok/s each),
         auto_pieces ([decoder, tokens] in order) and auto_last (the last piece's own stats, for the law)."""
+        return self._generate(input_ids, max_new_tokens, eos_token_id, temperature, seed, kwargs)
+
+    def _generate(self, *args, **kwargs):
+        try:
+            return self._write_pieces(*args, **kwargs)
+        finally:
+            self.reuse.clear()  # the cache is handed between a request's pieces, not kept after it
+
+    @torch.inference_mode()
+    def _write_pieces(self, input_ids, max_new_tokens, eos_token_id, temperature, seed, kwargs, wait_for_lane=False):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         ids = as_prompt(input_ids, self.target.config.vocab_size, self.target.device)[None]
@@ -96,8 +123,12 @@ class AutoDecoder:
             # Mirror-SD's lane is opened at its turn, after AR's and SD's probes: a process lane starting
             # beside them (an interpreter importing torch) would slow them and bias their estimates
             if order and order[0] == "mirror" and not is_started(self.mirror._lane()):
-                order.pop(0)  # its draft process is still starting: measured on a later request
-                continue
+                if wait_for_lane:
+                    with suppress(LaneError):  # a lane that failed to start: Mirror-SD's piece says so
+                        wait_started(self.mirror.lane)
+                else:
+                    order.pop(0)  # its draft process is still starting: measured on a later request
+                    continue
             if order and self._too_costly(ids.shape[1] + len(new), max_new_tokens - len(new)):
                 order.clear()  # a long prompt: its probes wait for a shorter request
                 continue
@@ -139,18 +170,19 @@ class AutoDecoder:
 
     # --- what a probe costs ----------------------------------------------------------------------
     def _note_prefill(self, prompt_tokens: int, stats: dict):
+        """The target's prefill rate, from a piece that read the whole prompt (a request's first)."""
         seconds = stats.get("phase_s", {}).get("prefill", 0.0)
-        if seconds > 0 and prompt_tokens > 0:
+        if seconds > 0 and prompt_tokens > 0 and not stats.get("prefill_reused"):
             self.prefill_rate = prompt_tokens / seconds
 
     def _too_costly(self, prompt_tokens: int, remaining: int) -> bool:
-        """Whether a probe now (two more reads of the prompt) would cost more than ``probe_budget``
+        """Whether a probe now (its draft's read of the prompt) would cost more than ``probe_budget``
         of decoding the rest of this request; never before a choice exists (the first request
         measures AR and SD whatever its length)."""
         rate = self.estimates.get(self.choice) if self.choice else None
         if not rate or not self.prefill_rate:
             return False
-        return 2 * prompt_tokens / self.prefill_rate > self.probe_budget * remaining / rate
+        return prompt_tokens / self.prefill_rate > self.probe_budget * remaining / rate
 
     # --- the choice -----------------------------------------------------------------------------
     def _choose(self) -> str:
@@ -205,12 +237,13 @@ class AutoDecoder:
                    key=lambda k: (1 + accepted_by_position(rates, k)) / (k * draft_token + target + rest))
         if best != w:
             self.decoders["sd"] = SpeculativeDecoder(self.target, self.draft, best)
+            self.decoders["sd"].reuse = self.reuse
         return (1 + accepted_by_position(rates, best)) / (best * draft_token + target + rest)
 
     def _track(self, stats: dict):
         """After a piece by the chosen decoder: when its rate drifted from the prediction, its
         measured rate replaces its estimate and the choice is made again from the estimates (no new
-        probes: each probe would read the whole prompt again)."""
+        probes: each would slow the request it runs in)."""
         if stats.get("new_tokens", 0) < 8 or not self.estimates.get(self.choice):
             return
         measured = _decode_rate(stats)

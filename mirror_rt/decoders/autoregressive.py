@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from mirror_rt import defaults
-from mirror_rt.decoders.base import (GenerateArgs, Generation, GenerationOutput, all_finite, prefill,
+from mirror_rt.decoders.base import (GenerateArgs, Generation, GenerationOutput, all_finite,
                                      prepare_model, raise_unless_finite, read_back, start_generation)
 
 
@@ -17,6 +17,7 @@ class AutoregressiveDecoder:
         check_model(target, "target")  # a transformers model: TypeError naming load_model
         self.target = target
         self.runner = prepare_model(target, compile)
+        self.reuse = None  # a decoders.reuse.PrefixReuse: start from an earlier generation's cache
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
@@ -25,9 +26,9 @@ class AutoregressiveDecoder:
         Keywords as ``base.GenerateArgs``: eos_token_id None is the model's EOS ([] for none),
         stop strings need ``tokenizer``, stream receives each list of new token ids."""
         args = GenerateArgs(max_new_tokens, eos_token_id, temperature, seed, top_k, top_p, stream, stop, tokenizer)
-        gen = start_generation(self.runner, input_ids, args, "ar", 1)
+        gen = start_generation(self.runner, input_ids, args, "ar", 1, reuse=self.reuse)
         with gen.stats.phase("prefill"):
-            prefill(self.runner, gen.cache, gen.prompt)
+            gen.prefill_target(self.runner)
         while not gen.out.done:
             gen.tokens.append(target_step(self.runner, gen))
         return gen.output(self.target.device)

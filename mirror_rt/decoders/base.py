@@ -284,16 +284,27 @@ class Generation:
     sampler: Sampler
     out: Emitter
     stats: Stats
+    reuse: object = None  # a decoders.reuse.PrefixReuse shared with the next generation, or None
+
+    def prefill_target(self, model):
+        """The target's prefill of the prompt, starting from the rows ``reuse`` holds for it."""
+        reused = prefill(model, self.cache, self.prompt, self.reuse)
+        if reused:
+            self.stats.counters["prefill_reused"] += reused
 
     def output(self, device, **extra) -> GenerationOutput:
+        if self.reuse is not None:
+            self.reuse.keep(self.tokens, self.cache)
         return GenerationOutput(self.out.result(device), self.stats.finish(len(self.out.tokens), **extra))
 
 
-def start_generation(target, input_ids, args: GenerateArgs, name: str, slack: int, draft=None) -> Generation:
+def start_generation(target, input_ids, args: GenerateArgs, name: str, slack: int, draft=None,
+                     reuse=None) -> Generation:
     """The set-up every decoder shares: argument and prompt checks, cache capacity (the draft's
     context too), the target's cache, sampler, emitter (EOS, stop strings, stream) and stats.
     target: the decoder's prepared target (its ``new_cache`` rounds a compiled cache's capacity,
-    so prompts of different lengths share compiled artifacts)."""
+    so prompts of different lengths share compiled artifacts). reuse: the decoder's PrefixReuse
+    or None."""
     args.check()  # the target itself was checked when the decoder was built (check_model / check_pair)
     from mirror_rt.generation import StopStrings, resolve_eos
 
@@ -305,7 +316,7 @@ def start_generation(target, input_ids, args: GenerateArgs, name: str, slack: in
     out = Emitter(args.max_new_tokens, resolve_eos(target, _in_vocabulary(args.eos_token_id, target)), args.stream,
                   stop)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed, target.device)
-    return Generation(prompt, prompt.tolist(), capacity, target.new_cache(capacity), sampler, out, Stats(name))
+    return Generation(prompt, prompt.tolist(), capacity, target.new_cache(capacity), sampler, out, Stats(name), reuse)
 
 
 def _in_vocabulary(eos_token_id, model):
@@ -316,10 +327,14 @@ def _in_vocabulary(eos_token_id, model):
 
 
 @torch.inference_mode()
-def prefill(model, cache, prompt: torch.Tensor):
+def prefill(model, cache, prompt: torch.Tensor, reuse=None) -> int:
     """Feed all prompt tokens but the last into the cache and commit them. The last prompt token
     is the first *pending* token: every decoder's first step feeds it (so a 1-token prompt
-    needs no prefill). The LM head is skipped: no logits are needed here."""
-    if prompt.numel() > 1:
-        model.run_layers(model.embed(prompt[None, :-1]), 0, model.num_layers, cache)
-        cache.commit(prompt.numel() - 1)
+    needs no prefill). The LM head is skipped: no logits are needed here. reuse: a PrefixReuse
+    whose rows for the prompt's first tokens are copied instead of computed. Returns how many
+    rows were reused."""
+    done = reuse.restore(cache, prompt.tolist()) if reuse is not None else 0
+    if prompt.numel() - 1 > done:
+        model.run_layers(model.embed(prompt[None, done:-1]), 0, model.num_layers, cache)
+        cache.commit(prompt.numel() - 1 - done)
+    return done

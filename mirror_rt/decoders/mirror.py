@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from mirror_rt.decoders.autoregressive import target_step
-from mirror_rt.decoders.base import GenerateArgs, GenerationOutput, check_pair, prefill, prepare_model, start_generation
+from mirror_rt.decoders.base import GenerateArgs, GenerationOutput, check_pair, prepare_model, start_generation
 from mirror_rt.decoders.mirror_config import FALLBACKS, DraftOptions, ExitAt, LogitLens, MirrorConfig  # noqa: F401
 from mirror_rt.decoders.mirror_draft import MirrorDraft
 from mirror_rt.decoders.mirror_exit import ExitProposer, draft_vocabulary
@@ -61,6 +61,7 @@ class MirrorDecoder:
         self.lane = None
         self.draft_threads = None  # what the lane's draft got (its share of the caller's cores)
         self.planner = None  # one per decoder: plan="auto" keeps its measurements across generate calls
+        self.reuse = None  # a decoders.reuse.PrefixReuse: start from an earlier generation's cache
 
     def _lane(self):
         """The draft's lane, built on first use."""
@@ -107,7 +108,7 @@ class MirrorDecoder:
         if mode == "greedy" and temperature > 0:
             raise ValueError("mode 'greedy' needs temperature 0; use 'match' or 'rejection' to sample")
         slack = max(self.config.window, self.config.draft.lookup_window) + 1
-        gen = start_generation(self.runner, input_ids, args, "mirror", slack, self.draft)
+        gen = start_generation(self.runner, input_ids, args, "mirror", slack, self.draft, self.reuse)
         return _Run(self, gen, mode, seed).generate()
 
 
@@ -149,7 +150,7 @@ class _Run:
                 first = self.draft_start(lane) if lane is not None and is_started(lane) else None
             finally:  # even when the lane failed: the target alone then finishes from this cache
                 with stats.phase("prefill"):  # with all the caller's threads (the draft's prefill is short)
-                    prefill(self.target, gen.cache, gen.prompt)
+                    gen.prefill_target(self.target)
             while first is None and not gen.out.done:  # the target decodes alone until the lane is up
                 gen.tokens.append(target_step(self.target, gen))
                 if lane is None and not gen.out.done:

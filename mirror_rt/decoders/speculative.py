@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mirror_rt import defaults
-from mirror_rt.decoders.base import (GenerateArgs, GenerationOutput, check_pair, check_window, prefill,
+from mirror_rt.decoders.base import (GenerateArgs, GenerationOutput, check_pair, check_window,
                                      prepare_model, start_generation)
 from mirror_rt.decoders.drafting import DraftState, check_min_draft_prob
 from mirror_rt.decoders.lookup import ContextLookup, check_lookup, check_lookup_window
@@ -40,6 +40,7 @@ class SpeculativeDecoder:
         self.min_draft_prob = check_min_draft_prob(options.get("min_draft_prob", 0.0))
         compile = options.get("compile", defaults.COMPILE)
         self.runner, self.draft_runner = prepare_model(target, compile), prepare_model(draft, compile)
+        self.reuse = None  # a decoders.reuse.PrefixReuse: start from an earlier generation's cache
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature=0.0, seed=None,
@@ -49,11 +50,11 @@ class SpeculativeDecoder:
         stop strings need ``tokenizer``, stream receives each list of new token ids."""
         args = GenerateArgs(max_new_tokens, eos_token_id, temperature, seed, top_k, top_p, stream, stop, tokenizer)
         slack = max(self.window, self.lookup_window) + 1
-        gen = start_generation(self.runner, input_ids, args, "sd", slack, self.draft)
+        gen = start_generation(self.runner, input_ids, args, "sd", slack, self.draft, self.reuse)
         draft = DraftState(self.draft_runner, gen.capacity)
         lookup = ContextLookup(self.lookup) if self.lookup and gen.sampler.greedy else None
         with gen.stats.phase("prefill"):
-            prefill(self.runner, gen.cache, gen.prompt)
+            gen.prefill_target(self.runner)
             draft.prefill(gen.prompt.to(self.draft.device))
         while not gen.out.done:
             self.step(gen, draft, lookup)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mirror_rt.lanes.base import InlineLane, LaneError, is_ready, is_started, result_of
+from mirror_rt.lanes.base import InlineLane, LaneError, is_ready, is_started, result_of, wait_started
 from mirror_rt.lanes.process import ProcessLane
 from mirror_rt.lanes.thread import StreamLane, ThreadLane
 
@@ -45,4 +45,4 @@ def make_lane(kind: str, make_worker, device="cpu", threads: int | None = None, 
 
 
 __all__ = ["make_lane", "LANE_KINDS", "LaneError", "is_ready", "is_started", "InlineLane", "ThreadLane", "StreamLane", "ProcessLane",
-           "result_of"]
+           "result_of", "wait_started"]

@@ -50,6 +50,13 @@ def is_started(lane) -> bool:
     return lane.started() if hasattr(lane, "started") else True
 
 
+def wait_started(lane):
+    """Wait until a lane's worker is up (a process lane started in the background); LaneError if it
+    failed to start. Other lanes are up when built."""
+    if hasattr(lane, "wait_started"):
+        lane.wait_started()
+
+
 def is_ready(fut) -> bool:
     """Whether a lane future's result is in, without waiting (a process lane's reply reads what its
     pipe already holds). A failed call counts as ready; ``result_of`` raises it."""

@@ -1,0 +1,68 @@
+"""PrefixReuse: a generation starts from an earlier generation's target rows, bit for bit."""
+import torch
+from mirror_helpers import tiny_pair
+
+from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
+from mirror_rt.decoders.base import prefill
+from mirror_rt.decoders.reuse import PrefixReuse
+
+
+def ids(seed, n, vocab=64):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_reused_rows_equal_a_full_prefill_bit_for_bit():
+    target, _ = tiny_pair(layers=3)
+    first = ids(0, 13)
+    reuse = PrefixReuse()
+    earlier = target.new_cache(40)
+    prefill(target, earlier, first)
+    reuse.keep(first.tolist(), earlier)  # rows of first[:12]; first[12] is pending
+    longer = torch.cat([first, ids(1, 9)])
+    full, started = target.new_cache(40), target.new_cache(40)
+    prefill(target, full, longer)
+    assert prefill(target, started, longer, reuse) == 12
+    assert started.length == full.length == longer.numel() - 1
+    for a, b in zip(full.k + full.v, started.k + started.v):
+        assert torch.equal(a[:, :full.length], b[:, :full.length])
+
+
+def test_only_the_common_prefix_is_reused():
+    target, _ = tiny_pair(layers=2)
+    first = ids(2, 10)
+    reuse = PrefixReuse()
+    cache = target.new_cache(30)
+    prefill(target, cache, first)
+    reuse.keep(first.tolist(), cache)
+    other = first.clone()
+    other[4] = (other[4] + 1) % 64
+    assert prefill(target, target.new_cache(30), other, reuse) == 4
+    assert prefill(target, target.new_cache(30), first[:3], reuse) == 2  # never the pending last token
+    assert prefill(target, target.new_cache(30), first[:1], reuse) == 0
+    smaller, _ = tiny_pair(layers=1)  # another layout: nothing to take
+    assert prefill(smaller, smaller.new_cache(30), first, reuse) == 0
+    reuse.clear()
+    assert prefill(target, target.new_cache(30), first, reuse) == 0
+
+
+def test_each_decoder_continues_from_another_decoders_cache():
+    """A generation that continues an earlier one (its prompt plus its output) reuses that one's
+    rows and writes exactly what it writes without them."""
+    target, draft = tiny_pair(layers=4)
+    prompt = ids(3, 9)[None]
+    decoders = [AutoregressiveDecoder(target), SpeculativeDecoder(target, draft, 3),
+                MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=2))]
+    try:
+        for writer in decoders:
+            for reader in decoders:
+                reuse = PrefixReuse()
+                writer.reuse = reuse
+                head = writer.generate(prompt, 6, eos_token_id=[]).tokens
+                writer.reuse, reader.reuse = None, reuse
+                longer = torch.cat([prompt, head], 1)
+                out = reader.generate(longer, 10, eos_token_id=[])
+                reader.reuse = None
+                assert out.stats["prefill_reused"] >= prompt.shape[1] + 6 - 1
+                assert out.tokens.tolist() == reader.generate(longer, 10, eos_token_id=[]).tokens.tolist()
+    finally:
+        decoders[2].close()
