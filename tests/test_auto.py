@@ -87,6 +87,13 @@ def test_choice_takes_the_margin_and_rechecks_on_drift(pair):
         assert dec.choice == "sd" and dec.estimates == {"ar": 100.0, "sd": 110.0, "mirror": 90.0}
         assert "mirror measured 90.0 tok/s, off its prediction: chose again" in dec.reason
         assert dec.reason.startswith("sd: predicted 110.0 tok/s")
+        # AR's drift is the target's own speed (a longer context, a busier machine): every estimate
+        # moves with it and the choice stays
+        dec.choice, dec.estimates = None, {"ar": 100.0, "sd": 90.0, "mirror": 95.0}
+        assert dec._choose() == "ar"
+        dec._track({"new_tokens": 60, "wall_s": 1.0, "phase_s": {}})  # 60 tok/s: ratio 0.8
+        assert dec.choice == "ar" and dec.estimates == pytest.approx({"ar": 80.0, "sd": 72.0, "mirror": 76.0})
+        assert "with every estimate x0.80" in dec.reason
 
 
 def test_sd_window_follows_its_acceptance(pair):

@@ -243,16 +243,21 @@ class AutoDecoder:
     def _track(self, stats: dict):
         """After a piece by the chosen decoder: when its rate drifted from the prediction, its
         measured rate replaces its estimate and the choice is made again from the estimates (no new
-        probes: each would slow the request it runs in)."""
+        probes: each would slow the request it runs in). AR's rate is the target's speed alone, so
+        AR's drift (a longer context, a busier machine) moves every decoder's estimate by the same
+        factor, which keeps the choice; SD's or Mirror-SD's may be their own (their acceptance)."""
         if stats.get("new_tokens", 0) < 8 or not self.estimates.get(self.choice):
             return
         measured = _decode_rate(stats)
         self.ratio = 0.5 * self.ratio + 0.5 * measured / self.estimates[self.choice]
         if abs(self.ratio - 1) > self.drift:
-            old = self.choice
-            self.estimates[old] = self.estimates[old] * self.ratio
+            old, factor = self.choice, self.ratio
+            for name in list(self.estimates) if old == "ar" else [old]:
+                self.estimates[name] *= factor
             self.choice, self.ratio = None, 1.0
             note = f"{old} measured {self.estimates[old]:.1f} tok/s, off its prediction: chose again"
+            if old == "ar":
+                note += f" with every estimate x{factor:.2f}"
             self._choose()
             self.reason += f" ({note})"
 
