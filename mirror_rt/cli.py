@@ -75,6 +75,7 @@ def load_pair(args):
 
     from mirror_rt import default
     from mirror_rt.models import load_model
+    from mirror_rt.models.file_pages import trim_heap
     from mirror_rt.probe import load_draft
     from mirror_rt.tokenizer import load_tokenizer
 
@@ -91,6 +92,7 @@ def load_pair(args):
     print(f"loaded target in {t1 - t0:.2f} s, tokenizer in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
     args.exit_head_fn = None
     if getattr(args, "decoder", None) == "ar":  # no draft, no exit head: nothing to load
+        trim_heap()
         return target, None, tokenizer, None
     if args.draft:
         draft, label = load_draft(args.draft, target), args.draft
@@ -104,6 +106,7 @@ def load_pair(args):
         args.exit_head_fn = load_exit_head(args.exit_head, target)
     elif args.exit_head is None and not args.target:
         args.exit_head_fn = default.load_default_exit_head(target)
+    trim_heap()  # the loaders' freed temporaries: not resident under what generation adds (peak memory)
     return target, draft, tokenizer, label
 
 

@@ -40,17 +40,22 @@ def load_tokenizer(source):
 def gguf_tokenizer(path) -> "FastTokenizer":
     """The tokenizer a GGUF file describes: built directly where ``direct_build_supported`` says so,
     else converted by transformers (cached on disk: mirror_rt.tokenizer_cache)."""
-    from mirror_rt.models.gguf_header import read_gguf_header
+    from mirror_rt.models.gguf_header import forget_gguf_header, read_gguf_header
 
     path = os.fspath(path)
     meta = read_gguf_header(path).metadata
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
     if direct_build_supported(meta):
-        return FastTokenizer(build_byte_level(meta), gguf_special_tokens(meta), meta.get("tokenizer.chat_template"))
-    from mirror_rt.tokenizer_cache import cached_conversion
+        tokenizer = FastTokenizer(build_byte_level(meta), gguf_special_tokens(meta), meta.get("tokenizer.chat_template"))
+    else:
+        from mirror_rt.tokenizer_cache import cached_conversion
 
-    return cached_conversion(path)
+        tokenizer = cached_conversion(path)
+    # Models load before their tokenizer (the loader has read this header already): nothing is to
+    # read it again, and its token and merge strings (~8 MB for 49k) would stay for the whole run.
+    forget_gguf_header(path)
+    return tokenizer
 
 
 def direct_build_supported(meta: dict) -> bool:
@@ -79,7 +84,10 @@ def build_byte_level(meta: dict):
     outside = re.compile("[^" + re.escape("".join(sorted(spelled))) + "]").search  # one C scan per token
     vocab = {tok if not outside(tok) else "".join(alphabet[b] for b in tok.encode("utf-8")): i
              for i, tok in enumerate(tokens)}
-    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    # Each merge's halves as the vocabulary's own strings: new ones (~100k, ~5 MB) would live only
+    # until BPE has copied them (peak memory). A half outside the vocabulary stays as it is.
+    own = dict(zip(vocab, vocab))
+    merges = [tuple(map(own.get, halves, halves)) for halves in (m.split(" ") for m in meta["tokenizer.ggml.merges"])]
     tk = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                        end_of_word_suffix="", fuse_unk=False))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -45,8 +46,9 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
             Norms and rotary tables stay float. ``mirror_rt.models.quant.weight_bytes(model)``
             counts the result.
     The returned model has ``.source`` (the checkpoint directory or file, for the tokenizer),
-    ``.tokenizer_tokens`` (see ``tokenizer_tokens``), ``.generation_config`` (generation_config.json's
-    contents or None, for its EOS: ``mirror_rt.generation.resolve_eos``) and is in eval mode.
+    ``.tokenizer_tokens`` (see ``tokenizer_tokens``; a GGUF's as ``TokenStrings``), ``.generation_config``
+    (generation_config.json's contents or None, for its EOS: ``mirror_rt.generation.resolve_eos``) and
+    is in eval mode.
     """
     if isinstance(path, torch.nn.Module):
         from mirror_rt.models.from_hf import from_hf
@@ -87,7 +89,7 @@ def load_model(path, device=None, dtype=None, quant=None) -> LlamaModel:
     model.inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
     if quant not in (None, "dequantize"):
         quantize_model(model, quant)
-    elif kept:  # the fused copies replace their parts: the parts' file pages are given back
+    elif kept:  # parts not packed back to back are copied: their file pages are given back
         fuse_layers(model.layers, replaced=FilePages(path).release)
     return model
 
@@ -131,9 +133,40 @@ def tokenizer_tokens(path) -> tuple | None:
     return tuple(tokens) if tokens is not None else None
 
 
-def _gguf_tokens(reader) -> tuple | None:
+def _gguf_tokens(reader) -> "TokenStrings | None":
     field = reader.fields.get("tokenizer.ggml.tokens")
-    return tuple(field.contents()) if field is not None else None
+    return TokenStrings(field.contents()) if field is not None else None
+
+
+class TokenStrings(Sequence):
+    """Token strings by id, kept as one UTF-8 buffer and the end offset of each: a GGUF's 49k
+    tokens as Python strings take ~4 MB for the whole run, for ``check_pair``, which reads them
+    once if at all. Equal to the tuple (or list) of the same strings."""
+
+    def __init__(self, tokens):
+        encoded = [t.encode("utf-8") for t in tokens]
+        self._data = b"".join(encoded)
+        self._ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        i = range(len(self))[i]  # negative ids count from the end; IndexError past it
+        start = int(self._ends[i - 1]) if i else 0
+        return self._data[start:int(self._ends[i])].decode("utf-8")
+
+    def __eq__(self, other):
+        if isinstance(other, TokenStrings):
+            return self._data == other._data and np.array_equal(self._ends, other._ends)
+        return isinstance(other, (tuple, list)) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"TokenStrings({len(self)} tokens)"
 
 
 def _assign(model: LlamaModel, tensors: dict, path: str):
@@ -266,7 +299,6 @@ def _read_gguf(path, keep_blocks=False):
     except Exception as e:  # the reader raises assorted errors on bad files
         raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
     cfg = gguf_config(reader, path)
-    pages = FilePages(path)
     tensors = {}
     for t in tqdm(reader.tensors, desc=f"loading {os.path.basename(path)}", unit="tensor", leave=False,
                   disable=None):
@@ -284,10 +316,8 @@ def _read_gguf(path, keep_blocks=False):
             arr = np.asarray(t.data)  # uint8 [out, in/32*block_bytes] in the map
             if arr.ndim != 2 or arr.shape[0] != shape[0]:
                 raise ValueError(f"{path}: tensor {t.name} holds {arr.shape} bytes for shape {shape} (corrupt file?)")
-            unpermuted = _unpermuted(cfg, name, arr, shape, path)
-            if unpermuted is not arr:  # a copy: the file's pages of the original are not read again
-                pages.release([torch.from_numpy(arr)])
-            tensors[name] = KeptBlocks(torch.from_numpy(unpermuted), kind, shape)
+            # q/k rows are reordered as each weight is installed (a copy only while it is packed)
+            tensors[name] = KeptBlocks(torch.from_numpy(arr), kind, shape, _rope_rows(cfg, name, shape, path))
             continue
         try:
             arr = np.asarray(_dequantized(t), dtype=np.float32).reshape(shape)
@@ -311,13 +341,20 @@ def _dequantized(t):
     return dequantize(t.data, GGMLQuantizationType(t.tensor_type))
 
 
-def _unpermuted(cfg, name, arr, shape, path):
-    """arr with llama.cpp's rotary row order undone for a Llama q/k weight or bias (a row
-    permutation, so it applies to rows of blocks as well); other tensors as they are."""
+def _rope_rows(cfg, name, shape, path):
+    """For a Llama q/k weight or bias: the row order (int64 [rows]) that undoes llama.cpp's rotary
+    layout (a row permutation, so it applies to rows of blocks as well); None for other tensors."""
     if cfg.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
         heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
         if shape[0] != heads * cfg.head_dim:  # checked here: the unpermute reshape needs it
             raise ValueError(f"{path}: tensor {name} has shape {shape}, config expects "
                              f"{heads * cfg.head_dim} rows ({heads} heads x head_dim {cfg.head_dim})")
-        return np.ascontiguousarray(_unpermute_rope(arr, heads))
-    return arr
+        return _unpermute_rope(np.arange(shape[0]), heads)
+    return None
+
+
+def _unpermuted(cfg, name, arr, shape, path):
+    """arr with llama.cpp's rotary row order undone for a Llama q/k weight or bias (a copy);
+    other tensors as they are."""
+    rows = _rope_rows(cfg, name, shape, path)
+    return arr if rows is None else arr[rows]

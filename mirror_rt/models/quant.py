@@ -25,30 +25,32 @@ __all__ = ["QuantLinear", "QuantEmbedding", "quantize", "quantize_q8_0", "quanti
 LAYOUTS = ("auto", "rows", "packed")
 
 
-def _laid_out(blocks, qtype: int, shape, layout: str, name: str, check_scales: bool):
+def _laid_out(blocks, qtype: int, shape, layout: str, name: str, check_scales: bool, out=None):
     """(blocks as kept, packed?) for a module's weight given in ``layout``: "auto" (row-major blocks,
-    packed when the rows are a multiple of 8), "rows" (row-major, kept so) or "packed" (already
-    packed by ``pack_rows8``; its scales are not checked)."""
+    packed when the rows are a multiple of 8, into ``out`` if given), "rows" (row-major, kept so) or
+    "packed" (already packed by ``pack_rows8``; its scales are not checked)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     blocks = check_blocks(blocks, qtype, shape, name, scales=check_scales and layout != "packed")
     if layout == "packed" and blocks.shape[0] % PACK_ROWS:
         raise ValueError(f"{name}: a packed weight needs a multiple of {PACK_ROWS} rows, got {blocks.shape[0]}")
     if layout == "auto" and blocks.shape[0] % PACK_ROWS == 0 and blocks.shape[0] and blocks.is_cpu:
-        return pack_rows8(blocks, qtype), True
+        return pack_rows8(blocks, qtype, out=out), True
     return blocks, layout == "packed"
 
 
 class QuantLinear(nn.Module):
     """y = x @ W^T (+ bias) with W [out, in] kept as blocks (uint8 [out, in/32*block_bytes]); a
-    multiple of 8 rows on the CPU in the packed layout (``layout``: see ``_laid_out``)."""
+    multiple of 8 rows on the CPU in the packed layout (``layout``: see ``_laid_out``). ``out``: a
+    uint8 tensor of the blocks' shape to pack them into (rows of a fused weight:
+    ``quant_fused.fused_slots``); a new one by default."""
 
     def __init__(self, blocks: torch.Tensor, qtype, shape, bias: torch.Tensor | None = None, check_scales=True,
-                 layout: str = "auto"):
+                 layout: str = "auto", out: torch.Tensor | None = None):
         super().__init__()
         self.qtype = qtype_id(qtype)
         self.out_features, self.in_features = (int(s) for s in shape)
-        blocks, self.packed = _laid_out(blocks, self.qtype, shape, layout, "weight", check_scales)
+        blocks, self.packed = _laid_out(blocks, self.qtype, shape, layout, "weight", check_scales, out)
         self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
@@ -83,13 +85,14 @@ class QuantLinear(nn.Module):
 
 class QuantEmbedding(nn.Module):
     """Embedding lookup in a table kept as blocks: each id's row dequantized to float32 (the table
-    packed like QuantLinear's, so a tied LM head shares it)."""
+    packed like QuantLinear's, so a tied LM head shares it; ``out`` as QuantLinear's)."""
 
-    def __init__(self, blocks: torch.Tensor, qtype, shape, check_scales=True, layout: str = "auto"):
+    def __init__(self, blocks: torch.Tensor, qtype, shape, check_scales=True, layout: str = "auto",
+                 out: torch.Tensor | None = None):
         super().__init__()
         self.qtype = qtype_id(qtype)
         self.num_embeddings, self.embedding_dim = (int(s) for s in shape)
-        blocks, self.packed = _laid_out(blocks, self.qtype, shape, layout, "embedding", check_scales)
+        blocks, self.packed = _laid_out(blocks, self.qtype, shape, layout, "embedding", check_scales, out)
         self.register_buffer("blocks", blocks)
 
     @property
@@ -135,7 +138,8 @@ def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
     w = _blocks_of(weight)
     d = w.abs().amax(-1) / 127.0
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+    q = w * inv[..., None]
+    q = q.round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)  # in place: one float temporary, not three
     return _pack(d.half(), q)
 
 
@@ -162,11 +166,18 @@ def quantize_q4_1(weight: torch.Tensor) -> torch.Tensor:
 
 
 _QUANTIZERS = {QTYPES["q8_0"]: quantize_q8_0, QTYPES["q4_0"]: quantize_q4_0, QTYPES["q4_1"]: quantize_q4_1}
+_QUANTIZE_ROWS = 256  # rows quantized at a time by ``quantize``
 
 
 def quantize(weight: torch.Tensor, qtype) -> torch.Tensor:
-    """float [out, in] -> blocks of ``qtype`` ("q8_0", "q4_0", "q4_1" or a GGML id)."""
-    return _QUANTIZERS[qtype_id(qtype)](weight)
+    """float [out, in] -> blocks of ``qtype`` ("q8_0", "q4_0", "q4_1" or a GGML id). Rows are
+    quantized independently, so a few at a time: the float32 temporaries are a chunk's, not a
+    whole weight's (several times the weight's size in peak memory, for a half-precision one)."""
+    q = qtype_id(qtype)
+    if weight.dim() != 2 or weight.shape[0] <= _QUANTIZE_ROWS or weight.shape[1] % BLOCK:
+        return _QUANTIZERS[q](weight)  # (a shape the quantizers refuse is refused whole)
+    chunks = [_QUANTIZERS[q](weight[i:i + _QUANTIZE_ROWS]) for i in range(0, weight.shape[0], _QUANTIZE_ROWS)]
+    return torch.cat(chunks)
 
 
 def dequantize(blocks: torch.Tensor, qtype, shape) -> torch.Tensor:
@@ -236,12 +247,21 @@ def weight_bytes(model) -> int:
 
 
 class KeptBlocks:
-    """A weight read from a file as blocks (``load_model`` keeps them): uint8 [out, in/32*bytes]."""
+    """A weight read from a file as blocks (``load_model`` keeps them): uint8 [out, in/32*bytes].
+    ``row_order``: None, or int64 [out], the rows of ``blocks`` in the order the weight has them
+    (a Llama GGUF's q/k rows); taken when the weight is installed, so that the reordered copy of
+    each weight lives only while that weight is packed."""
 
-    __slots__ = ("blocks", "qtype", "shape")
+    __slots__ = ("blocks", "qtype", "shape", "row_order")
 
-    def __init__(self, blocks, qtype, shape):
+    def __init__(self, blocks, qtype, shape, row_order=None):
         self.blocks, self.qtype, self.shape = blocks, qtype_id(qtype), tuple(int(s) for s in shape)
+        self.row_order = row_order
+
+    def row_blocks(self) -> torch.Tensor:
+        """The blocks in the weight's row order (a copy where ``row_order`` reorders them)."""
+        blocks = torch.as_tensor(self.blocks)
+        return blocks if self.row_order is None else blocks[torch.as_tensor(self.row_order)]
 
 
 def install_blocks(model, kept: dict, tensors: dict, path: str = "model", copied=None):
@@ -250,14 +270,19 @@ def install_blocks(model, kept: dict, tensors: dict, path: str = "model", copied
     a linear's bias stays a float tensor in ``tensors``. A tied LM head shares the embedding's
     blocks. Each module is swapped once, here: QuantLinear / QuantEmbedding run their kernels
     without a per-call choice. ``copied``, if given, is called with [blocks] each time a module made
-    its own copy of them (packing: the loader gives their file pages back at once). Raises ValueError
-    naming ``path`` and the tensor on bad blocks."""
+    its own copy of them (packing, reordering: the loader gives their file pages back at once). A
+    layer's q/k/v (and gate/up) are packed into one buffer, back to back (``fused_slots``), which
+    ``fuse_layers`` then takes as it is. Raises ValueError naming ``path`` and the tensor on bad blocks."""
+    from mirror_rt.models.quant_fused import fused_slots
+
+    slots = fused_slots({name: (k.qtype, k.shape) for name, k in kept.items()})
+
     def make(cls, name, k, *extra):
         try:
-            module = cls(torch.as_tensor(k.blocks), k.qtype, k.shape, *extra)
+            module = cls(k.row_blocks(), k.qtype, k.shape, *extra, out=slots.get(name))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: tensor {name}: {e}") from None
-        if copied is not None and module.packed:
+        if copied is not None and (module.packed or k.row_order is not None):
             copied([torch.as_tensor(k.blocks)])
         return module
 

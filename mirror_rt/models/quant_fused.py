@@ -8,10 +8,13 @@ import torch
 
 from mirror_rt.models.llama import MLP, Attention
 from mirror_rt.models.quant import QuantLinear
-from mirror_rt.ops.quant import PACK_ROWS
+from mirror_rt.ops.quant import PACK_ROWS, row_bytes
 from mirror_rt.models.rope import apply_rope
 
-__all__ = ["Fused", "QuantAttention", "QuantMLP", "fuse_layers"]
+__all__ = ["Fused", "QuantAttention", "QuantMLP", "fuse_layers", "fused_slots"]
+
+QKV = ("q_proj", "k_proj", "v_proj")  # QuantAttention's qkv_proj
+GATE_UP = ("gate_proj", "up_proj")  # QuantMLP's gate_up_proj
 
 
 class Fused(QuantLinear):
@@ -24,7 +27,9 @@ class Fused(QuantLinear):
     def stack(cls, named: list) -> "Fused":
         first = named[0][1]
         packed = all(m.packed for _, m in named)  # packed parts stack as they are (whole groups of 8 rows)
-        blocks = torch.cat([m.blocks if packed else m.weight.row_blocks() for _, m in named])
+        blocks = _back_to_back([m.blocks for _, m in named]) if packed else None
+        if blocks is None:
+            blocks = torch.cat([m.blocks if packed else m.weight.row_blocks() for _, m in named])
         bias = None if first.bias is None else torch.cat([m.bias for _, m in named])
         fused = cls(blocks, first.qtype, (blocks.shape[0], first.in_features), bias, check_scales=False,
                     layout="packed" if packed else "auto")
@@ -44,6 +49,42 @@ class Fused(QuantLinear):
                                           check_scales=False, layout=layout)))
             start += rows
         return out
+
+
+def fused_slots(weights: dict) -> dict:
+    """{weight name: its rows of a new uint8 buffer} for the parts ``fuse_layers`` stacks: each
+    decoder layer's q/k/v and gate/up among ``weights`` ({"layers.0.self_attn.q_proj.weight":
+    (qtype, (out, in)), ...}) of one type and width, each a multiple of 8 rows. A QuantLinear
+    packed into its slot (``out=``) lies where the fused weight wants it: packing each part on its
+    own and then concatenating them would make every such weight twice, and the freed copies stay
+    with the process's allocator (peak memory)."""
+    slots = {}
+    layers = sorted({name.split(".")[1] for name in weights if name.startswith("layers.")})
+    for layer in layers:
+        for parent, parts in (("self_attn", QKV), ("mlp", GATE_UP)):
+            names = [f"layers.{layer}.{parent}.{part}.weight" for part in parts]
+            if not all(n in weights for n in names):
+                continue
+            qtypes, shapes = zip(*(weights[n] for n in names))
+            if len(set(qtypes)) != 1 or len({s[1] for s in shapes}) != 1 or any(s[0] % PACK_ROWS for s in shapes):
+                continue
+            rows = [int(s[0]) for s in shapes]
+            buffer = torch.empty(sum(rows), row_bytes(qtypes[0], shapes[0][1]), dtype=torch.uint8)
+            slots.update(zip(names, buffer.split(rows)))
+    return slots
+
+
+def _back_to_back(parts: list):
+    """The buffer whose rows are exactly ``parts``, in order (``fused_slots`` lays them out so), or
+    None. Stacking them is then that buffer, without a copy."""
+    base = parts[0]._base
+    at = parts[0].data_ptr()
+    for part in parts:
+        if base is None or part._base is not base or not part.is_contiguous() or part.data_ptr() != at:
+            return None
+        at += part.numel() * part.element_size()
+    whole = base.is_contiguous() and base.data_ptr() == parts[0].data_ptr()
+    return base if whole and at == base.data_ptr() + base.numel() * base.element_size() else None
 
 
 def _fusable(*mods) -> bool:
@@ -92,8 +133,8 @@ class QuantAttention(Attention):
 
     @classmethod
     def from_attention(cls, attn):
-        fused = Fused.stack([("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj)])
-        return _rebuilt(attn, cls, ("q_proj", "k_proj", "v_proj"), "qkv_proj", fused)
+        fused = Fused.stack([(name, getattr(attn, name)) for name in QKV])
+        return _rebuilt(attn, cls, QKV, "qkv_proj", fused)
 
     def project(self, x, cos, sin):
         """As Attention.project: x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hkv, D]."""
@@ -111,8 +152,8 @@ class QuantMLP(MLP):
 
     @classmethod
     def from_mlp(cls, mlp):
-        fused = Fused.stack([("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj)])
-        return _rebuilt(mlp, cls, ("gate_proj", "up_proj"), "gate_up_proj", fused)
+        fused = Fused.stack([(name, getattr(mlp, name)) for name in GATE_UP])
+        return _rebuilt(mlp, cls, GATE_UP, "gate_up_proj", fused)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -49,7 +49,7 @@ from mirror_rt.models.file_pages import FilePages
 from mirror_rt.models.llama import DecoderLayer, LlamaModel
 from mirror_rt.models.meta_device import meta_device, to_empty
 from mirror_rt.models.quant import QuantLinear, _quantizable, dequantize, is_quantized, quantize, quantize_layers
-from mirror_rt.models.quant_fused import Fused, fuse_layers
+from mirror_rt.models.quant_fused import Fused, fuse_layers, fused_slots
 from mirror_rt.ops.quant import QTYPE_NAMES, QuantWeight
 from mirror_rt.models.rope import rope_cos_sin
 
@@ -491,6 +491,10 @@ def load_streaming_draft(path: str, target: LlamaModel) -> StreamingDraft:
     # it is read, so the float copies of the whole draft never exist together (peak memory).
     keep = target.device.type == "cpu" and is_quantized(target)
     exported = meta.get("quant", {})
+    # Each layer's q/k/v and gate/up are packed straight into the rows of one buffer, which
+    # fuse_layers then takes without a copy (fused_slots).
+    slots = fused_slots({f"{name}.weight": (exported.get(f"{name}.weight", "q8_0"), tuple(m.weight.shape))
+                         for name, m in draft.layers.named_modules(prefix="layers") if _quantizable(m)}) if keep else {}
     state, kept, vocab_ids = {}, {}, None
     for k, tensor in _read_shards(path, shards):
         if k == "vocab_ids":
@@ -500,11 +504,11 @@ def load_streaming_draft(path: str, target: LlamaModel) -> StreamingDraft:
         if k in exported:
             shape = tuple(linear.weight.shape)
             if keep:
-                kept[k] = QuantLinear(tensor, exported[k], shape)
+                kept[k] = QuantLinear(tensor, exported[k], shape, out=slots.get(k))
             else:
                 state[k] = dequantize(tensor, exported[k], shape)
         elif keep and k.startswith("layers.") and _quantizable(linear):
-            kept[k] = QuantLinear(quantize(tensor.float(), "q8_0"), "q8_0", tuple(tensor.shape))
+            kept[k] = QuantLinear(quantize(tensor, "q8_0"), "q8_0", tuple(tensor.shape), out=slots.get(k))
         else:
             state[k] = tensor
     for k in exported:

@@ -100,25 +100,30 @@ def dequantize_ref(blocks: torch.Tensor, qtype, shape) -> torch.Tensor:
 
 
 PACK_ROWS = 8  # rows interleaved by the packed layout
+_TAKE_CHUNK = 1024  # rows QuantWeight.__getitem__ takes and packs at a time (a multiple of PACK_ROWS)
 
 
 def _header_bytes(q: int) -> int:
     return 4 if q == 3 else 2  # fp16 d (and Q4_1's fp16 m)
 
 
-def pack_rows8(blocks: torch.Tensor, qtype) -> torch.Tensor:
+def pack_rows8(blocks: torch.Tensor, qtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Row-major blocks [out, row_bytes] uint8 (out a multiple of 8) -> the same bytes in the packed
     layout the CPU kernel reads fastest (csrc/core/quant_linear.h): per group of 8 rows and block,
     the 8 rows' d (and m), then their payloads in 4-byte pieces, piece c of rows 0..7 in turn.
-    CPU tensors are packed by the C++ core (``pack_rows8_ref`` is the same in torch)."""
+    CPU tensors are packed by the C++ core (``pack_rows8_ref`` is the same in torch). ``out``: a
+    contiguous tensor of the blocks' shape to write them to (e.g. some rows of a fused weight, so
+    that no packed copy is made only to be copied again); returned."""
     q = qtype_id(qtype)
     if blocks.is_cpu and blocks.dim() == 2 and blocks.shape[0] % PACK_ROWS == 0:
         from mirror_rt import _C
 
-        out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+        if out is None:
+            out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
         _C.pack_rows8(blocks.contiguous(), q, out)
         return out
-    return pack_rows8_ref(blocks, q)
+    packed = pack_rows8_ref(blocks, q)
+    return packed if out is None else out.copy_(packed)
 
 
 def pack_rows8_ref(blocks: torch.Tensor, qtype) -> torch.Tensor:
@@ -223,11 +228,20 @@ class QuantWeight:
             return QuantWeight(self.row_blocks()[ids], self.qtype, shape)
         from mirror_rt import _C
 
-        rows = torch.empty(ids.numel(), self.blocks.shape[1], dtype=torch.uint8)
-        _C.take_rows(self.blocks, self.qtype, ids.contiguous(), rows, True)  # without unpacking the whole table
-        if ids.numel() % PACK_ROWS == 0 and ids.numel():
-            return QuantWeight(pack_rows8(rows, self.qtype), self.qtype, shape, packed=True)
-        return QuantWeight(rows, self.qtype, shape)
+        ids = ids.contiguous()
+        out = torch.empty(ids.numel(), self.blocks.shape[1], dtype=torch.uint8)
+        if ids.numel() % PACK_ROWS or not ids.numel():
+            _C.take_rows(self.blocks, self.qtype, ids, out, True)  # without unpacking the whole table
+            return QuantWeight(out, self.qtype, shape)
+        # Taken and packed a chunk of rows at a time: a row-major copy of all of them (a reduced
+        # vocabulary's head: megabytes) would exist only to be packed (peak memory).
+        rows = torch.empty(min(ids.numel(), _TAKE_CHUNK), self.blocks.shape[1], dtype=torch.uint8)
+        for start in range(0, ids.numel(), _TAKE_CHUNK):
+            chunk = ids[start:start + _TAKE_CHUNK]
+            taken = rows[:chunk.numel()]
+            _C.take_rows(self.blocks, self.qtype, chunk, taken, True)
+            pack_rows8(taken, self.qtype, out=out[start:start + chunk.numel()])
+        return QuantWeight(out, self.qtype, shape, packed=True)
 
     def dequantize(self, ids=None) -> torch.Tensor:
         """float32 [out, in] (or the rows ``ids`` [n] int64 only)."""
