@@ -68,14 +68,20 @@ class ExitProposer:
         self.log_floor = math.log(plan.min_branch_prob) if plan.min_branch_prob > 0 else -math.inf
         restrictable = head is None or hasattr(head, "normed")
         self.vocab_ids = vocab_ids.to(target.device) if vocab_ids is not None and restrictable else None
-        self.sub_weight = None
-        if self.vocab_ids is not None:
-            self.sub_weight = target.lm_head.weight.detach()[self.vocab_ids]
+        self._sub_weight = None
+
+    @property
+    def sub_weight(self):
+        """The LM head's rows of the exit vocabulary, taken at the first exit: a request that ends
+        before Mirror-SD's first step (the draft's lane still starting) never copies them."""
+        if self._sub_weight is None and self.vocab_ids is not None:
+            self._sub_weight = self.target.lm_head.weight.detach()[self.vocab_ids]
+        return self._sub_weight
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, T, H] at layer l_e -> float32 [T, Vc] exit log-probabilities over the exit
         vocabulary (column c is target id vocab_ids[c]; the full vocabulary when vocab_ids is None)."""
-        if self.sub_weight is None:
+        if self.vocab_ids is None:
             logits = self.head(hidden) if self.head is not None else self.target.head(hidden)
         else:
             normed = self.head.normed(hidden) if self.head is not None else self.target.norm(hidden)
