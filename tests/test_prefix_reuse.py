@@ -1,18 +1,38 @@
 """PrefixReuse: a generation starts from an earlier generation's target rows, bit for bit."""
+import pytest
 import torch
 from mirror_helpers import tiny_pair
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
 from mirror_rt.decoders.base import prefill
 from mirror_rt.decoders.reuse import PrefixReuse
+from mirror_rt.models.derive import random_model
+from mirror_rt.models.quant import quantize_model
 
 
 def ids(seed, n, vocab=64):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def test_reused_rows_equal_a_full_prefill_bit_for_bit():
-    target, _ = tiny_pair(layers=3)
+def row_exact_target(layers):
+    """A tiny target whose forward is row-exact: quantized linears (each row computed alone) and
+    row-exact attention on a float32 CPU cache. (torch's fp32 matmul may round a row differently
+    in a batch of another size when it runs on several threads.)"""
+    return quantize_model(random_model(0, num_layers=layers, intermediate_size=64), "q8_0")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reused_rows_equal_a_full_prefill_bit_for_bit(threads):
+    target = row_exact_target(3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_reused_rows(target)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_reused_rows(target):
     first = ids(0, 13)
     reuse = PrefixReuse()
     earlier = target.new_cache(40)
@@ -48,7 +68,8 @@ def test_only_the_common_prefix_is_reused():
 def test_each_decoder_continues_from_another_decoders_cache():
     """A generation that continues an earlier one (its prompt plus its output) reuses that one's
     rows and writes exactly what it writes without them."""
-    target, draft = tiny_pair(layers=4)
+    _, draft = tiny_pair()
+    target = row_exact_target(4)
     prompt = ids(3, 9)[None]
     decoders = [AutoregressiveDecoder(target), SpeculativeDecoder(target, draft, 3),
                 MirrorDecoder(target, draft, MirrorConfig(window=3, kappa=2))]

@@ -67,16 +67,21 @@ def test_max_epochs_caps_the_steps():
 
 def test_the_draft_ends_with_the_step_that_agreed_best_on_held_out_text():
     # A learning rate this high makes held-out agreement rise and then fall apart, so the last step
-    # is not the best one and the draft must go back to an earlier one.
-    draft = _draft(1)
-    seqs, weights = _seqs(16, seed=1)
-    val = ([s[:] for s in seqs[:4]], weights[:4])  # the same text: training raises its agreement first
-    logs = []
-    hist = train_draft(draft, seqs, weights, steps=40, batch_size=4, max_len=24, lr=0.3, val=val, val_every=2,
-                       log=logs.append)
-    scores, steps = hist["val_agreement"], hist["val_step"]
-    assert steps[-1] == 40 and len(scores) == len(steps) == 20
-    best = max(scores)
+    # is usually not the best one and the draft must go back to an earlier one. Whether a given
+    # seed ends below its best depends on the machine's float rounding: the first of a few seeds
+    # whose run does is the one checked.
+    for seed in (1, 2, 3, 4, 5):
+        draft = _draft(seed)
+        seqs, weights = _seqs(16, seed=seed)
+        val = ([s[:] for s in seqs[:4]], weights[:4])  # the same text: training raises its agreement first
+        logs = []
+        hist = train_draft(draft, seqs, weights, steps=40, batch_size=4, max_len=24, lr=0.3, val=val, val_every=2,
+                           log=logs.append)
+        scores, steps = hist["val_agreement"], hist["val_step"]
+        assert steps[-1] == 40 and len(scores) == len(steps) == 20
+        best = max(scores)
+        if scores[-1] < best:
+            break
     assert scores[-1] < best, f"the test needs a run whose last step is not its best: {scores}"
     assert agreement(draft, *val, batch_size=4, max_len=24) == pytest.approx(best)
     assert any("best" in line and f"step {steps[scores.index(best)]}" in line for line in logs)

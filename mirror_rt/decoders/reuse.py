@@ -4,9 +4,11 @@ The auto decoder writes a request in pieces, each by a different decoder, and ea
 prompt is the request's prompt plus every token before it. Without this, every piece would read
 that whole prompt again (a prefill). With it, a piece starts from the rows the previous piece's
 cache holds for its prompt and feeds only the rest. The rows are copied: each generation keeps
-owning its cache. Lossless: where attention is row-exact (a float32 CPU cache, see
-``models.llama._row_exact``) a copied row has the bits a prefill of the same tokens gives it; a
-row is only reused for the very token, at the very position, it was computed for.
+owning its cache. A row is only reused for the very token, at the very position, it was computed
+for. Where the forward is row-exact (quantized CPU linears, and attention on a float32 CPU cache:
+``models.llama._row_exact``) a copied row has the bits a prefill of the same tokens gives it;
+elsewhere (torch's fp32 matmul on several threads, a GPU) it differs from a new prefill in the last
+bits at most, as a prefill of another length already may.
 """
 from __future__ import annotations
 
