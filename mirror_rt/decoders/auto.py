@@ -2,18 +2,19 @@
 
 The first ``generate`` call measures all three on the request itself: AR writes the first few
 tokens, SD continues from them, Mirror-SD continues from SD's, each a short probe (each piece
-starts from the previous piece's target cache: the prompt is read once, ``decoders.reuse``); then the
-latency law (mirror_rt.sim) turns each probe's phase times into a predicted tokens/s: AR's
-measured rate, SD's at its best window from its measured acceptance by position, Mirror-SD's
-from its planner. The fastest (a simpler decoder wins ties within ``margin``) writes the rest, and
-every later call. Mirror-SD's draft lane starts in the background: while a draft process is still
-starting (a new interpreter: seconds), its probe waits for a later request and the choice is made
-between AR and SD meanwhile, then made again once Mirror-SD is measured (on a request whose prompt
-is short enough that its draft reading it again costs little: ``probe_budget``). When the chosen
-decoder's measured rate drifts more than ``drift`` from its prediction, the measurement replaces
-its estimate and the choice is made again from the estimates (no new probes). ``warm_up(prompt)`` measures all three at once, waiting for the
-draft process, before any request is served (benchmarks call it untimed, as they warm the other
-decoders up).
+starts from the previous piece's target cache, so the target reads the prompt once:
+``decoders.reuse``); then the latency law (mirror_rt.sim) turns each probe's phase times into a
+predicted tokens/s: AR's measured rate, SD's at its best window from its measured acceptance by
+position, Mirror-SD's from its planner. The fastest (a simpler decoder wins ties within
+``margin``) writes the rest, and every later call. Mirror-SD's draft lane starts in the
+background: while a draft process is still starting (a new interpreter: seconds), its probe waits
+for a later request and the choice is made between AR and SD meanwhile, then made again once
+Mirror-SD is measured (on a request whose prompt is short enough that its draft reading it again
+costs little: ``probe_budget``). When the chosen decoder's measured rate drifts more than
+``drift`` from its prediction, the measurement replaces its estimate and the choice is made again
+from the estimates (no new probes). ``warm_up(prompt)`` measures all three at once, waiting for
+the draft process, before any request is served (benchmarks call it untimed, as they warm the
+other decoders up).
 
 Lossless whatever it picks: every decoder emits the target's tokens (greedy: exactly AR's), and a
 continuation from any prefix is the target's continuation. Sampling: each piece draws from the
