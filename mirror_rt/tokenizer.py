@@ -40,7 +40,7 @@ def load_tokenizer(source):
 def gguf_tokenizer(path) -> "FastTokenizer":
     """The tokenizer a GGUF file describes: built directly where ``direct_build_supported`` says so,
     else converted by transformers (cached on disk: mirror_rt.tokenizer_cache)."""
-    from mirror_rt.models.gguf_header import forget_gguf_header, read_gguf_header
+    from mirror_rt.models.gguf_header import forget_gguf_headers, read_gguf_header
 
     path = os.fspath(path)
     meta = read_gguf_header(path).metadata
@@ -54,7 +54,7 @@ def gguf_tokenizer(path) -> "FastTokenizer":
         tokenizer = cached_conversion(path)
     # Models load before their tokenizer (the loader has read this header already): nothing is to
     # read it again, and its token and merge strings (~8 MB for 49k) would stay for the whole run.
-    forget_gguf_header(path)
+    forget_gguf_headers()
     return tokenizer
 
 

@@ -7,11 +7,10 @@ absolute offset is given, for a memory-mapped view). Format: github.com/ggml-org
 """
 from __future__ import annotations
 
-import collections
+import functools
 import mmap
 import os
 import struct
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,43 +102,26 @@ class _Cursor:
         return [b.decode("utf-8", errors="replace") for b in raw]
 
 
-_CACHE_SIZE = 4
-_cache: collections.OrderedDict = collections.OrderedDict()  # (path, size, mtime_ns) -> GGUFHeader, newest last
-_cache_lock = threading.Lock()
-
-
 def read_gguf_header(path) -> GGUFHeader:
     """Metadata and tensor table of a GGUF file (versions 2 and 3). ValueError names the file and
     the problem for a file that is not GGUF or is cut short; tensor data is not read.
 
     The last few headers read are kept (keyed by path, size and modification time), so the loader
-    and the tokenizer of one file share one read (``forget_gguf_header`` drops one); treat the
+    and the tokenizer of one file share one read (``forget_gguf_headers`` drops them); treat the
     result as read-only."""
     path = os.path.abspath(os.fspath(path))
     st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    header = _read(path)
-    with _cache_lock:
-        _cache[key] = header
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return header
+    return _read_cached(path, st.st_size, st.st_mtime_ns)
 
 
-def forget_gguf_header(path):
-    """Drop the kept header of ``path``, once nothing is to read it again: a tokenizer's metadata
-    (49k tokens and 49k merges as Python strings: ~8 MB) would otherwise stay for the whole run."""
-    path = os.path.abspath(os.fspath(path))
-    with _cache_lock:
-        for key in [k for k in _cache if k[0] == path]:
-            del _cache[key]
+def forget_gguf_headers():
+    """Drop the kept headers once nothing is to read them again: a tokenizer's metadata (49k tokens
+    and 49k merges as Python strings: ~8 MB) would otherwise stay for the whole run."""
+    _read_cached.cache_clear()
 
 
-def _read(path) -> GGUFHeader:
+@functools.lru_cache(maxsize=4)
+def _read_cached(path, size, mtime_ns) -> GGUFHeader:
     with open(path, "rb") as f:
         try:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
