@@ -4,7 +4,7 @@ import torch
 from mirror_helpers import tiny_pair
 
 from mirror_rt.decoders import AutoregressiveDecoder, MirrorConfig, MirrorDecoder, SpeculativeDecoder
-from mirror_rt.decoders.base import prefill
+from mirror_rt.decoders.base import GenerateArgs, start_generation
 from mirror_rt.decoders.reuse import PrefixReuse
 from mirror_rt.models.derive import random_model
 from mirror_rt.models.quant import quantize_model
@@ -12,6 +12,13 @@ from mirror_rt.models.quant import quantize_model
 
 def ids(seed, n, vocab=64):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def prefill_from(target, prompt, reuse):
+    """The target's prefill as a decoder runs it (``Generation.prefill_target``): (cache, rows reused)."""
+    gen = start_generation(target, prompt, GenerateArgs(8), "test", 1, reuse=reuse)
+    gen.prefill_target(target)
+    return gen.cache, gen.stats.counters["prefill_reused"]
 
 
 def row_exact_target(layers):
@@ -35,13 +42,12 @@ def test_reused_rows_equal_a_full_prefill_bit_for_bit(threads):
 def check_reused_rows(target):
     first = ids(0, 13)
     reuse = PrefixReuse()
-    earlier = target.new_cache(40)
-    prefill(target, earlier, first)
+    earlier, _ = prefill_from(target, first, None)
     reuse.keep(first.tolist(), earlier)  # rows of first[:12]; first[12] is pending
     longer = torch.cat([first, ids(1, 9)])
-    full, started = target.new_cache(40), target.new_cache(40)
-    prefill(target, full, longer)
-    assert prefill(target, started, longer, reuse) == 12
+    full, _ = prefill_from(target, longer, None)
+    started, reused = prefill_from(target, longer, reuse)
+    assert reused == 12
     assert started.length == full.length == longer.numel() - 1
     for a, b in zip(full.k + full.v, started.k + started.v):
         assert torch.equal(a[:, :full.length], b[:, :full.length])
@@ -51,18 +57,17 @@ def test_only_the_common_prefix_is_reused():
     target, _ = tiny_pair(layers=2)
     first = ids(2, 10)
     reuse = PrefixReuse()
-    cache = target.new_cache(30)
-    prefill(target, cache, first)
+    cache, _ = prefill_from(target, first, None)
     reuse.keep(first.tolist(), cache)
     other = first.clone()
     other[4] = (other[4] + 1) % 64
-    assert prefill(target, target.new_cache(30), other, reuse) == 4
-    assert prefill(target, target.new_cache(30), first[:3], reuse) == 2  # never the pending last token
-    assert prefill(target, target.new_cache(30), first[:1], reuse) == 0
+    assert prefill_from(target, other, reuse)[1] == 4
+    assert prefill_from(target, first[:3], reuse)[1] == 2  # never the pending last token
+    assert prefill_from(target, first[:1], reuse)[1] == 0
     smaller, _ = tiny_pair(layers=1)  # another layout: nothing to take
-    assert prefill(smaller, smaller.new_cache(30), first, reuse) == 0
+    assert prefill_from(smaller, first, reuse)[1] == 0
     reuse.clear()
-    assert prefill(target, target.new_cache(30), first, reuse) == 0
+    assert prefill_from(target, first, reuse)[1] == 0
 
 
 def test_each_decoder_continues_from_another_decoders_cache():

@@ -287,8 +287,10 @@ class Generation:
     reuse: object = None  # a decoders.reuse.PrefixReuse shared with the next generation, or None
 
     def prefill_target(self, model):
-        """The target's prefill of the prompt, starting from the rows ``reuse`` holds for it."""
-        reused = prefill(model, self.cache, self.prompt, self.reuse)
+        """The target's prefill of the prompt, from the rows ``reuse`` holds for its first tokens
+        (copied into the cache) on: only the rest is fed."""
+        reused = self.reuse.restore(self.cache, self.tokens) if self.reuse is not None else 0
+        prefill(model, self.cache, self.prompt[reused:])
         if reused:
             self.stats.counters["prefill_reused"] += reused
 
@@ -327,14 +329,10 @@ def _in_vocabulary(eos_token_id, model):
 
 
 @torch.inference_mode()
-def prefill(model, cache, prompt: torch.Tensor, reuse=None) -> int:
+def prefill(model, cache, prompt: torch.Tensor):
     """Feed all prompt tokens but the last into the cache and commit them. The last prompt token
     is the first *pending* token: every decoder's first step feeds it (so a 1-token prompt
-    needs no prefill). The LM head is skipped: no logits are needed here. reuse: a PrefixReuse
-    whose rows for the prompt's first tokens are copied instead of computed. Returns how many
-    rows were reused."""
-    done = reuse.restore(cache, prompt.tolist()) if reuse is not None else 0
-    if prompt.numel() - 1 > done:
-        model.run_layers(model.embed(prompt[None, done:-1]), 0, model.num_layers, cache)
-        cache.commit(prompt.numel() - 1 - done)
-    return done
+    needs no prefill). The LM head is skipped: no logits are needed here."""
+    if prompt.numel() > 1:
+        model.run_layers(model.embed(prompt[None, :-1]), 0, model.num_layers, cache)
+        cache.commit(prompt.numel() - 1)
